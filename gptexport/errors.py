@@ -1,0 +1,32 @@
+"""User-facing errors. Each message is one line that names the file or argument and what is valid.
+
+The CLI prints `error: <message>` and exits with `exit_code`; a traceback is shown only with --debug.
+"""
+
+
+class GptExportError(Exception):
+    """Bad input from the user: a file, a directory or a value we cannot use."""
+
+    exit_code = 1
+
+
+class UsageError(GptExportError):
+    """A command-line or API argument outside its valid range."""
+
+    exit_code = 2
+
+
+class CheckpointError(GptExportError):
+    """A checkpoint file that is missing, unreadable or not a nanoGPT/GPT-2 checkpoint."""
+
+
+class TokenizerError(GptExportError):
+    """A tokenizer file that is missing or malformed, or text it cannot encode."""
+
+
+class ModelDirError(GptExportError):
+    """A model directory that is missing files, was tampered with, or has an unknown format."""
+
+
+class BackendUnavailable(GptExportError):
+    """A backend whose libraries or hardware are not present on this machine."""
