@@ -1,0 +1,84 @@
+"""ONNX Runtime backend: CPU by default, CUDA or TensorRT execution providers when asked for."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import BackendUnavailable, UsageError
+from ..modeldir import ModelDir
+from .base import Runner
+
+PROVIDERS = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+}
+
+
+def _import_ort():
+    try:
+        import onnxruntime
+    except ImportError:
+        raise BackendUnavailable("onnxruntime is not installed: pip install onnxruntime "
+                                 "(or onnxruntime-gpu for the CUDA/TensorRT providers)") from None
+    return onnxruntime
+
+
+def provider_options(provider: str, model_dir: ModelDir) -> dict:
+    """Per-provider options; the TensorRT provider caches its engines beside the model."""
+    if provider == "tensorrt":
+        cache = model_dir.path / "ort_trt_cache"
+        return {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache),
+                "trt_timing_cache_enable": True, "trt_timing_cache_path": str(cache),
+                "trt_fp16_enable": model_dir.dtype == "fp16"}
+    return {}
+
+
+class OrtRunner(Runner):
+    """Runs OUTDIR/model.onnx in an onnxruntime.InferenceSession."""
+
+    def __init__(self, model_dir: ModelDir, provider: str = "cpu", threads: int | None = None):
+        if provider not in PROVIDERS:
+            raise UsageError(f"unknown ONNX Runtime provider {provider!r}; valid: {', '.join(PROVIDERS)}")
+        self.model_dir, self.provider, self.threads = model_dir, provider, threads
+        self.config, self.spec = model_dir.config, model_dir.spec
+        self.name = f"onnxruntime-{provider}"
+        self.session = None
+
+    def activate(self) -> None:
+        if self.session is not None:
+            return
+        ort = _import_ort()
+        wanted = PROVIDERS[self.provider]
+        available = ort.get_available_providers()
+        if wanted not in available:
+            raise BackendUnavailable(f"ONNX Runtime provider {wanted} is not available here; "
+                                     f"available: {', '.join(available)}")
+        opts = ort.SessionOptions()
+        if self.threads:
+            opts.intra_op_num_threads = self.threads
+        opts.inter_op_num_threads = 1
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        providers = [(wanted, provider_options(self.provider, self.model_dir))]
+        if wanted != "CPUExecutionProvider":
+            providers.append(("CPUExecutionProvider", {}))
+        self.session = ort.InferenceSession(str(self.model_dir.onnx_path), sess_options=opts, providers=providers)
+
+    def deactivate(self) -> None:
+        self.session = None
+
+    def cache_dtype(self) -> np.dtype:
+        return _numpy_dtype(self.spec.cache_dtype)
+
+    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.activate()
+        outputs = self.session.run(self.spec.output_names, feeds)
+        return dict(zip(self.spec.output_names, outputs))
+
+
+def _numpy_dtype(name: str) -> np.dtype:
+    if name == "bfloat16":
+        import ml_dtypes  # numpy has no bfloat16; onnxruntime ships with ml_dtypes-compatible arrays
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)

@@ -1,0 +1,91 @@
+"""The `gptexport` command: each subcommand is a thin shell over one library call.
+
+Errors from bad input print one line (`error: ...`) and exit 1; usage errors exit 2; --debug
+shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from pathlib import Path
+
+import click
+
+from .errors import GptExportError
+
+
+class Group(click.Group):
+    """Turns GptExportError into a one-line message and its exit code."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except GptExportError as e:
+            if ctx.obj and ctx.obj.get("debug"):
+                traceback.print_exc()
+            click.echo(f"error: {e}", err=True)
+            ctx.exit(e.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            ctx.exit(130)
+
+
+@click.group(cls=Group)
+@click.option("--debug", is_flag=True, help="Show Python tracebacks for errors.")
+@click.version_option(package_name="gptexport")
+@click.pass_context
+def main(ctx: click.Context, debug: bool) -> None:
+    """Export nanoGPT checkpoints to ONNX / TensorRT and run them without PyTorch."""
+    ctx.ensure_object(dict)["debug"] = debug
+
+
+@main.command()
+@click.argument("ckpt", type=click.Path(path_type=Path))
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Model directory to write.")
+@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
+              help="Weights and cache precision; LayerNorm, softmax and logits stay fp32.")
+@click.option("--tokenizer", type=click.Path(path_type=Path), default=None,
+              help="meta.pkl, or a directory with meta.pkl or GPT-2's encoder.json + vocab.bpe.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--no-validate", is_flag=True, help="Skip the ONNX Runtime vs PyTorch check (not recommended).")
+def convert(ckpt: Path, out_dir: Path, dtype: str, tokenizer: Path | None, force: bool, no_validate: bool) -> None:
+    """Convert a nanoGPT ckpt.pt (or a local Hugging Face GPT-2 directory) into a model directory."""
+    from .export import convert as run_convert
+
+    run_convert(ckpt, out_dir, dtype=dtype, tokenizer=tokenizer, force=force, validate=not no_validate)
+
+
+@main.command()
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.option("--prompt", default=None, help="Prompt text (default: a newline, as nanoGPT's sample.py).")
+@click.option("--prompt-file", type=click.Path(path_type=Path), default=None, help="Read the prompt from a file.")
+@click.option("--prompt-tokens", default=None, help="Prompt as comma-separated token ids, e.g. 1,2,3.")
+@click.option("--max-new-tokens", type=int, default=200, show_default=True)
+@click.option("--temperature", type=float, default=0.8, show_default=True, help="0 is greedy.")
+@click.option("--top-k", type=int, default=200, show_default=True)
+@click.option("--top-p", type=float, default=None, help="Nucleus sampling, in (0, 1].")
+@click.option("--seed", type=int, default=1337, show_default=True)
+@click.option("--num-samples", type=int, default=1, show_default=True)
+@click.option("--backend", default="onnxruntime", show_default=True,
+              help="onnxruntime (CPU), ort-cuda, ort-tensorrt, or tensorrt (an engine built by `gptexport build`).")
+@click.option("--threads", type=int, default=None, help="CPU threads for ONNX Runtime (default: all cores).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of streaming text.")
+def generate(model_dir: Path, prompt: str | None, prompt_file: Path | None, prompt_tokens: str | None,
+             max_new_tokens: int, temperature: float, top_k: int, top_p: float | None, seed: int,
+             num_samples: int, backend: str, threads: int | None, as_json: bool) -> None:
+    """Sample text from a model directory, streaming it as it is produced."""
+    from .generate import GenerationRequest, run_generation
+
+    request = GenerationRequest(prompt=prompt, prompt_file=prompt_file, prompt_tokens=prompt_tokens,
+                                max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                top_p=top_p, seed=seed, num_samples=num_samples)
+    stream = None if as_json else (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+    samples = run_generation(model_dir, request, backend=backend, threads=threads, stream=stream)
+    if as_json:
+        click.echo(json.dumps({"samples": samples}, ensure_ascii=False))
+
+
+if __name__ == "__main__":
+    main()
