@@ -65,8 +65,8 @@ def convert(ckpt: str | Path, out_dir: str | Path, *, dtype: str = "fp32", token
             progress(f"validated: ONNX Runtime matches PyTorch at {len(VALIDATION_SHAPES)} shapes, "
                      f"max |diff| {err:.2e} ({time.perf_counter() - t:.1f}s)")
         tok_json = None
-        if tok is not None:
-            tok_json = tok.save(tmp)
+        if tok is not None:  # the BPE files are copied in: the directory must stand alone
+            tok_json = tok.save_files(tmp) if hasattr(tok, "save_files") else tok.to_json()
         write_json_atomic(tmp / MANIFEST, manifest(checkpoint, model.config, spec, dtype, tok_json, tmp))
     progress(f"wrote {out_dir} ({time.perf_counter() - t0:.1f}s)")
     return out_dir

@@ -23,7 +23,7 @@ class TorchRunner(Runner):
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
         self.torch = torch
-        self.model = load_model(ckpt).float().eval()
+        self.model = load_model(ckpt).float().eval().requires_grad_(False)
         self.config = self.model.config
         self.spec = io_spec(self.config, "fp32")
 

@@ -1,0 +1,44 @@
+"""Shared fixtures: tiny real checkpoints in nanoGPT's format and their exported model directories."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import pytest
+
+TINY_CHARS = sorted(set("abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ\n.,;:!?'-"))
+
+
+def write_tiny_checkpoint(path: Path, seed: int = 0, meta: bool = True, **overrides) -> Path:
+    """A randomly initialised GPT saved exactly as nanoGPT's train.py saves it (+ meta.pkl)."""
+    import torch
+
+    from gptexport.config import GPTConfig
+    from gptexport.model import GPT
+
+    args = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, bias=True, vocab_size=len(TINY_CHARS), dropout=0.0)
+    args.update(overrides)
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(**args))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": model.state_dict(), "model_args": args, "optimizer": None, "iter_num": 0,
+                "best_val_loss": 9.9, "config": {"dataset": "tiny"}}, path)
+    if meta:
+        itos = dict(enumerate(TINY_CHARS))
+        with open(path.parent / "meta.pkl", "wb") as f:
+            pickle.dump({"vocab_size": len(itos), "itos": itos, "stoi": {c: i for i, c in itos.items()}}, f)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory) -> Path:
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt.pt")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tiny_ckpt, tmp_path_factory) -> Path:
+    from gptexport.export import convert
+
+    out = tmp_path_factory.mktemp("export") / "tiny"
+    return convert(tiny_ckpt, out, progress=lambda msg: None)
