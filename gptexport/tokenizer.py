@@ -224,12 +224,9 @@ class GPT2Tokenizer:
         return self._enc.encode(text, allowed_special={GPT2_EOT})
 
     def decode(self, ids: list[int]) -> str:
-        bad = _unique(i for i in ids if not 0 <= i < self.vocab_size)
-        if bad:
-            # a model with nanoGPT's padded vocab (50304) has ids that GPT-2 never defined
-            raise TokenizerError(f"token ids not in the GPT-2 vocabulary (valid 0..{self.vocab_size - 1}): "
-                                 f"{_listed(bad)}")
-        return self._enc.decode(ids)
+        # A model with nanoGPT's padded vocabulary (50304) can sample ids GPT-2 never defined;
+        # they stand for no text, so they decode to nothing rather than stopping a generation.
+        return self._enc.decode([i for i in ids if 0 <= i < self.vocab_size])
 
     def save_files(self, out_dir: str | Path) -> dict:
         """Copy encoder.json and vocab.bpe into out_dir (model dirs are self-contained); returns to_json()."""
