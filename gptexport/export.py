@@ -6,8 +6,11 @@ end, so out_dir is either complete and validated or absent (or the old one, with
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import logging
 import time
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -92,12 +95,29 @@ def export_onnx(model: GPT, spec: IOSpec, path: Path) -> None:
     }
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     try:
-        program = torch.onnx.export(
-            ExportableGPT(model).eval(), args, dynamo=True, opset_version=OPSET, dynamic_shapes=dynamic_shapes,
-            input_names=spec.input_names, output_names=spec.output_names, verbose=False)
+        with _quiet_exporter():
+            program = torch.onnx.export(
+                ExportableGPT(model).eval(), args, dynamo=True, opset_version=OPSET, dynamic_shapes=dynamic_shapes,
+                input_names=spec.input_names, output_names=spec.output_names, verbose=False)
     except Exception as e:  # torch.export raises many types; none is the user's fault
         raise GptExportError(f"torch.onnx.export failed: {type(e).__name__}: {str(e).splitlines()[0]}") from e
     program.save(str(path), external_data=weight_bytes > EXTERNAL_DATA_BYTES)
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """The exporter logs and warns about things that concern its developers, not our users."""
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "torch._export", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 def check_onnx(path: Path, spec: IOSpec) -> None:
