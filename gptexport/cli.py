@@ -6,6 +6,7 @@ shows the traceback instead.
 
 from __future__ import annotations
 
+import errno
 import json
 import sys
 import traceback
@@ -17,19 +18,45 @@ from .errors import GptExportError
 
 
 class Group(click.Group):
-    """Turns GptExportError into a one-line message and its exit code."""
+    """Turns GptExportError, click's usage errors and OS errors into one line and an exit code."""
+
+    def make_context(self, info_name, args, parent=None, **extra) -> click.Context:
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except click.UsageError as e:  # the group's own options, e.g. `gptexport --nope`
+            if isinstance(e, click.exceptions.NoArgsIsHelpError):
+                raise  # no arguments at all: click prints the help
+            _fail(None, _click_message(e), e.exit_code)
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except GptExportError as e:
-            if ctx.obj and ctx.obj.get("debug"):
-                traceback.print_exc()
-            click.echo(f"error: {e}", err=True)
-            ctx.exit(e.exit_code)
+            _fail(ctx, str(e), e.exit_code)
+        except click.UsageError as e:  # a subcommand's options: bad value, missing argument...
+            _fail(ctx, _click_message(e), e.exit_code)
+        except OSError as e:
+            if e.errno == errno.EPIPE:
+                raise  # stdout closed (`| head`): click exits quietly
+            # a safety net: library code maps the OS errors it expects to messages of its own
+            _fail(ctx, f"{e.filename}: {e.strerror}" if e.filename else str(e), 1)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             ctx.exit(130)
+
+
+def _fail(ctx: click.Context | None, message: str, code: int):
+    """Print `error: message` on one line (the traceback first with --debug) and exit with `code`."""
+    if ctx is not None and ctx.find_root().obj and ctx.find_root().obj.get("debug"):
+        traceback.print_exc()
+    click.echo("error: " + " ".join(message.splitlines()), err=True)
+    raise click.exceptions.Exit(code)
+
+
+def _click_message(e: click.UsageError) -> str:
+    """click's message, with the --help hint it would print on lines of its own."""
+    command = e.ctx.command_path if e.ctx is not None else "gptexport"
+    return f"{e.format_message()} (see `{command} --help`)"
 
 
 @click.group(cls=Group)
@@ -70,7 +97,7 @@ def convert(ckpt: Path, out_dir: Path, dtype: str, tokenizer: Path | None, force
 @click.option("--num-samples", type=int, default=1, show_default=True)
 @click.option("--backend", default="onnxruntime", show_default=True,
               help="onnxruntime (CPU), ort-cuda, ort-tensorrt, or tensorrt (an engine built by `gptexport build`).")
-@click.option("--threads", type=int, default=None, help="CPU threads for ONNX Runtime (default: all cores).")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for ONNX Runtime (default: all cores).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of streaming text.")
 def generate(model_dir: Path, prompt: str | None, prompt_file: Path | None, prompt_tokens: str | None,
              max_new_tokens: int, temperature: float, top_k: int, top_p: float | None, seed: int,

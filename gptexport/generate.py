@@ -16,7 +16,7 @@ from typing import Callable
 import numpy as np
 
 from .backends.base import Runner
-from .errors import UsageError
+from .errors import GptExportError, UsageError
 from .sampling import SamplingParams, check_finite, next_token
 
 
@@ -112,9 +112,11 @@ def _read_prompt_file(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise UsageError(f"{path}: prompt file not found") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise UsageError(f"{path}: cannot read prompt file ({e})") from None
+        raise GptExportError(f"{path}: prompt file not found") from None
+    except UnicodeDecodeError as e:
+        raise GptExportError(f"{path}: prompt file is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise GptExportError(f"{path}: cannot read prompt file ({e.strerror or e})") from None
 
 
 def run_generation(model_dir: str | Path, request: GenerationRequest, backend: str = "onnxruntime",

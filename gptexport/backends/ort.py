@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import BackendUnavailable, UsageError
+from ..errors import BackendUnavailable, GptExportError, ModelDirError, UsageError
 from ..modeldir import ModelDir
 from .base import Runner
 
@@ -62,7 +62,12 @@ class OrtRunner(Runner):
         providers = [(wanted, provider_options(self.provider, self.model_dir))]
         if wanted != "CPUExecutionProvider":
             providers.append(("CPUExecutionProvider", {}))
-        self.session = ort.InferenceSession(str(self.model_dir.onnx_path), sess_options=opts, providers=providers)
+        try:
+            self.session = ort.InferenceSession(str(self.model_dir.onnx_path), sess_options=opts,
+                                                providers=providers)
+        except Exception as e:  # onnxruntime raises its own types for unreadable or invalid models
+            raise ModelDirError(f"{self.model_dir.onnx_path}: ONNX Runtime cannot load it "
+                                f"({type(e).__name__}: {_first_line(e)})") from e
 
     def deactivate(self) -> None:
         self.session = None
@@ -72,8 +77,16 @@ class OrtRunner(Runner):
 
     def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         self.activate()
-        outputs = self.session.run(self.spec.output_names, feeds)
+        try:
+            outputs = self.session.run(self.spec.output_names, feeds)
+        except Exception as e:  # e.g. a graph that does not match its manifest's config
+            raise GptExportError(f"{self.model_dir.onnx_path}: ONNX Runtime failed to run it "
+                                 f"({type(e).__name__}: {_first_line(e)})") from e
         return dict(zip(self.spec.output_names, outputs))
+
+
+def _first_line(e: BaseException) -> str:
+    return next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
 
 
 def _numpy_dtype(name: str) -> np.dtype:
