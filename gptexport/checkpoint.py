@@ -73,9 +73,13 @@ def _sniff(path: Path) -> None:
     if head.startswith(b"PK"):
         if not zipfile.is_zipfile(path):
             raise CheckpointError(f"{path}: file is truncated or corrupt (incomplete zip archive)")
-        with zipfile.ZipFile(path) as z:
-            if not any(n.endswith("data.pkl") for n in z.namelist()):
-                raise CheckpointError(f"{path}: is a zip archive but not a torch.save checkpoint (no data.pkl)")
+        try:
+            with zipfile.ZipFile(path) as z:
+                names = z.namelist()
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:  # is_zipfile only checks the end
+            raise CheckpointError(f"{path}: file is truncated or corrupt (zip archive: {_first_line(e)})") from e
+        if not any(n.endswith("data.pkl") for n in names):
+            raise CheckpointError(f"{path}: is a zip archive but not a torch.save checkpoint (no data.pkl)")
         return
     if head.startswith(b"\x80"):  # pickle protocol >= 2: torch's legacy format
         return

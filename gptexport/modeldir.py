@@ -106,6 +106,9 @@ def _config_problem(config: GPTConfig) -> str | None:
 
 def _spec_problem(spec: IOSpec, config: GPTConfig) -> str | None:
     """The spec must be the one export writes for this config (any dtype): names and dims."""
+    # first: io_spec() of a forged, huge n_layer would not fit in memory
+    if len(spec.inputs) != 3 + 2 * config.n_layer:
+        return f"io_spec has {len(spec.inputs)} inputs, config n_layer={config.n_layer} needs {3 + 2 * config.n_layer}"
     want = io_spec(config)
     for side in ("inputs", "outputs"):
         got = [(t.name, t.shape) for t in getattr(spec, side)]
@@ -123,7 +126,7 @@ def _files_problem(files: dict, manifest: dict) -> str | None:
                 and isinstance(info.get("sha256"), str) and type(info.get("bytes")) is int):
             return f"files entry {name!r} must map a file name to {{'sha256': str, 'bytes': int}}"
     onnx = manifest.get("onnx", ONNX_FILE)
-    if onnx not in files:
+    if not isinstance(onnx, str) or onnx not in files:
         return f"onnx {onnx!r} is not one of the listed files"
     return None
 

@@ -63,7 +63,7 @@ def _itos_problem(itos: object) -> str | None:
     """Why `itos` is not a vocabulary of distinct single characters with ids 0..n-1, or None."""
     if not isinstance(itos, dict) or not itos:
         return "itos is not a non-empty dict of id -> character"
-    if sorted(itos) != list(range(len(itos))):
+    if any(type(k) is not int for k in itos) or sorted(itos) != list(range(len(itos))):
         return f"itos ids are not 0..{len(itos) - 1}"
     bad = [v for v in itos.values() if not isinstance(v, str) or len(v) != 1]
     if bad:
@@ -124,7 +124,8 @@ def load_meta_pkl(path: str | Path) -> CharTokenizer:
     except EOFError as e:
         raise TokenizerError(f"{path}: file is empty or truncated") from e
     except Exception as e:  # UnpicklingError and whatever a malformed pickle raises
-        raise TokenizerError(f"{path}: not a nanoGPT meta.pkl ({type(e).__name__}: {e})") from e
+        detail = " ".join(str(e).split())  # some unpickling errors span lines
+        raise TokenizerError(f"{path}: not a nanoGPT meta.pkl ({type(e).__name__}: {detail})") from e
     if not isinstance(meta, dict) or "itos" not in meta:
         raise TokenizerError(f"{path}: not a nanoGPT meta.pkl (expected a dict with 'itos')")
     problem = _itos_problem(meta["itos"])
