@@ -85,25 +85,35 @@ class GenerationRequest:
 
 
 def prompt_ids(request: GenerationRequest, tokenizer, vocab_size: int) -> list[int]:
-    """The prompt as token ids, from exactly one of text, a file or raw ids (default: a newline)."""
-    from .tokenizer import check_token_ids, parse_token_ids
+    """The prompt as token ids, from exactly one of text, a file or raw ids (default: a newline).
+
+    Errors name the option (and file) the prompt came from.
+    """
+    from .tokenizer import TokenizerError, check_token_ids, parse_token_ids
 
     given = [x is not None for x in (request.prompt, request.prompt_file, request.prompt_tokens)]
     if sum(given) > 1:
         raise UsageError("give only one of --prompt, --prompt-file and --prompt-tokens")
     if request.prompt_tokens is not None:
         ids = parse_token_ids(request.prompt_tokens)
-    else:
-        text = request.prompt
-        if request.prompt_file is not None:
-            text = _read_prompt_file(Path(request.prompt_file))
-        if text is None:
-            text = "\n"  # nanoGPT's sample.py starts from a newline
-        if tokenizer is None:
-            raise UsageError("this model directory has no tokenizer: give the prompt with --prompt-tokens")
+        try:
+            check_token_ids(ids, vocab_size)
+        except UsageError as e:
+            raise UsageError(f"--prompt-tokens: {e}") from None
+        return ids
+    from_file = request.prompt_file is not None
+    source = f"--prompt-file {request.prompt_file}" if from_file else "--prompt"
+    text = _read_prompt_file(Path(request.prompt_file)) if from_file else request.prompt
+    if text is None:
+        text = "\n"  # nanoGPT's sample.py starts from a newline
+    if tokenizer is None:
+        raise UsageError("this model directory has no tokenizer: give the prompt with --prompt-tokens")
+    try:
         ids = tokenizer.encode(text)
-    if not ids:
-        raise UsageError("prompt is empty: give at least one token")
+    except TokenizerError as e:
+        raise TokenizerError(f"{source}: {e}") from None
+    if not ids:  # a file is input data (exit 1); an empty --prompt is a usage error (exit 2)
+        raise (GptExportError if from_file else UsageError)(f"{source} is empty: give at least one character")
     check_token_ids(ids, vocab_size)
     return ids
 

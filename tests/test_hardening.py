@@ -316,9 +316,10 @@ def test_engine_from_another_tensorrt_or_gpu(model_copy, trt_version, gpu, words
 
 GENERATE_CASES = [
     # (args, exit code, what the line names, what it says)
-    (["--prompt", ""], 2, "prompt", "empty"),
-    (["--prompt", "héllo€"], 1, "'é', '€'", "not in the model's vocabulary"),
-    (["--prompt-tokens", "1,62"], 2, "62", "valid: 0..61"),
+    (["--prompt", ""], 2, "--prompt is empty", "at least one character"),
+    (["--prompt", "héllo€"], 1, "--prompt: ", "characters not in the model's vocabulary: 'é', '€'"),
+    (["--prompt-tokens", "1,62"], 2, "--prompt-tokens: ", "out of range: 62 (valid: 0..61)"),
+    (["--prompt-tokens", "1,-1"], 2, "--prompt-tokens", "not token ids: '-1'"),
     (["--prompt-tokens", "-1"], 2, "--prompt-tokens", "'-1'"),
     (["--prompt-tokens", "1,,2"], 2, "--prompt-tokens", "comma-separated"),
     (["--prompt", "a", "--prompt-tokens", "1"], 2, "--prompt", "only one of"),
@@ -335,6 +336,7 @@ GENERATE_CASES = [
     (["--prompt-file", "{tmp}/nope.txt"], 1, "nope.txt", "not found"),
     (["--prompt-file", "{tmp}"], 1, "{tmp}", "cannot read"),
     (["--prompt-file", "{tmp}/latin1.txt"], 1, "latin1.txt", "not UTF-8"),
+    (["--prompt-file", "{tmp}/empty.txt"], 1, "--prompt-file {tmp}/empty.txt", "is empty"),
     (["--bogus"], 2, "--bogus", "No such option"),
 ]
 
@@ -342,6 +344,7 @@ GENERATE_CASES = [
 @pytest.mark.parametrize("args,code,named,words", GENERATE_CASES, ids=[" ".join(c[0]) for c in GENERATE_CASES])
 def test_bad_generate_input(tiny_model_dir, tmp_path, args, code, named, words):
     (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    (tmp_path / "empty.txt").write_text("")
     args = [a.format(tmp=tmp_path) for a in args]
     line = assert_error(cli("generate", tiny_model_dir, "--max-new-tokens", 2, *args), code,
                         named.format(tmp=tmp_path))
