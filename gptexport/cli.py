@@ -114,5 +114,59 @@ def generate(model_dir: Path, prompt: str | None, prompt_file: Path | None, prom
         click.echo(json.dumps({"samples": samples}, ensure_ascii=False))
 
 
+@main.command()
+@click.argument("model_dir", type=click.Path(path_type=Path), metavar="OUTDIR")
+@click.option("--max-batch", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Largest batch the engine accepts.")
+@click.option("--opt-seq", type=click.IntRange(min=1), default=None,
+              help="Prompt length the prefill profile is tuned for [default: min(64, block_size)].")
+@click.option("--workspace", "workspace_mb", type=click.IntRange(min=1), default=None,
+              help="Builder workspace limit in MiB [default: TensorRT's, the GPU's memory].")
+@click.option("--timing-cache", type=click.Path(path_type=Path), default=None,
+              help="Timing cache file, read if present and updated [default: OUTDIR/timing.cache].")
+def build(model_dir: Path, max_batch: int, opt_seq: int | None, workspace_mb: int | None,
+          timing_cache: Path | None) -> None:
+    """Build a TensorRT engine from OUTDIR/model.onnx (needs TensorRT 10/11 and an NVIDIA GPU).
+
+    Two optimization profiles: prefill (past 0, any prompt length) and decode (one token, any
+    cache length). Writes OUTDIR/model.engine and engine.json (TensorRT version, GPU, profiles,
+    precision, ONNX sha256) and lists both in gptexport.json. See docs/tensorrt.md.
+    """
+    from .engine import BuildOptions, build_engine
+
+    build_engine(model_dir, BuildOptions(max_batch, opt_seq, workspace_mb, timing_cache))
+
+
+@main.command()
+@click.argument("path", type=click.Path(path_type=Path), metavar="(OUTDIR | FILE.onnx)")
+@click.option("--target", type=click.Choice(["tensorrt"]), default="tensorrt", show_default=True,
+              help="What to check the graph against.")
+@click.option("--trt-version", type=click.Choice(["10", "11"]), default="10", show_default=True,
+              help="TensorRT major version whose ONNX parser is targeted.")
+@click.option("--max-batch", type=click.IntRange(min=1), default=1, show_default=True,
+              help="As for `gptexport build`: the profiles checked against the inputs.")
+@click.option("--opt-seq", type=click.IntRange(min=1), default=None, help="As for `gptexport build`.")
+def check(path: Path, target: str, trt_version: str, max_batch: int, opt_seq: int | None) -> None:
+    """Check on a CPU that TensorRT can build OUTDIR's (or FILE.onnx's) graph; no TensorRT needed.
+
+    Prints one line per offending node, input or initializer (op, dtype or attribute TensorRT's
+    ONNX parser does not take; a dynamic dim without a profile range; oversized weights) and
+    exits 1 if there is any.
+    """
+    from .check import check_path
+    from .errors import GptExportError
+
+    report = check_path(path, trt_version, max_batch, opt_seq)
+    for finding in report.findings:
+        click.echo(f"{report.onnx_path}: {finding}")
+    if report.findings:
+        raise GptExportError(f"{report.onnx_path}: {len(report.findings)} problem(s) for TensorRT "
+                             f"{trt_version}.x (listed above)")
+    profiles = "every dynamic dim has a profile range" if report.profiles_checked else "profiles not checked"
+    click.echo(f"ok: {report.onnx_path}: {report.nodes} nodes, {report.op_types} op types, opset {report.opset}: "
+               f"TensorRT {trt_version}.x's ONNX parser takes them; {profiles}")
+
+
+
 if __name__ == "__main__":
     main()

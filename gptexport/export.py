@@ -65,7 +65,7 @@ def convert(ckpt: str | Path, out_dir: str | Path, *, dtype: str = "fp32", token
         check_onnx(onnx_path, spec)
         if validate:
             err = validate_against_torch(model, spec, onnx_path, VALIDATION_ATOL[dtype])
-            progress(f"validated: ONNX Runtime matches PyTorch at {len(VALIDATION_SHAPES)} shapes, "
+            progress(f"validated: {evaluator_name(spec)} matches PyTorch at {len(VALIDATION_SHAPES)} shapes, "
                      f"max |diff| {err:.2e} ({time.perf_counter() - t:.1f}s)")
         tok_json = None
         if tok is not None:  # the BPE files are copied in: the directory must stand alone
@@ -161,11 +161,35 @@ def validation_feeds(config: GPTConfig, spec: IOSpec, batch: int, seq: int, past
     return feeds
 
 
-def validate_against_torch(model: GPT, spec: IOSpec, onnx_path: Path, atol: float) -> float:
-    """Run the ONNX in ONNX Runtime and the model in PyTorch on the same feeds; fail beyond atol."""
+def evaluator_name(spec: IOSpec) -> str:
+    return "the ONNX reference evaluator" if spec.cache_dtype == "bfloat16" else "ONNX Runtime"
+
+
+def onnx_evaluator(onnx_path: Path, spec: IOSpec) -> Callable[[dict], np.ndarray]:
+    """feeds -> logits of the ONNX graph, on the CPU.
+
+    ONNX Runtime's CPU provider runs fp32 and fp16 graphs (fp16 ops it has no kernel for run in
+    fp32 between inserted casts, fp16 at their boundaries). It has no bfloat16 kernel for Add,
+    MatMul, Softmax and most of our ops (onnxruntime 1.32: NOT_IMPLEMENTED), so a bf16 graph is
+    run by onnx's reference evaluator: numpy with ml_dtypes, each op in its declared type (MatMul
+    accumulates in fp32 and rounds to bf16, as TensorRT does). Slow, but it runs the very graph
+    TensorRT builds, unchanged.
+    """
+    if spec.cache_dtype == "bfloat16":
+        import onnx
+        from onnx.reference import ReferenceEvaluator
+
+        evaluator = ReferenceEvaluator(onnx.load(str(onnx_path)))
+        return lambda feeds: evaluator.run(["logits"], feeds)[0]
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    return lambda feeds: session.run(["logits"], feeds)[0]
+
+
+def validate_against_torch(model: GPT, spec: IOSpec, onnx_path: Path, atol: float) -> float:
+    """Run the ONNX on the CPU (onnx_evaluator) and the model in PyTorch on the same feeds; fail beyond atol."""
+    run = onnx_evaluator(onnx_path, spec)
     rng = np.random.default_rng(0)
     param = next(model.parameters())
     worst = 0.0
@@ -179,11 +203,11 @@ def validate_against_torch(model: GPT, spec: IOSpec, onnx_path: Path, atol: floa
             for n, p in zip(spec.past_names, past_t):
                 ort_feeds[n] = _to_numpy(p)
             logits, _ = model.forward_cached(t["input_ids"], t["past_length"], t["logit_positions"], past_t)
-        got = session.run(["logits"], ort_feeds)[0]
+        got = run(ort_feeds)
         err = float(np.abs(got - logits.float().numpy()).max())
         worst = max(worst, err)
         if not err <= atol:
-            raise GptExportError(f"{onnx_path.name}: ONNX Runtime logits differ from PyTorch by {err:.3g} "
+            raise GptExportError(f"{onnx_path.name}: {evaluator_name(spec)} logits differ from PyTorch by {err:.3g} "
                                  f"(> {atol}) at batch={batch} seq={seq} past={past}")
     return worst
 

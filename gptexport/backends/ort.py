@@ -24,13 +24,32 @@ def _import_ort():
     return onnxruntime
 
 
+ORT_TRT_MAX_BATCH = 8  # the TensorRT provider's profile admits batches 1..8, tuned for 1
+
+
 def provider_options(provider: str, model_dir: ModelDir) -> dict:
-    """Per-provider options; the TensorRT provider caches its engines beside the model."""
+    """Per-provider options; the TensorRT provider caches its engines beside the model.
+
+    TensorRT provider (onnxruntime.ai TensorRT-ExecutionProvider, "Configurations"):
+    - trt_fp16_enable stays off whatever the dtype: with it ONNX Runtime builds a weakly typed
+      network and TensorRT may run the graph's fp32 LayerNorm, softmax and logits in fp16; without
+      it the network is strongly typed and precision is the graph's (convert --dtype), as in
+      `gptexport build`. TensorRT 11 has no FP16 builder flag at all.
+    - trt_profile_{min,opt,max}_shapes: without explicit profiles the provider sizes its profile
+      from the shapes seen so far and rebuilds the engine when one falls outside. The provider
+      runs on its first profile only, so this is one profile spanning prefill and decode.
+    CUDA provider: it compiles nothing per model, so there is no engine cache to configure.
+    """
     if provider == "tensorrt":
+        from ..engine import ort_profile_options, profile_shapes, union_profile
+
         cache = model_dir.path / "ort_trt_cache"
+        c, spec = model_dir.config, model_dir.spec
+        decode_b1 = profile_shapes(c, spec, 1)[-1]  # tuned for what generate runs: one sequence, decoding
+        profile = union_profile(profile_shapes(c, spec, ORT_TRT_MAX_BATCH), opt_from=decode_b1)
         return {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache),
                 "trt_timing_cache_enable": True, "trt_timing_cache_path": str(cache),
-                "trt_fp16_enable": model_dir.dtype == "fp16"}
+                "trt_fp16_enable": False, **ort_profile_options(profile)}
     return {}
 
 
