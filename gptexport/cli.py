@@ -115,6 +115,63 @@ def generate(model_dir: Path, prompt: str | None, prompt_file: Path | None, prom
 
 
 @main.command()
+@click.argument("paths", nargs=-1, type=click.Path(path_type=Path), metavar="[CKPT] OUTDIR")
+@click.option("--backends", default="all", show_default=True,
+              help="Comma-separated: onnxruntime, ort-cuda, ort-tensorrt, tensorrt; or all.")
+@click.option("--prompt", "prompt_texts", multiple=True, help="A prompt text; repeat for more prompts.")
+@click.option("--prompts", "prompts_file", type=click.Path(path_type=Path), default=None,
+              help="A file of prompts, one per line (a literal \\n is a newline).")
+@click.option("--prompt-tokens", multiple=True, help="A prompt as comma-separated token ids; repeatable.")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Tokens generated per prompt [default: 32].")
+@click.option("--tolerance", type=click.Choice(["fp32", "fp16", "bf16", "int8", "int4"]), default=None,
+              help="Logit tolerance preset [default: the model directory's dtype].")
+@click.option("--atol", type=float, default=None, help="Absolute logit tolerance (instead of --tolerance).")
+@click.option("--rtol", type=float, default=None, help="Relative logit tolerance (instead of --tolerance).")
+@click.option("--temperature", type=float, default=None, help="Sampling temperature of the KL and sampling checks [default: 0.8].")
+@click.option("--top-k", type=int, default=None, help="Sampling top-k [default: 200].")
+@click.option("--top-p", type=float, default=None, help="Sampling top-p, in (0, 1].")
+@click.option("--seed", type=int, default=None, help="Seed of the sampling check [default: 1337].")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for ONNX Runtime.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write every number to this JSON file.")
+@click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None,
+              help="Write a PNG of the per-position logit error of each backend.")
+@click.option("--save-golden", type=click.Path(path_type=Path), default=None,
+              help="Also write the reference inputs and outputs to this .npz, for --golden.")
+@click.option("--golden", type=click.Path(path_type=Path), default=None,
+              help="Check OUTDIR against a golden file instead of CKPT; needs no torch.")
+def parity(paths: tuple[Path, ...], backends: str, prompt_texts: tuple[str, ...], prompts_file: Path | None,
+           prompt_tokens: tuple[str, ...], steps: int | None, tolerance: str | None, atol: float | None,
+           rtol: float | None, temperature: float | None, top_k: int | None, top_p: float | None,
+           seed: int | None, threads: int | None, json_path: Path | None, plot_path: Path | None,
+           save_golden: Path | None, golden: Path | None) -> None:
+    """Check that every backend reproduces the PyTorch model: forward, generation, sampling, cache.
+
+    `gptexport parity CKPT OUTDIR` compares with CKPT in PyTorch fp32; `gptexport parity --golden
+    FILE OUTDIR` with a golden file. Exit 0: all checks pass; 1: a check fails; 2: usage error.
+    """
+    from . import parity as p
+    from .errors import UsageError
+
+    ckpt, out_dir = p.parity_paths(paths, golden)
+    prompts = p.prompt_sources(prompt_texts, prompts_file, prompt_tokens)
+    if golden is not None and (prompts or steps or any(v is not None for v in (temperature, top_k, top_p, seed))):
+        raise UsageError("--golden: prompts, --steps, --seed and sampling settings come from the golden file; drop them")
+    options = p.ParityOptions(prompts=prompts, steps=steps or p.DEFAULT_STEPS, backends=backends,
+                              sampling=p.sampling_params(temperature, top_k, top_p),
+                              seed=p.DEFAULT_SEED if seed is None else seed,
+                              tolerance=tolerance, atol=atol, rtol=rtol, threads=threads)
+    report = p.run_parity(out_dir, ckpt, golden=golden, options=options, save_golden_to=save_golden,
+                          progress=lambda msg: click.echo(msg, err=True))
+    click.echo(report.table())
+    if json_path is not None:
+        p.write_json_report(report, json_path)
+    if plot_path is not None:
+        p.plot_report(report, plot_path)
+    if not report:
+        raise click.exceptions.Exit(1)
+
+
+@main.command()
 @click.argument("model_dir", type=click.Path(path_type=Path), metavar="OUTDIR")
 @click.option("--max-batch", type=click.IntRange(min=1), default=1, show_default=True,
               help="Largest batch the engine accepts.")
