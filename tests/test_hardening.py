@@ -507,6 +507,32 @@ def _kill_mid_convert(ckpt: Path, out: Path, *extra: str) -> None:
     assert proc.returncode == -signal.SIGKILL
 
 
+def test_nan_weights_fail_validation(tiny_ckpt, tmp_path, quick_export):
+    """A checkpoint with NaN weights: PyTorch's logits are NaN, the convert refuses to keep the graph."""
+    import torch
+
+    ckpt = _ckpt_dict(tiny_ckpt)
+    ckpt["model"]["transformer.ln_f.weight"] = torch.full((32,), float("nan"))
+    path = _save(ckpt, tmp_path / "ckpt.pt")
+    (tmp_path / "meta.pkl").write_bytes((tiny_ckpt.parent / "meta.pkl").read_bytes())
+    line = assert_error(cli("convert", path, "-o", tmp_path / "out"), 1, "model.onnx")
+    assert "differ from PyTorch by nan" in line
+    assert_nothing_written(tmp_path / "out")
+
+
+def test_only_dead_processes_staging_dirs_are_removed(tmp_path):
+    from gptexport.modeldir import remove_stale_staging
+
+    out = tmp_path / "out"
+    live = tmp_path / f".out.partial-{os.getpid()}-abc"  # a concurrent convert's: left alone
+    dead = tmp_path / ".out.old-999999999-xyz"  # no such pid (above any pid_max)
+    other = tmp_path / ".other.partial-999999999-xyz"  # another OUTDIR's
+    for d in (live, dead, other):
+        d.mkdir()
+    assert remove_stale_staging(out) == [dead]
+    assert live.exists() and other.exists() and not dead.exists()
+
+
 def test_killed_mid_convert(tiny_ckpt, tmp_path, quick_export):
     new, old = tmp_path / "new", tmp_path / "old"
     old.mkdir()
