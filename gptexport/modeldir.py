@@ -202,9 +202,9 @@ def staging_dir(out_dir: Path, force: bool) -> Iterator[Path]:
     try:
         yield tmp
         _make_public(tmp)
-        if out_dir.exists():
+        if force and out_dir.exists():
             _replace_dir(tmp, out_dir)
-        else:
+        else:  # fails (ENOTEMPTY) if a concurrent convert created out_dir meanwhile: never clobber it
             os.replace(tmp, out_dir)
     except OSError as e:  # ENOSPC, EFBIG, EACCES, EROFS... while writing: nothing is kept
         where = f" ({e.filename})" if e.filename else ""

@@ -409,7 +409,10 @@ def test_existing_outdir_refused_untouched(tiny_ckpt, tiny_model_dir):
     assert snapshot(tiny_model_dir) == before and staging_leftovers(tiny_model_dir) == []
 
 
-def test_force_replaces_atomically(tiny_ckpt, tmp_path, quick_export):
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "two-renames"])
+def test_force_replaces_atomically(tiny_ckpt, tmp_path, quick_export, monkeypatch, exchange):
+    if not exchange:  # systems without renameat2(RENAME_EXCHANGE)
+        monkeypatch.setattr("gptexport.modeldir._exchange", lambda a, b: False)
     out = tmp_path / "out"
     out.mkdir()
     (out / "old.txt").write_text("old")
