@@ -77,12 +77,12 @@ PRESETS = {
 }
 
 
-def tolerance_for(dtype: str, preset: str | None = None, atol: float | None = None,
+def tolerance_for(precision: str, preset: str | None = None, atol: float | None = None,
                   rtol: float | None = None) -> Tolerance:
-    """The preset named `preset` (default: the model's dtype), with atol/rtol overriding it."""
+    """The preset named `preset` (default: the model's precision), with atol/rtol overriding it."""
     if preset is not None and (atol is not None or rtol is not None):
         raise UsageError("give either --tolerance or --atol/--rtol, not both")
-    name = preset or dtype
+    name = preset or precision
     if name not in PRESETS:
         raise UsageError(f"--tolerance {name!r} is not a preset; valid: {', '.join(PRESETS)}")
     tol = PRESETS[name]
@@ -642,6 +642,9 @@ def open_backend(name: str, md: ModelDir, threads: int | None) -> Runner:
     """The activated runner; BackendUnavailable when its library, provider, GPU or engine is missing."""
     if name == "tensorrt" and "tensorrt" not in md.manifest:  # the manifest records a built engine
         raise BackendUnavailable(f"{md.path} has no TensorRT engine (build one with `gptexport build {md.path}`)")
+    if name == "onnxruntime" and md.dtype == "bf16":  # a known gap, not a broken export
+        raise BackendUnavailable("ONNX Runtime's CPU provider has no bfloat16 kernels (Add, MatMul, Softmax); "
+                                 "check a bf16 model on ort-cuda or tensorrt")
     try:
         runner = open_runner(name, md, threads)
         runner.activate()
@@ -667,7 +670,8 @@ def run_parity(model_dir: str | Path, ckpt: str | Path | None = None, *, golden:
         raise UsageError(f"--steps must be >= 1, got {options.steps}")
     backends = parse_backends(options.backends)
     md = load_model_dir(model_dir)
-    tol = tolerance_for(md.dtype, options.tolerance, options.atol, options.rtol)
+    precision = md.manifest.get("quantization") or md.dtype  # `gptexport quantize` keeps dtype fp32
+    tol = tolerance_for(precision, options.tolerance, options.atol, options.rtol)
     notes: list[str] = []
     ref = _reference(md, ckpt, golden, options, say, notes)
     check_same_model(ref, md)

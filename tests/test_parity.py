@@ -113,6 +113,15 @@ def test_removed_causal_mask_fails_forward_and_cache(tiny_ckpt, unmasked_dir):
     assert {"forward", "cache"} <= failed(report)
 
 
+def test_default_tolerance_is_the_model_directorys_precision(tiny_ckpt, tiny_model_dir, tmp_path):
+    quantized = tmp_path / "m"
+    shutil.copytree(tiny_model_dir, quantized)
+    manifest = json.loads((quantized / MANIFEST).read_text())
+    write_json_atomic(quantized / MANIFEST, {**manifest, "quantization": "int8"})  # as `gptexport quantize` writes
+    report = run_parity(quantized, tiny_ckpt, options=ParityOptions(steps=2, backends="onnxruntime"))
+    assert report.tolerance == PRESETS["int8"] and report
+
+
 def test_no_backend_that_can_run_is_a_failure(tiny_ckpt, tiny_model_dir, monkeypatch):
     def unavailable(name, md, threads=None):
         raise BackendUnavailable(f"{name}: no GPU here")
