@@ -21,7 +21,7 @@ from gptexport.golden import Outputs, Reference
 from gptexport.modeldir import MANIFEST, file_records, write_json_atomic
 from gptexport.parity import (
     PRESETS, ParityOptions, Tolerance, error_stats, generation_check, greedy_divergence, kl_divergence,
-    nanogpt_probs, needed_tolerance, run_parity, sampled_divergence, sampler_check, tolerance_for,
+    nanogpt_probs, needed_tolerance, run_parity, sampled_divergence, sampler_check, sampling_check, tolerance_for,
     top1_agreement, topk_overlap)
 from gptexport.sampling import logits_to_probs
 
@@ -188,6 +188,14 @@ def test_sampled_divergence_is_excused_only_with_logits_within_tolerance():
     close, far = ref_logits + 1e-6, ref_logits + np.array([0, 0, 0, 0, 1.0])
     assert sampled_divergence([1, 2], [1, 3], ref_logits, close, FP32).excused
     assert not sampled_divergence([1, 2], [1, 3], ref_logits, far, FP32).excused
+
+    ref = Reference(GPTConfig(block_size=16, vocab_size=5, n_layer=1, n_head=1, n_embd=4), "crafted",
+                    [np.array([0])], 2, {"temperature": 1.0, "top_k": None, "top_p": None}, 0,
+                    outputs=Outputs(sampled_tokens=[np.array([1, 2])], sampled_logits=[ref_logits]))
+    got = Outputs(sampled_tokens=[np.array([1, 3])], sampled_logits=[far])
+    check = sampling_check("x", ref, got, FP32)
+    assert not check.ok and "prompt 0 diverged at step 1: token 3, reference 2 (logits off by 1.00e+00)" in check.figure
+    assert sampling_check("x", ref, Outputs(sampled_tokens=[np.array([1, 3])], sampled_logits=[close]), FP32).ok
 
 
 # ---- the comparison math -------------------------------------------------------------------------
