@@ -178,6 +178,28 @@ def add_files_to_manifest(model_dir: ModelDir, names: list[str], extra: dict | N
     model_dir.manifest = manifest
 
 
+def _make_parents(out_dir: Path, parent: Path) -> list[Path]:
+    """Create out_dir's missing parents, as `mkdir -p` would; return those created, outermost first."""
+    missing = [p for p in (parent, *parent.parents) if not p.exists()][::-1]
+    for p in missing:
+        try:
+            p.mkdir()
+        except OSError as e:
+            _remove_empty(missing[:missing.index(p)])
+            raise ModelDirError(f"{out_dir}: cannot create directory {p} ({e.strerror})") from None
+    if not parent.is_dir():
+        raise ModelDirError(f"{out_dir}: parent directory {parent} is not a directory")
+    return missing
+
+
+def _remove_empty(dirs: list[Path]) -> None:
+    for d in reversed(dirs):
+        try:
+            d.rmdir()
+        except OSError:
+            return  # not empty (someone else wrote there) or already gone: leave it
+
+
 @contextmanager
 def staging_dir(out_dir: Path, force: bool) -> Iterator[Path]:
     """A temporary directory beside out_dir, renamed onto it only if the block succeeds.
@@ -191,13 +213,12 @@ def staging_dir(out_dir: Path, force: bool) -> Iterator[Path]:
     if out_dir.exists() and not force:
         raise UsageError(f"{out_dir}: already exists; pass --force to replace it")
     parent = out_dir.parent.resolve()
-    if not parent.is_dir():
-        why = "is not a directory" if parent.exists() else "does not exist"
-        raise ModelDirError(f"{out_dir}: parent directory {parent} {why}")
+    created = _make_parents(out_dir, parent)
     remove_stale_staging(out_dir)
     try:
         tmp = Path(tempfile.mkdtemp(prefix=_staging_prefix(out_dir, "partial"), dir=parent))
     except OSError as e:
+        _remove_empty(created)
         raise ModelDirError(f"{out_dir}: cannot write in {parent} ({e.strerror})") from None
     try:
         yield tmp
@@ -206,7 +227,12 @@ def staging_dir(out_dir: Path, force: bool) -> Iterator[Path]:
             _replace_dir(tmp, out_dir)
         else:  # fails (ENOTEMPTY) if a concurrent convert created out_dir meanwhile: never clobber it
             os.replace(tmp, out_dir)
-    except OSError as e:  # ENOSPC, EFBIG, EACCES, EROFS... while writing: nothing is kept
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        _remove_empty(created)  # a failed convert leaves no trace, not even the parents it made
+        if not isinstance(e, OSError):
+            raise
+        # ENOSPC, EFBIG, EACCES, EROFS... while writing: nothing is kept
         where = f" ({e.filename})" if e.filename else ""
         raise ModelDirError(f"{out_dir}: write failed: {e.strerror or e}{where}; "
                             f"{'the old directory is unchanged' if out_dir.exists() else 'nothing was written'}"

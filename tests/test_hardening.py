@@ -402,6 +402,15 @@ def quick_export(monkeypatch, tiny_model_dir):
     monkeypatch.setattr(gptexport.export, "export_onnx", fake_export(tiny_model_dir))
 
 
+def test_missing_parents_are_created_and_removed_on_failure(tiny_ckpt, tmp_path, quick_export, file_size_limit):
+    out = tmp_path / "new" / "dirs" / "out"
+    assert cli("convert", tiny_ckpt, "-o", out).exit_code == 0 and load_model_dir(out)
+    failing = tmp_path / "other" / "dirs" / "out"
+    file_size_limit()
+    assert_error(cli("convert", tiny_ckpt, "-o", failing), 1, failing)
+    assert not (tmp_path / "other").exists()
+
+
 def test_existing_outdir_refused_untouched(tiny_ckpt, tiny_model_dir):
     before = snapshot(tiny_model_dir)
     line = assert_error(cli("convert", tiny_ckpt, "-o", tiny_model_dir), 2, tiny_model_dir)
@@ -432,7 +441,7 @@ def _umask() -> int:
 @pytest.mark.parametrize("out,words", [("/proc/gptexport-out", "cannot write in /proc"),
                                        ("/sys/gptexport-out", "cannot write in /sys"),
                                        ("{ckpt}/out", "is not a directory"),
-                                       ("{tmp}/no/such/dir/out", "does not exist")])
+                                       ("{ckpt}/sub/out", "cannot create directory")])
 def test_unwritable_location(tiny_ckpt, tmp_path, out, words):
     out = Path(out.format(ckpt=tiny_ckpt, tmp=tmp_path))
     line = assert_error(cli("convert", tiny_ckpt, "-o", out), 1, out)
