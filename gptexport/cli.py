@@ -225,5 +225,71 @@ def check(path: Path, target: str, trt_version: str, max_batch: int, opt_seq: in
 
 
 
+@main.command()
+@click.argument("model_dir", type=click.Path(path_type=Path), metavar="OUTDIR")
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(path_type=Path),
+              help="Model directory to write.")
+@click.option("--int8", "method", flag_value="int8", help="int8 weights (ONNX Runtime dynamic quantization).")
+@click.option("--int4", "method", flag_value="int4", help="int4 weights (ONNX Runtime MatMulNBits).")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--eval-text", type=click.Path(path_type=Path), default=None,
+              help="Report perplexity and top-1 agreement against OUTDIR on the end of this text file.")
+@click.option("--eval-fraction", type=float, default=0.1, show_default=True,
+              help="The held-out end of --eval-text (0.1: nanoGPT's validation split).")
+def quantize(model_dir: Path, out_dir: Path, method: str | None, force: bool, eval_text: Path | None,
+             eval_fraction: float) -> None:
+    """Quantize an fp32 model directory's weights to int8 or int4 into a new model directory."""
+    from . import quantize as q
+    from .errors import UsageError
+
+    if method is None:
+        raise UsageError("give --int8 or --int4")
+    text = _read_text(eval_text) if eval_text is not None else None
+    q.quantize(model_dir, out_dir, method, force=force)
+    if text is not None:
+        click.echo(json.dumps(q.compare_quality(model_dir, out_dir, text, eval_fraction).to_dict(), indent=2))
+
+
+def _read_text(path: Path) -> str:
+    from .errors import UsageError
+
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"{path}: cannot read --eval-text ({getattr(e, 'strerror', None) or e})") from None
+
+
+@main.command()
+@click.argument("model_dir", type=click.Path(path_type=Path), metavar="OUTDIR")
+@click.option("--ckpt", type=click.Path(path_type=Path), default=None,
+              help="The checkpoint OUTDIR was converted from: adds the nanoGPT and transformers baselines.")
+@click.option("--precision", "precisions", multiple=True, type=click.Choice(["fp32", "int8", "int4"]),
+              help="Precisions of our runtime; repeatable [default: all three].")
+@click.option("--batch", "batches", multiple=True, type=click.IntRange(min=1), help="Batch sizes [default: 1 and 8].")
+@click.option("--prompt-tokens", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--new-tokens", type=click.IntRange(min=2), default=128, show_default=True)
+@click.option("--context", "contexts", multiple=True, type=click.IntRange(min=1),
+              help="Context lengths of the decode-cost test [default: 64 and 900].")
+@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True, help="Medians of this many runs.")
+@click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--work-dir", type=click.Path(path_type=Path), default=None,
+              help="Where the int8/int4 model directories are made [default: beside OUTDIR].")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of a table.")
+@click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None, help="Write a PNG plot.")
+def bench(model_dir: Path, ckpt: Path | None, precisions: tuple[str, ...], batches: tuple[int, ...],
+          prompt_tokens: int, new_tokens: int, contexts: tuple[int, ...], repeats: int, threads: int,
+          work_dir: Path | None, as_json: bool, plot_path: Path | None) -> None:
+    """Benchmark OUTDIR on ONNX Runtime (fp32, int8, int4) against nanoGPT and transformers."""
+    from . import bench as b
+
+    config = b.BenchConfig(prompt_tokens=prompt_tokens, new_tokens=new_tokens, batches=batches or (1, 8),
+                           contexts=contexts or (64, 900), repeats=repeats, threads=threads)
+    report = b.run_bench(model_dir, ckpt, config, precisions or b.PRECISIONS, work_dir,
+                         progress=lambda msg: click.echo(msg, err=True))
+    click.echo(json.dumps(report, indent=2) if as_json else b.table(report))
+    if plot_path is not None:
+        b.plot(report, plot_path)
+
+
 if __name__ == "__main__":
     main()

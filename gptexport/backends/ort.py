@@ -1,4 +1,10 @@
-"""ONNX Runtime backend: CPU by default, CUDA or TensorRT execution providers when asked for."""
+"""ONNX Runtime backend: CPU by default, CUDA or TensorRT execution providers when asked for.
+
+Decode steps run through an IOBinding made once per cache (OrtCache): the past inputs are bound
+to the pre-allocated cache buffers themselves and every output to a buffer owned by the cache, so
+a step feeds ONNX Runtime no new arrays, allocates nothing and copies only the new position's
+keys and values into the cache. Prefill and all-logits calls, a few per generation, use run().
+"""
 
 from __future__ import annotations
 
@@ -6,7 +12,7 @@ import numpy as np
 
 from ..errors import BackendUnavailable, GptExportError, ModelDirError, UsageError
 from ..modeldir import ModelDir
-from .base import Runner
+from .base import HostCache, Runner
 
 PROVIDERS = {
     "cpu": "CPUExecutionProvider",
@@ -94,6 +100,17 @@ class OrtRunner(Runner):
     def cache_dtype(self) -> np.dtype:
         return _numpy_dtype(self.spec.cache_dtype)
 
+    def new_cache(self, batch: int, capacity: int) -> "OrtCache":
+        self.activate()
+        return OrtCache(self, batch, capacity)
+
+    def forward(self, input_ids: np.ndarray, cache: HostCache, all_logits: bool = False) -> np.ndarray:
+        """As Runner.forward; a one-token step on an OrtCache returns a view of the cache's logits
+        buffer, valid until the next forward on that cache."""
+        if input_ids.shape[1] != 1 or all_logits or not isinstance(cache, OrtCache):
+            return super().forward(input_ids, cache, all_logits)
+        return cache.decode_step(input_ids)
+
     def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         self.activate()
         try:
@@ -102,6 +119,54 @@ class OrtRunner(Runner):
             raise GptExportError(f"{self.model_dir.onnx_path}: ONNX Runtime failed to run it "
                                  f"({type(e).__name__}: {_first_line(e)})") from e
         return dict(zip(self.spec.output_names, outputs))
+
+
+class OrtCache(HostCache):
+    """A HostCache plus the IOBinding of its one-token decode step, bound to its own buffers.
+
+    Per-generation state, like the buffers, so one runner can serve several caches from threads.
+    """
+
+    def __init__(self, runner: OrtRunner, batch: int, capacity: int):
+        super().__init__(runner.spec, runner.config, batch, capacity, runner.cache_dtype())
+        self.runner = runner
+        self.binding, self.session = None, None  # bound on the first decode step, to the live session
+
+    def _bind(self) -> None:
+        ort, c, spec, B = _import_ort(), self.runner.config, self.runner.spec, self.batch
+        self.input_ids = np.zeros((B, 1), np.int64)
+        self.past_length = np.zeros(1, np.int64)
+        self.logits = np.zeros((B, 1, c.vocab_size), np.float32)
+        dtype = self.runner.cache_dtype()
+        self.new = {name: np.zeros((B, c.n_head, 1, c.head_dim), dtype) for name in spec.new_names}
+        inputs = {"input_ids": self.input_ids, "past_length": self.past_length,
+                  "logit_positions": np.zeros(1, np.int64), **self.buffers}
+        outputs = {"logits": self.logits, **self.new}
+        # ortvalue_from_numpy shares a CPU array's memory, so writing into the arrays is enough;
+        # the OrtValues are kept with the arrays for as long as the binding lives
+        self.values = {n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in {**inputs, **outputs}.items()}
+        self.session = self.runner.session
+        self.binding = self.session.io_binding()
+        for name in inputs:
+            self.binding.bind_ortvalue_input(name, self.values[name])
+        for name in outputs:
+            self.binding.bind_ortvalue_output(name, self.values[name])
+
+    def decode_step(self, input_ids: np.ndarray) -> np.ndarray:
+        """Run one token per sequence after the cached ones; (B, V) logits, a view reused next step."""
+        if self.length >= self.capacity:
+            raise GptExportError(f"KV cache overflow: {self.length + 1} positions, capacity {self.capacity}")
+        if self.session is not self.runner.session:  # first step, or the runner was re-activated
+            self._bind()
+        self.input_ids[...] = input_ids
+        self.past_length[0] = self.length  # the buffers are read whole; slots from here on are masked
+        try:
+            self.session.run_with_iobinding(self.binding)
+        except Exception as e:
+            raise GptExportError(f"{self.runner.model_dir.onnx_path}: ONNX Runtime failed to run it "
+                                 f"({type(e).__name__}: {_first_line(e)})") from e
+        self.append(self.new, 1)
+        return self.logits[:, 0]
 
 
 def _first_line(e: BaseException) -> str:

@@ -1,0 +1,129 @@
+"""Reproduce docs/performance.md: convert a GPT-2-small-shaped checkpoint, benchmark, check quality.
+
+1. A randomly initialised GPT-2-small (124M parameters, nanoGPT's format) in --work-dir, made once.
+2. `gptexport convert` on it, in a subprocess: wall time and peak RSS (the 30 s target).
+3. `gptexport bench`: our runtime in fp32/int8/int4, nanoGPT, transformers, memory bandwidth.
+4. With --quality-ckpt/--quality-text: perplexity and top-1 agreement of int8 and int4 against fp32
+   on the held-out last 10 % of the text (the shipped Shakespeare model and tinyshakespeare).
+
+Usage (from the repository root; a quiet machine, nothing else running):
+  python scripts/bench.py --plot docs/bench.png --json docs/bench.json \\
+      --quality-ckpt models/shakespeare-char/ckpt.pt --quality-text ../shared/data/tinyshakespeare.txt
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from gptexport import bench
+from gptexport.config import GPTConfig
+
+GPT2_SMALL = dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304, bias=True, dropout=0.0)
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work-dir", type=Path, default=Path.home() / ".cache" / "gptexport-bench")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--skip-convert", action="store_true", help="Reuse WORK_DIR/gpt2-small if it exists.")
+    p.add_argument("--plot", type=Path, default=None, help="Write the PNG here (e.g. docs/bench.png).")
+    p.add_argument("--json", type=Path, default=None, help="Write the full report here.")
+    p.add_argument("--quality-ckpt", type=Path, default=None, help="A trained checkpoint for the quality check.")
+    p.add_argument("--quality-text", type=Path, default=None, help="Its text; the last 10 %% is held out.")
+    return p.parse_args()
+
+
+def make_checkpoint(path: Path) -> Path:
+    """GPT-2-small's shape with nanoGPT's random initialisation, saved as nanoGPT's train.py does."""
+    if path.exists():
+        return path
+    import torch
+
+    from gptexport.model import GPT
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**GPT2_SMALL))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"model": model.state_dict(), "model_args": GPT2_SMALL, "optimizer": None, "iter_num": 0,
+                "best_val_loss": 0.0, "config": {}}, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def timed_convert(ckpt: Path, out: Path) -> dict:
+    """`gptexport convert` in a subprocess: wall seconds, peak RSS (from wait4) and its progress lines."""
+    cmd = [sys.executable, "-m", "gptexport", "convert", str(ckpt), "-o", str(out), "--force"]
+    t = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    seconds = time.perf_counter() - t
+    if proc.returncode != 0:
+        sys.exit(f"convert failed:\n{output}")
+    print(output.strip(), file=sys.stderr)
+    return {"seconds": seconds, "peak_rss_mb": usage.ru_maxrss * 1024 / bench.MB,
+            "log": [ln for ln in output.splitlines() if ln.strip()]}
+
+
+def quality(ckpt: Path, text_path: Path, work: Path) -> dict:
+    """fp32 vs int8 and int4 of a trained model on the held-out end of its text."""
+    from gptexport.export import convert
+    from gptexport.quantize import compare_quality, quantize
+
+    fp32 = convert(ckpt, work / "quality-fp32", force=True, progress=lambda m: None)
+    text = text_path.read_text(encoding="utf-8")
+    out = {}
+    for method in ("int8", "int4"):
+        q = quantize(fp32, work / f"quality-{method}", method, force=True, progress=lambda m: None)
+        out[method] = compare_quality(fp32, q, text).to_dict()
+    return out
+
+
+def quality_table(q: dict) -> str:
+    rows = ["| weights | perplexity | vs fp32 | top-1 agreement | max abs logit diff |", "|---|---|---|---|---|"]
+    fp32 = next(iter(q.values()))["perplexity_fp32"]
+    rows.append(f"| fp32 | {fp32:.3f} | – | – | – |")
+    for method, r in q.items():
+        rows.append(f"| {method} | {r['perplexity']:.3f} | {r['perplexity_increase'] * 100:+.2f} % | "
+                    f"{r['top1_agreement'] * 100:.1f} % | {r['max_abs_logit_diff']:.2f} |")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    args = parse_args()
+    work = args.work_dir
+    work.mkdir(parents=True, exist_ok=True)
+    ckpt = make_checkpoint(work / "gpt2-small" / "ckpt.pt")
+    model_dir = work / "gpt2-small-model"
+    converted = None
+    if not (args.skip_convert and model_dir.exists()):
+        converted = timed_convert(ckpt, model_dir)
+    config = bench.BenchConfig(new_tokens=args.new_tokens, repeats=args.repeats, threads=args.threads)
+    report = bench.run_bench(model_dir, ckpt, config, work_dir=work, progress=lambda m: print(m, file=sys.stderr))
+    report["convert"] = converted
+    if args.quality_ckpt and args.quality_text:
+        report["quality"] = quality(args.quality_ckpt, args.quality_text, work)
+    print(bench.table(report))
+    if converted:
+        print(f"\nconvert (GPT-2-small, incl. validation): {converted['seconds']:.1f} s, "
+              f"peak RSS {converted['peak_rss_mb']:.0f} MB")
+    if "quality" in report:
+        print("\n" + quality_table(report["quality"]))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    if args.plot:
+        bench.plot(report, args.plot)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""The benchmark's plumbing: worker, weight bytes, table and plot. Timings are never asserted."""
+
+import numpy as np
+from onnx import TensorProto, helper, numpy_helper
+
+from gptexport import bench
+from gptexport.modeldir import load_model_dir
+
+REPORT = {
+    "config": {"batches": [1, 8], "contexts": [64, 900], "threads": 2},
+    "model": {"n_layer": 12, "n_embd": 768},
+    "memory_bandwidth_bytes_s": {"copy": 40e9, "read": 20e9}, "notes": ["transformers skipped: not installed"],
+    "machine": {"cpu": "test cpu"},
+    "results": [
+        {"runtime": "gptexport-ort", "weights": "fp32", "weight_bytes_per_token": 400_000_000,
+         "weight_bytes": 500_000_000,
+         "by_batch": {"1": {"decode_tok_s": 90.0, "prefill_tok_s": 500.0, "ttft_ms": 30.0, "peak_rss_mb": 600.0},
+                      "8": {"decode_tok_s": 500.0, "prefill_tok_s": 900.0, "ttft_ms": 140.0, "peak_rss_mb": 650.0}},
+         "ms_per_token_at": {"64": 11.0, "900": 12.1}, "note": ""},
+        {"runtime": "nanoGPT", "weights": "fp32", "weight_bytes_per_token": None,
+         "by_batch": {"1": {"decode_tok_s": 9.0, "prefill_tok_s": 300.0, "ttft_ms": 50.0, "peak_rss_mb": 900.0}},
+         "ms_per_token_at": {"64": 100.0, "900": 1000.0}, "note": ""},
+    ],
+}
+
+
+def test_table_shows_ratios_and_the_floor():
+    text = bench.table(REPORT)
+    assert "| gptexport-ort | fp32 | 90.0 | 10.0× | – | 0.90 | 1.80 |" in text
+    assert "| 11.0 | 12.1 | 1.10 |" in text
+    assert "copy 40.0 GB/s (read + write), read 20.0 GB/s" in text
+    assert "fp32: 400 MB/token -> 100 tok/s (copy), 50 tok/s (read); peak RSS at batch 1 = 1.20× the 500 MB" in text
+    assert "note: transformers skipped" in text
+
+
+def test_plot_writes_a_png(tmp_path):
+    bench.plot(REPORT, tmp_path / "b.png")
+    assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_weight_bytes_per_token_skips_gather_only_tables(tmp_path):
+    w, wt = np.zeros((50, 8), np.float32), np.zeros((8, 50), np.float32)
+    nodes = [helper.make_node("Gather", ["W", "i"], ["e"]), helper.make_node("MatMul", ["e", "Wt"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("i", TensorProto.INT64, [2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 50])],
+                              [numpy_helper.from_array(w, "W"), numpy_helper.from_array(wt, "Wt")])
+    path = tmp_path / "m.onnx"
+    path.write_bytes(helper.make_model(graph).SerializeToString())
+    assert bench.weight_bytes(path) == (w.nbytes + wt.nbytes, wt.nbytes)
+
+
+def test_worker_measures_in_its_own_process(tiny_model_dir):
+    job = {"runtime": "gptexport-ort", "path": str(tiny_model_dir), "threads": 1, "seed": 0, "repeats": 1,
+           "vocab_size": load_model_dir(tiny_model_dir).config.vocab_size, "batch": 2, "prompt_tokens": 3,
+           "new_tokens": 4}
+    m = bench.run_worker(job)
+    assert set(m) == {"prefill_tok_s", "decode_tok_s", "ttft_ms", "ms_per_token", "runs", "peak_rss_mb"}
+    assert 10 < m["peak_rss_mb"] < 2000
+
+
+def test_memory_bandwidth_is_positive():
+    bw = bench.memory_bandwidth(threads=2, megabytes=8, repeats=2)
+    assert bw["copy"] > 0 and bw["read"] > 0
