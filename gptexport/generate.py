@@ -103,7 +103,7 @@ def prompt_ids(request: GenerationRequest, tokenizer, vocab_size: int) -> list[i
         return ids
     from_file = request.prompt_file is not None
     source = f"--prompt-file {request.prompt_file}" if from_file else "--prompt"
-    text = _read_prompt_file(Path(request.prompt_file)) if from_file else request.prompt
+    text = read_text_file(Path(request.prompt_file)) if from_file else request.prompt
     if text is None:
         text = "\n"  # nanoGPT's sample.py starts from a newline
     if tokenizer is None:
@@ -118,15 +118,16 @@ def prompt_ids(request: GenerationRequest, tokenizer, vocab_size: int) -> list[i
     return ids
 
 
-def _read_prompt_file(path: Path) -> str:
+def read_text_file(path: Path, what: str = "prompt file") -> str:
+    """A user's UTF-8 text file; any problem is one line naming the file (exit 1)."""
     try:
         return path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise GptExportError(f"{path}: prompt file not found") from None
+        raise GptExportError(f"{path}: {what} not found") from None
     except UnicodeDecodeError as e:
-        raise GptExportError(f"{path}: prompt file is not UTF-8 text ({e.reason} at byte {e.start})") from None
+        raise GptExportError(f"{path}: {what} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     except OSError as e:
-        raise GptExportError(f"{path}: cannot read prompt file ({e.strerror or e})") from None
+        raise GptExportError(f"{path}: cannot read {what} ({e.strerror or e})") from None
 
 
 def run_generation(model_dir: str | Path, request: GenerationRequest, backend: str = "onnxruntime",

@@ -729,15 +729,10 @@ def _reference(md: ModelDir, ckpt, golden, options: ParityOptions, say: Callable
 
 def read_prompts_file(path: str | Path) -> list[str]:
     """--prompts FILE: one prompt per line, blank lines skipped, a literal \\n stands for a newline."""
+    from .generate import read_text_file
+
     path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise GptExportError(f"{path}: prompts file not found") from None
-    except UnicodeDecodeError as e:
-        raise GptExportError(f"{path}: prompts file is not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except OSError as e:
-        raise GptExportError(f"{path}: cannot read prompts file ({e.strerror or e})") from None
+    lines = read_text_file(path, "prompts file").splitlines()
     prompts = [line.replace("\\n", "\n") for line in lines if line.strip()]
     if not prompts:
         raise GptExportError(f"{path}: prompts file has no prompts (one per line)")
