@@ -40,7 +40,7 @@ class BenchConfig:
     new_tokens: int = 128
     batches: tuple[int, ...] = (1, 8)
     contexts: tuple[int, ...] = (64, 900)  # decode cost after a prompt this long
-    context_new_tokens: int = 8
+    context_new_tokens: int = 32  # decode steps timed at each context
     repeats: int = 3
     threads: int = 2
     seed: int = 0
@@ -243,10 +243,9 @@ def weight_bytes_per_token(onnx_path: Path) -> int:
 def precision_dirs(model_dir: Path, precisions: tuple[str, ...], work_dir: Path) -> dict[str, Path]:
     """fp32 is the model directory itself; int8/int4 are quantized into work_dir once and reused."""
     from .modeldir import load_model_dir
-    from .quantize import quantize
+    from .quantize import quantize, source_files
 
-    src = load_model_dir(model_dir, verify=False)
-    sha = src.manifest["files"][src.manifest.get("onnx", "model.onnx")]["sha256"]
+    source = source_files(load_model_dir(model_dir, verify=False))
     dirs = {}
     for p in precisions:
         if p == "fp32":
@@ -254,7 +253,7 @@ def precision_dirs(model_dir: Path, precisions: tuple[str, ...], work_dir: Path)
             continue
         out = work_dir / f"{model_dir.name}-{p}"
         try:
-            fresh = load_model_dir(out, verify=False).manifest["quantization_config"]["source_sha256"] == sha
+            fresh = load_model_dir(out, verify=False).manifest["quantization_config"]["source_files"] == source
         except (GptExportError, KeyError):
             fresh = False
         if not fresh:
@@ -370,7 +369,7 @@ def table(report: dict) -> str:
     bmax = str(max(report["config"]["batches"]))
     c_lo, c_hi = (str(c) for c in (list(report["config"]["contexts"]) + [None, None])[:2])
     rows = ["| runtime | weights | decode tok/s (B=1) | × nanoGPT | × transformers | ÷ floor (copy) | ÷ floor (read) "
-            f"| prefill tok/s | TTFT ms | decode tok/s (B={bmax}) | peak RSS MB | ms/token @{c_lo} | @{c_hi} | ratio |",
+            f"| prefill tok/s | TTFT ms | decode tok/s (B={bmax}) | peak RSS MB (B=1) | ms/token @{c_lo} | @{c_hi} | ratio |",
             "|" + "---|" * 14]
     for r in report["results"]:
         d = b1(r, "decode_tok_s")
@@ -380,7 +379,7 @@ def table(report: dict) -> str:
             _ratio(d, hf and b1(hf, "decode_tok_s")),
             *(_ratio_plain(d, floor_tok_s(report, r, k)).rstrip("×") for k in ("copy", "read")),
             _fmt(b1(r, "prefill_tok_s")), _fmt(b1(r, "ttft_ms")), _fmt(r["by_batch"].get(bmax, {}).get("decode_tok_s")),
-            _fmt(max((m["peak_rss_mb"] for m in r["by_batch"].values()), default=None)),
+            _fmt(b1(r, "peak_rss_mb")),
             _fmt(lo), _fmt(hi), f"{hi / lo:.2f}" if lo and hi else "–"]) + " |")
     bw = report["memory_bandwidth_bytes_s"]
     lines = [f"memory bandwidth ({report['config']['threads']} threads): copy {bw['copy'] / 1e9:.1f} GB/s "

@@ -35,6 +35,9 @@ METHODS = ("int8", "int4")
 INT4_BLOCK = 32  # weights per int4 scale: 32 keeps int4 perplexity close to fp32 on small models
 EVAL_FRACTION = 0.1  # held-out text: the last 10 %, as nanoGPT's prepare.py splits train/val
 LOGITS_BUDGET = 1 << 28  # bytes of (B, T, vocab) logits one evaluation batch may hold
+# As export.EXTERNAL_DATA_BYTES: bigger weights go to model.onnx.data, which ONNX Runtime maps
+# into memory instead of copying out of the protobuf (a lower RSS)
+EXTERNAL_DATA_BYTES = 64 * 1024**2
 
 
 def _progress(msg: str) -> None:
@@ -63,7 +66,8 @@ def quantize(src_dir: str | Path, out_dir: str | Path, method: str, *, force: bo
              f"{time.perf_counter() - t0:.1f}s)")
     with staging_dir(Path(out_dir), force) as tmp:
         onnx_name = src.manifest.get("onnx", "model.onnx")
-        onnx.save(model, str(tmp / onnx_name))
+        external = model.ByteSize() > EXTERNAL_DATA_BYTES
+        onnx.save(model, str(tmp / onnx_name), save_as_external_data=external, location=f"{onnx_name}.data")
         check_runs(tmp / onnx_name, src)
         for name in tokenizer_files(src):
             shutil.copyfile(src.path / name, tmp / name)
@@ -172,6 +176,13 @@ def tokenizer_files(src: ModelDir) -> list[str]:
     return sorted(set((tok.get("files") or {}).values()))
 
 
+def source_files(src: ModelDir) -> dict:
+    """sha256 of the source's graph and its external weights: what the quantized model came from."""
+    onnx_name = src.manifest.get("onnx", "model.onnx")
+    return {name: info["sha256"] for name, info in src.manifest["files"].items()
+            if name == onnx_name or name.startswith(f"{onnx_name}.")}
+
+
 def quantized_manifest(src: ModelDir, method: str, root: Path) -> dict:
     """The source manifest, with the quantization recorded and the new files' hashes."""
     import onnxruntime
@@ -183,7 +194,7 @@ def quantized_manifest(src: ModelDir, method: str, root: Path) -> dict:
         "method": "onnxruntime.quantize_dynamic per-channel" if method == "int8"
                   else f"onnxruntime MatMulNBits symmetric, block {INT4_BLOCK}, accuracy_level 4",
         "tied_lm_head": "transpose folded into a stored constant, then quantized",
-        "source_sha256": src.manifest["files"][src.manifest.get("onnx", "model.onnx")]["sha256"],
+        "source_files": source_files(src),
         "onnxruntime": onnxruntime.__version__,
     }
     manifest["files"] = file_records(root)

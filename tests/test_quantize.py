@@ -33,7 +33,7 @@ def test_quantized_dir_is_a_complete_model_dir(quantized, tiny_model_dir):
     md = load_model_dir(out)  # verifies every file's sha256
     src = json.loads((tiny_model_dir / MANIFEST).read_text())
     assert md.manifest["quantization"] == method and md.dtype == "fp32"  # I/O and cache stay fp32
-    assert md.manifest["quantization_config"]["source_sha256"] == src["files"]["model.onnx"]["sha256"]
+    assert md.manifest["quantization_config"]["source_files"] == {"model.onnx": src["files"]["model.onnx"]["sha256"]}
     assert md.manifest["files"]["model.onnx"]["sha256"] == sha256_file(out / "model.onnx")
     assert md.manifest["io_spec"] == src["io_spec"] and md.manifest["tokenizer"] == src["tokenizer"]
     assert not list(out.parent.glob(".*partial*"))
@@ -153,3 +153,21 @@ def test_quantize_and_evaluate_without_torch(tiny_model_dir, tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert int(r.stdout.split()[-1]) > 0
+
+
+def test_big_weights_live_beside_the_graph(tiny_ckpt, tmp_path, monkeypatch):
+    """Above EXTERNAL_DATA_BYTES, export and quantize write model.onnx.data, which ORT maps, and
+    the manifest hashes it; the quantized model records both source files."""
+    from gptexport import export, quantize as q
+
+    monkeypatch.setattr(export, "EXTERNAL_DATA_BYTES", 0)
+    monkeypatch.setattr(q, "EXTERNAL_DATA_BYTES", 0)
+    src = export.convert(tiny_ckpt, tmp_path / "fp32", progress=lambda m: None)
+    out = quantize(src, tmp_path / "int4", "int4", progress=lambda m: None)
+    for d in (src, out):
+        md = load_model_dir(d)
+        assert set(md.manifest["files"]) == {"model.onnx", "model.onnx.data"}
+    assert set(load_model_dir(out).manifest["quantization_config"]["source_files"]) == {"model.onnx", "model.onnx.data"}
+    tokens = generate(OrtRunner(load_model_dir(out)), np.array([[1, 2]]), 5, SamplingParams(0.0),
+                      np.random.default_rng(0))
+    assert tokens.shape == (1, 5)
