@@ -41,7 +41,9 @@ class BenchConfig:
     batches: tuple[int, ...] = (1, 8)
     contexts: tuple[int, ...] = (64, 900)  # decode cost after a prompt this long
     context_new_tokens: int = 32  # decode steps timed at each context
-    repeats: int = 3
+    rounds: int = 3  # every runtime once per round, round after round: drift hits them all alike
+    repeats: int = 1  # timed runs per job within a round
+    budget_s: float = 120  # a job stops repeating past this (nanoGPT at batch 8 or long contexts)
     threads: int = 2
     seed: int = 0
 
@@ -162,7 +164,7 @@ def measure(job: dict) -> dict:
     prompt = rng.integers(0, job["vocab_size"], (B, T), dtype=np.int64)
     gen(prompt, 2, lambda: None)  # warm-up: first-run allocations and lazy initialisation
     runs, start = [], time.perf_counter()
-    while len(runs) < job["repeats"] and (not runs or time.perf_counter() - start < job.get("budget_s", 120)):
+    while len(runs) < job["repeats"] and (not runs or time.perf_counter() - start < job["budget_s"]):
         runs.append(_token_times(gen, prompt, n))
     first = statistics.median(r[0] for r in runs)
     step = statistics.median((r[-1] - r[0]) / (n - 1) for r in runs)
@@ -276,9 +278,6 @@ def run_bench(model_dir: str | Path, ckpt: str | Path | None = None, config: Ben
     if bad:
         raise UsageError(f"--precision {bad[0]!r} is not one of {', '.join(PRECISIONS)}")
     work_dir = Path(work_dir) if work_dir else model_dir.parent
-    bandwidth = memory_bandwidth(config.threads)
-    progress(f"memory bandwidth ({config.threads} threads): copy {bandwidth['copy'] / 1e9:.1f} GB/s, "
-             f"read {bandwidth['read'] / 1e9:.1f} GB/s")
     dirs = precision_dirs(model_dir, precisions, work_dir)
     runtimes = [("gptexport-ort", p, str(d)) for p, d in dirs.items()]
     notes = []
@@ -290,11 +289,29 @@ def run_bench(model_dir: str | Path, ckpt: str | Path | None = None, config: Ben
             runtimes.append(("transformers", "fp32", str(ckpt)))
         else:
             notes.append("transformers skipped: not installed (pip install transformers)")
-    results = [_bench_runtime(md.config, name, weights, path, dirs.get(weights) if name == "gptexport-ort" else None,
-                              config, progress) for name, weights, path in runtimes]
+    rounds = []
+    for i in range(config.rounds):
+        progress(f"round {i + 1} of {config.rounds}")
+        bandwidth = memory_bandwidth(config.threads)
+        progress(f"memory bandwidth ({config.threads} threads): copy {bandwidth['copy'] / 1e9:.1f} GB/s, "
+                 f"read {bandwidth['read'] / 1e9:.1f} GB/s")
+        results = [_bench_runtime(md.config, name, weights, path, dirs.get(weights) if name == "gptexport-ort"
+                                  else None, config, progress) for name, weights, path in runtimes]
+        rounds.append({"memory_bandwidth_bytes_s": bandwidth, "results": [asdict(r) for r in results]})
     return {"config": asdict(config), "model": {"path": str(model_dir), **md.config.to_dict()},
-            "memory_bandwidth_bytes_s": bandwidth, "notes": notes,
-            "results": [asdict(r) for r in results], "machine": _machine()}
+            "memory_bandwidth_bytes_s": _medians([r["memory_bandwidth_bytes_s"] for r in rounds]), "notes": notes,
+            "results": [_medians([r["results"][i] for r in rounds]) for i in range(len(runtimes))],
+            "rounds": rounds, "machine": _machine()}
+
+
+def _medians(items: list):
+    """The element-wise median of equally shaped dicts of numbers (strings and None are kept)."""
+    first = items[0]
+    if isinstance(first, dict):
+        return {k: _medians([it[k] for it in items if k in it]) for k in first}
+    if isinstance(first, (int, float)) and not isinstance(first, bool):
+        return statistics.median(items)
+    return first
 
 
 def _bench_runtime(c, name: str, weights: str, path: str, onnx_dir: Path | None, config: BenchConfig,
@@ -305,7 +322,7 @@ def _bench_runtime(c, name: str, weights: str, path: str, onnx_dir: Path | None,
 
         result.weight_bytes, result.weight_bytes_per_token = weight_bytes(load_model_dir(onnx_dir, verify=False).onnx_path)
     base = {"runtime": name, "path": path, "threads": config.threads, "seed": config.seed,
-            "vocab_size": c.vocab_size, "repeats": config.repeats}
+            "vocab_size": c.vocab_size, "repeats": config.repeats, "budget_s": config.budget_s}
     for b in config.batches:
         job = {**base, "batch": b, "prompt_tokens": config.prompt_tokens, "new_tokens": config.new_tokens}
         m = run_worker(job)
@@ -421,13 +438,12 @@ def plot(report: dict, path: str | Path) -> None:
     for i, b in enumerate(batches):
         vals = [r["by_batch"].get(str(b), {}).get("decode_tok_s", 0) for r in results]
         ax1.bar(x + (i - (len(batches) - 1) / 2) * w, vals, w, label=f"batch {b}")
-    for r in results:
+    for i, r in enumerate(results):  # each precision's floor, over its own bars
         for stream, style in (("copy", ":"), ("read", "--")):
             f = floor_tok_s(report, r, stream)
             if f:
-                ax1.axhline(f, ls=style, lw=0.8, color="gray")
-                ax1.text(len(results) - 0.5, f, f"{r['weights']} floor ({stream} bandwidth, B=1)", fontsize=7,
-                         ha="right", va="bottom", color="gray")
+                ax1.hlines(f, i - 0.45, i + 0.45, ls=style, lw=1.2, color="black",
+                           label=f"bandwidth floor, B=1 ({stream})" if i == 0 else None)
     ax1.set(yscale="log", ylabel="decode tokens/s (all sequences)", title="Decode throughput")
     ax1.set_xticks(x, labels, fontsize=8)
     ax1.legend(fontsize=8)

@@ -270,20 +270,22 @@ def _read_text(path: Path) -> str:
 @click.option("--new-tokens", type=click.IntRange(min=2), default=128, show_default=True)
 @click.option("--context", "contexts", multiple=True, type=click.IntRange(min=1),
               help="Context lengths of the decode-cost test [default: 64 and 900].")
-@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True, help="Medians of this many runs.")
+@click.option("--rounds", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Every runtime once per round; medians over the rounds.")
+@click.option("--repeats", type=click.IntRange(min=1), default=1, show_default=True, help="Timed runs per round.")
 @click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True)
 @click.option("--work-dir", type=click.Path(path_type=Path), default=None,
               help="Where the int8/int4 model directories are made [default: beside OUTDIR].")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of a table.")
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None, help="Write a PNG plot.")
 def bench(model_dir: Path, ckpt: Path | None, precisions: tuple[str, ...], batches: tuple[int, ...],
-          prompt_tokens: int, new_tokens: int, contexts: tuple[int, ...], repeats: int, threads: int,
+          prompt_tokens: int, new_tokens: int, contexts: tuple[int, ...], rounds: int, repeats: int, threads: int,
           work_dir: Path | None, as_json: bool, plot_path: Path | None) -> None:
     """Benchmark OUTDIR on ONNX Runtime (fp32, int8, int4) against nanoGPT and transformers."""
     from . import bench as b
 
     config = b.BenchConfig(prompt_tokens=prompt_tokens, new_tokens=new_tokens, batches=batches or (1, 8),
-                           contexts=contexts or (64, 900), repeats=repeats, threads=threads)
+                           contexts=contexts or (64, 900), rounds=rounds, repeats=repeats, threads=threads)
     report = b.run_bench(model_dir, ckpt, config, precisions or b.PRECISIONS, work_dir,
                          progress=lambda msg: click.echo(msg, err=True))
     click.echo(json.dumps(report, indent=2) if as_json else b.table(report))

@@ -31,7 +31,8 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work-dir", type=Path, default=Path.home() / ".cache" / "gptexport-bench")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=3, help="Every runtime once per round; medians over rounds.")
+    p.add_argument("--repeats", type=int, default=1, help="Timed runs per job within a round.")
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--skip-convert", action="store_true", help="Reuse WORK_DIR/gpt2-small if it exists.")
     p.add_argument("--plot", type=Path, default=None, help="Write the PNG here (e.g. docs/bench.png).")
@@ -108,7 +109,8 @@ def main() -> None:
     converted = None
     if not (args.skip_convert and model_dir.exists()):
         converted = timed_convert(ckpt, model_dir)
-    config = bench.BenchConfig(new_tokens=args.new_tokens, repeats=args.repeats, threads=args.threads)
+    config = bench.BenchConfig(new_tokens=args.new_tokens, rounds=args.rounds, repeats=args.repeats,
+                               threads=args.threads)
     report = bench.run_bench(model_dir, ckpt, config, work_dir=work, progress=lambda m: print(m, file=sys.stderr))
     report["convert"] = converted
     if args.quality_ckpt and args.quality_text:

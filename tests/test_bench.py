@@ -50,7 +50,7 @@ def test_weight_bytes_per_token_skips_gather_only_tables(tmp_path):
 
 
 def test_worker_measures_in_its_own_process(tiny_model_dir):
-    job = {"runtime": "gptexport-ort", "path": str(tiny_model_dir), "threads": 1, "seed": 0, "repeats": 1,
+    job = {"runtime": "gptexport-ort", "path": str(tiny_model_dir), "threads": 1, "seed": 0, "repeats": 1, "budget_s": 10,
            "vocab_size": load_model_dir(tiny_model_dir).config.vocab_size, "batch": 2, "prompt_tokens": 3,
            "new_tokens": 4}
     m = bench.run_worker(job)
@@ -61,3 +61,22 @@ def test_worker_measures_in_its_own_process(tiny_model_dir):
 def test_memory_bandwidth_is_positive():
     bw = bench.memory_bandwidth(threads=2, megabytes=8, repeats=2)
     assert bw["copy"] > 0 and bw["read"] > 0
+
+
+def test_medians_of_rounds():
+    rounds = [{"a": 1.0, "b": {"x": 3}, "name": "ort", "n": None}, {"a": 5.0, "b": {"x": 1}, "name": "ort", "n": None},
+              {"a": 2.0, "b": {"x": 2}, "name": "ort", "n": None}]
+    assert bench._medians(rounds) == {"a": 2.0, "b": {"x": 2}, "name": "ort", "n": None}
+
+
+def test_run_bench_on_a_tiny_model(tiny_model_dir, tiny_ckpt, tmp_path):
+    """Every runtime, all figures present; the numbers themselves are not checked."""
+    config = bench.BenchConfig(prompt_tokens=4, new_tokens=3, batches=(2,), contexts=(4, 15), context_new_tokens=2,
+                               rounds=1, threads=1)
+    report = bench.run_bench(tiny_model_dir, tiny_ckpt, config, ("fp32",), tmp_path, progress=lambda m: None)
+    assert [r["runtime"] for r in report["results"]][:2] == ["gptexport-ort", "nanoGPT"]
+    assert set(report["memory_bandwidth_bytes_s"]) == {"copy", "read"}
+    for r in report["results"]:
+        assert set(r["by_batch"]) == {"2"} and set(r["ms_per_token_at"]) == {"4"}  # 15 + 2 > block_size 16
+        assert "beyond block_size" in r["note"]
+    assert "| gptexport-ort | fp32 |" in bench.table(report)
