@@ -54,7 +54,8 @@ def test_worker_measures_in_its_own_process(tiny_model_dir):
            "vocab_size": load_model_dir(tiny_model_dir).config.vocab_size, "batch": 2, "prompt_tokens": 3,
            "new_tokens": 4}
     m = bench.run_worker(job)
-    assert set(m) == {"prefill_tok_s", "decode_tok_s", "ttft_ms", "ms_per_token", "runs", "peak_rss_mb"}
+    assert set(m) == {"prefill_tok_s", "decode_tok_s", "ttft_ms", "ms_per_token", "runs", "peak_rss_mb", "others_cpu"}
+    assert 0 <= m["others_cpu"] <= 1
     assert 10 < m["peak_rss_mb"] < 2000
 
 
@@ -72,7 +73,7 @@ def test_medians_of_rounds():
 def test_run_bench_on_a_tiny_model(tiny_model_dir, tiny_ckpt, tmp_path):
     """Every runtime, all figures present; the numbers themselves are not checked."""
     config = bench.BenchConfig(prompt_tokens=4, new_tokens=3, batches=(2,), contexts=(4, 15), context_new_tokens=2,
-                               rounds=1, threads=1)
+                               rounds=1, threads=1, max_others=None)  # no waiting for a quiet machine in tests
     report = bench.run_bench(tiny_model_dir, tiny_ckpt, config, ("fp32",), tmp_path, progress=lambda m: None)
     assert [r["runtime"] for r in report["results"]][:2] == ["gptexport-ort", "nanoGPT"]
     assert set(report["memory_bandwidth_bytes_s"]) == {"copy", "read"}
@@ -80,3 +81,21 @@ def test_run_bench_on_a_tiny_model(tiny_model_dir, tiny_ckpt, tmp_path):
         assert set(r["by_batch"]) == {"2"} and set(r["ms_per_token_at"]) == {"4"}  # 15 + 2 > block_size 16
         assert "beyond block_size" in r["note"]
     assert "| gptexport-ort | fp32 |" in bench.table(report)
+
+
+def test_a_disturbed_job_runs_again(monkeypatch):
+    """With max_others, a job during which other processes used the CPU is rerun; without, never."""
+    clock = iter(range(0, 1000, 10))
+    monkeypatch.setattr(bench, "_cpu_seconds", lambda: (0.0, float(next(clock))))  # the machine is idle...
+    runs = []
+
+    def run_once(job):  # ...except during the first run, when others used 5 of its 10 CPU seconds
+        runs.append(job)
+        monkeypatch.setattr(bench, "_cpu_seconds", lambda: (5.0 if len(runs) == 1 else 0.0, float(next(clock))))
+        return {"decode_tok_s": float(len(runs))}, 0.0
+
+    monkeypatch.setattr(bench, "_run_once", run_once)
+    monkeypatch.setattr(bench, "_wait_for_quiet", lambda max_busy: None)
+    assert bench.run_worker({}, max_others=0.15)["decode_tok_s"] == 2.0 and len(runs) == 2
+    runs.clear()
+    assert bench.run_worker({})["others_cpu"] > 0.15 and len(runs) == 1

@@ -53,3 +53,32 @@ def test_caches_are_independent(runner):
     fresh = runner.new_cache(1, 6)
     runner.forward(np.array([[1, 2]]), fresh)
     np.testing.assert_allclose(runner.forward(np.array([[3]]), fresh), la, atol=1e-6)
+
+
+def test_decode_steps_allocate_no_arrays(tmp_path_factory):
+    """Once the first step has bound the cache, a step allocates nothing near the size of its logits.
+    tracemalloc sees numpy's allocations (not ONNX Runtime's own): a per-step copy would show."""
+    import tracemalloc
+
+    from conftest import write_tiny_checkpoint
+    from gptexport.export import convert
+
+    d = tmp_path_factory.mktemp("wide")
+    out = convert(write_tiny_checkpoint(d / "ckpt.pt", meta=False, vocab_size=8192), d / "m", progress=lambda m: None)
+    runner = OrtRunner(load_model_dir(out))
+    logits_bytes = 2 * runner.config.vocab_size * 4
+
+    def peak_of_steps(forward) -> int:
+        cache = runner.new_cache(2, 16)
+        forward(np.array([[1, 2], [3, 4]]), cache)
+        forward(np.array([[5], [6]]), cache)  # the first step binds
+        tracemalloc.start()
+        try:
+            for t in range(8):
+                forward(np.array([[t], [t + 1]]), cache)
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    assert peak_of_steps(lambda ids, c: runner.forward(ids, c).copy()) >= logits_bytes
+    assert peak_of_steps(runner.forward) < logits_bytes / 4
