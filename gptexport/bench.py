@@ -6,10 +6,11 @@ Every runtime generates greedily from the same random prompts with the same weig
   transformers   GPT2LMHeadModel.generate with its KV cache (optional: skipped when not installed)
 Each measurement runs in its own subprocess (`python -m gptexport.bench worker JOB`), so its peak
 RSS is that runtime's alone. Every token is time-stamped as it is sampled: time to first token
-(prefill), then the mean time per token of the rest (decode); repeated, medians reported. Next to them, the machine's memory
-bandwidth (a large array copy) and the decode rate it allows at most: bandwidth / the weight
-bytes read per token. Ratios within one run are the headline; absolute numbers vary by machine.
-Never imports torch itself: only the nanoGPT and transformers workers do.
+(prefill), then the mean time per token of the rest (decode). Every runtime is measured once per
+round, for several rounds; medians over the rounds are reported. Next to them, the machine's
+memory bandwidth (an array copy and an array read) and the decode rate it allows at most:
+bandwidth / the weight bytes read per token. Ratios within one run are the headline; absolute
+numbers vary by machine. Never imports torch itself: only the nanoGPT and transformers workers do.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ class Result:
     runtime: str
     weights: str
     weight_bytes: int | None = None  # every initializer, as stored
-    weight_bytes_per_token: int | None = None  # what a decode step reads (weight_bytes_per_token())
+    weight_bytes_per_token: int | None = None  # what a decode step reads (see weight_bytes())
     by_batch: dict = field(default_factory=dict)  # str(batch) -> {prefill_tok_s, decode_tok_s, ttft_ms, peak_rss_mb}
     ms_per_token_at: dict = field(default_factory=dict)  # str(context) -> decode ms per token (batch 1)
     note: str = ""
@@ -285,10 +286,6 @@ def weight_bytes(onnx_path: Path) -> tuple[int, int]:
     return total, streamed
 
 
-def weight_bytes_per_token(onnx_path: Path) -> int:
-    return weight_bytes(onnx_path)[1]
-
-
 def precision_dirs(model_dir: Path, precisions: tuple[str, ...], work_dir: Path) -> dict[str, Path]:
     """fp32 is the model directory itself; int8/int4 are quantized into work_dir once and reused."""
     from .modeldir import load_model_dir
@@ -326,14 +323,16 @@ def run_bench(model_dir: str | Path, ckpt: str | Path | None = None, config: Ben
         raise UsageError(f"--precision {bad[0]!r} is not one of {', '.join(PRECISIONS)}")
     work_dir = Path(work_dir) if work_dir else model_dir.parent
     dirs = precision_dirs(model_dir, precisions, work_dir)
-    runtimes = [("gptexport-ort", p, str(d)) for p, d in dirs.items()]
+    # (runtime, weights, path, (weight bytes, weight bytes per token) when it is an ONNX model)
+    runtimes = [("gptexport-ort", p, str(d), weight_bytes(load_model_dir(d, verify=False).onnx_path))
+                for p, d in dirs.items()]
     notes = []
     if ckpt is None:
         notes.append("nanoGPT and transformers skipped: no --ckpt given")
     else:
-        runtimes.append(("nanoGPT", "fp32", str(ckpt)))
+        runtimes.append(("nanoGPT", "fp32", str(ckpt), None))
         if _has_transformers():
-            runtimes.append(("transformers", "fp32", str(ckpt)))
+            runtimes.append(("transformers", "fp32", str(ckpt), None))
         else:
             notes.append("transformers skipped: not installed (pip install transformers)")
     rounds = []
@@ -342,8 +341,7 @@ def run_bench(model_dir: str | Path, ckpt: str | Path | None = None, config: Ben
         bandwidth = memory_bandwidth(config.threads)
         progress(f"memory bandwidth ({config.threads} threads): copy {bandwidth['copy'] / 1e9:.1f} GB/s, "
                  f"read {bandwidth['read'] / 1e9:.1f} GB/s")
-        results = [_bench_runtime(md.config, name, weights, path, dirs.get(weights) if name == "gptexport-ort"
-                                  else None, config, progress) for name, weights, path in runtimes]
+        results = [_bench_runtime(md.config, *runtime, config, progress) for runtime in runtimes]
         rounds.append({"memory_bandwidth_bytes_s": bandwidth, "results": [asdict(r) for r in results]})
     return {"config": asdict(config), "model": {"path": str(model_dir), **md.config.to_dict()},
             "memory_bandwidth_bytes_s": _medians([r["memory_bandwidth_bytes_s"] for r in rounds]), "notes": notes,
@@ -361,13 +359,9 @@ def _medians(items: list):
     return first
 
 
-def _bench_runtime(c, name: str, weights: str, path: str, onnx_dir: Path | None, config: BenchConfig,
+def _bench_runtime(c, name: str, weights: str, path: str, sizes: tuple[int, int] | None, config: BenchConfig,
                    progress: Callable[[str], None]) -> Result:
-    result = Result(name, weights)
-    if onnx_dir is not None:
-        from .modeldir import load_model_dir
-
-        result.weight_bytes, result.weight_bytes_per_token = weight_bytes(load_model_dir(onnx_dir, verify=False).onnx_path)
+    result = Result(name, weights, *(sizes or (None, None)))
     base = {"runtime": name, "path": path, "threads": config.threads, "seed": config.seed,
             "vocab_size": c.vocab_size, "repeats": config.repeats, "budget_s": config.budget_s}
     for b in config.batches:

@@ -35,9 +35,6 @@ METHODS = ("int8", "int4")
 INT4_BLOCK = 32  # weights per int4 scale: 32 keeps int4 perplexity close to fp32 on small models
 EVAL_FRACTION = 0.1  # held-out text: the last 10 %, as nanoGPT's prepare.py splits train/val
 LOGITS_BUDGET = 1 << 28  # bytes of (B, T, vocab) logits one evaluation batch may hold
-# As export.EXTERNAL_DATA_BYTES: bigger weights go to model.onnx.data, which ONNX Runtime maps
-# into memory instead of copying out of the protobuf (a lower RSS)
-EXTERNAL_DATA_BYTES = 64 * 1024**2
 
 
 def _progress(msg: str) -> None:
@@ -66,7 +63,8 @@ def quantize(src_dir: str | Path, out_dir: str | Path, method: str, *, force: bo
              f"{time.perf_counter() - t0:.1f}s)")
     with staging_dir(Path(out_dir), force) as tmp:
         onnx_name = src.manifest.get("onnx", "model.onnx")
-        external = model.ByteSize() > EXTERNAL_DATA_BYTES
+        # the source's layout: weights export put in model.onnx.data (ORT maps them) stay there
+        external = len(source_files(src)) > 1
         onnx.save(model, str(tmp / onnx_name), save_as_external_data=external, location=f"{onnx_name}.data")
         check_runs(tmp / onnx_name, src)
         for name in tokenizer_files(src):

@@ -82,3 +82,16 @@ def test_decode_steps_allocate_no_arrays(tmp_path_factory):
 
     assert peak_of_steps(lambda ids, c: runner.forward(ids, c).copy()) >= logits_bytes
     assert peak_of_steps(runner.forward) < logits_bytes / 4
+
+
+def test_a_cache_survives_the_runner_being_reactivated(tiny_model_dir):
+    runner = OrtRunner(load_model_dir(tiny_model_dir))
+    cache = runner.new_cache(1, 4)
+    runner.forward(np.array([[1, 2]]), cache)
+    before = runner.forward(np.array([[3]]), cache).copy()
+    runner.deactivate()  # a new session on the next call: the cache binds to it
+    again = runner.new_cache(1, 4)
+    runner.forward(np.array([[1, 2]]), again)
+    np.testing.assert_allclose(runner.forward(np.array([[3]]), again), before, atol=1e-6)
+    runner.deactivate()
+    assert runner.forward(np.array([[4]]), cache).shape == (1, runner.config.vocab_size)

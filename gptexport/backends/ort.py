@@ -116,9 +116,12 @@ class OrtRunner(Runner):
         try:
             outputs = self.session.run(self.spec.output_names, feeds)
         except Exception as e:  # e.g. a graph that does not match its manifest's config
-            raise GptExportError(f"{self.model_dir.onnx_path}: ONNX Runtime failed to run it "
-                                 f"({type(e).__name__}: {_first_line(e)})") from e
+            raise self.run_error(e) from e
         return dict(zip(self.spec.output_names, outputs))
+
+    def run_error(self, e: Exception) -> GptExportError:
+        return GptExportError(f"{self.model_dir.onnx_path}: ONNX Runtime failed to run it "
+                              f"({type(e).__name__}: {_first_line(e)})")
 
 
 class OrtCache(HostCache):
@@ -130,7 +133,7 @@ class OrtCache(HostCache):
     def __init__(self, runner: OrtRunner, batch: int, capacity: int):
         super().__init__(runner.spec, runner.config, batch, capacity, runner.cache_dtype())
         self.runner = runner
-        self.binding, self.session = None, None  # bound on the first decode step, to the live session
+        self.session = None  # the session the binding belongs to; bound on the first decode step
 
     def _bind(self) -> None:
         ort, c, spec, B = _import_ort(), self.runner.config, self.runner.spec, self.batch
@@ -156,15 +159,15 @@ class OrtCache(HostCache):
         """Run one token per sequence after the cached ones; (B, V) logits, a view reused next step."""
         if self.length >= self.capacity:
             raise GptExportError(f"KV cache overflow: {self.length + 1} positions, capacity {self.capacity}")
-        if self.session is not self.runner.session:  # first step, or the runner was re-activated
+        if self.session is None or self.session is not self.runner.session:  # first step, or re-activated
+            self.runner.activate()
             self._bind()
         self.input_ids[...] = input_ids
         self.past_length[0] = self.length  # the buffers are read whole; slots from here on are masked
         try:
             self.session.run_with_iobinding(self.binding)
         except Exception as e:
-            raise GptExportError(f"{self.runner.model_dir.onnx_path}: ONNX Runtime failed to run it "
-                                 f"({type(e).__name__}: {_first_line(e)})") from e
+            raise self.runner.run_error(e) from e
         self.append(self.new, 1)
         return self.logits[:, 0]
 
