@@ -82,7 +82,7 @@ def parse_request(inputs: dict[str, np.ndarray], parameters: dict, tokenizer, vo
                          else "give input_ids: this model has no tokenizer")
     prompt_ids = _encode(text, tokenizer) if text is not None else _token_ids(ids, vocab_size)
 
-    max_tokens = _scalar(inputs, "max_tokens", int, CLI_DEFAULTS.max_new_tokens)
+    max_tokens = _scalar(inputs, "max_tokens", int, min(CLI_DEFAULTS.max_new_tokens, max_tokens_limit))
     if not 1 <= max_tokens <= max_tokens_limit:
         raise UsageError(f"max_tokens must be in 1..{max_tokens_limit} (this model's limit), got {max_tokens}")
     temperature = _scalar(inputs, "temperature", float, CLI_DEFAULTS.temperature)
