@@ -15,14 +15,33 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import traceback
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 from ..errors import GptExportError, UsageError
 from .protocol import response_tensors
 from .session import ServedModel, cpu_threads, open_served_model
+
+
+CANCEL_CHECK_S = 0.02  # is_cancelled() asks the server (IPC): once per token would cost more than a token
+
+
+def _at_most_every(seconds: float, check: Callable[[], bool]) -> Callable[[], bool]:
+    """`check`, called at most once per `seconds`; False in between."""
+    last = [time.monotonic()]
+
+    def throttled() -> bool:
+        now = time.monotonic()
+        if now - last[0] < seconds:
+            return False
+        last[0] = now
+        return check()
+
+    return throttled
 
 
 class TritonPythonModel:
@@ -78,7 +97,7 @@ class TritonPythonModel:
             if req.stream:
                 sender.send(self._response(response_tensors(ids, text, n_in, sent[0])))
 
-        outcome = self.model.run(req, emit, cancelled=sender.is_cancelled,
+        outcome = self.model.run(req, emit, cancelled=_at_most_every(CANCEL_CHECK_S, sender.is_cancelled),
                                  notice=lambda msg: self.log.log_info(f"gptexport: {msg}"))
         if outcome.finish == "cancelled":
             self.log.log_info(f"gptexport: request {request.request_id()!r} cancelled by the client after "
