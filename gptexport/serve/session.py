@@ -60,8 +60,14 @@ def open_served_model(path: str | Path, backend: str, max_tokens_limit: int, thr
 
 
 def cpu_threads(instances: int) -> int:
-    """CPU threads for each of `instances` model instances: the cores this process may use, shared."""
-    return max(1, len(os.sched_getaffinity(0)) // max(1, instances))
+    """CPU threads for each of `instances` model instances: the cores this process may use, less one
+    for Triton's own threads (HTTP/gRPC, responses from the stubs), shared among the instances.
+
+    ONNX Runtime's threads spin while they wait; given every core they starve the server: on 2
+    cores one instance with 2 threads served 16 streaming clients at 880 tok/s, with 1 thread at
+    1428 (scripts/serve_load.py, shipped model).
+    """
+    return max(1, (len(os.sched_getaffinity(0)) - 1) // max(1, instances))
 
 
 def run_request(runner: Runner, tokenizer, request: ServeRequest, emit: Emit,
