@@ -113,14 +113,16 @@ checked against their sha256 when the model loads, and a `model.py` that imports
 ## Start it
 
 With gptexport installed (`pip install 'gptexport[serve]'`, then `pip install --no-deps
-nvidia-pytriton==0.7.0` for a tritonserver):
+nvidia-pytriton==0.7.0` for a tritonserver; where the environment has numpy 2, its stub needs
+numpy 1.26 of its own: `gptexport serve` prints the one pip command for it):
 
     gptexport serve {out}
 
-Or in NVIDIA's Triton container, whose Python backend uses the container's Python:
+Or in NVIDIA's Triton container, whose Python backend uses the container's Python (24.10's was
+built for numpy 1.x, hence the pin; a later release may not need it):
 
     docker run --rm -p 8000:8000 -p 8001:8001 -v $PWD:/models nvcr.io/nvidia/tritonserver:24.10-py3 \\
-        bash -c "pip install gptexport && tritonserver --model-repository=/models"
+        bash -c "pip install gptexport 'numpy<2' && tritonserver --model-repository=/models"
 
 ## Ask it
 
