@@ -293,5 +293,49 @@ def bench(model_dir: Path, ckpt: Path | None, precisions: tuple[str, ...], batch
         b.plot(report, plot_path)
 
 
+@main.command()
+@click.argument("model_dir", type=click.Path(path_type=Path), metavar="OUTDIR")
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(path_type=Path),
+              help="Model repository to write.")
+@click.option("--name", default=None, help="Model name in the repository [default: OUTDIR's folder name].")
+@click.option("--instances", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Model instances: requests served at once (the rest queue).")
+@click.option("--backend", type=click.Choice(["onnxruntime", "ort-cuda", "tensorrt"]), default="onnxruntime",
+              show_default=True, help="Runner of each instance; ort-cuda and tensorrt run on GPU instances.")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=1024, show_default=True,
+              help="The largest max_tokens a request may ask for.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+def triton(model_dir: Path, out_dir: Path, name: str | None, instances: int, backend: str, max_tokens: int,
+           force: bool) -> None:
+    """Write a Triton Inference Server model repository that serves OUTDIR (streaming, decoupled).
+
+    The model is a Python-backend model running gptexport's own runtime, with TensorRT-LLM's
+    tensor names (text_input, max_tokens, temperature, top_k, top_p, seed, stream, stop_words ->
+    text_output); OUTDIR's files are copied into it. Start it with `gptexport serve OUT`.
+    """
+    from .serve.repository import write_repository
+
+    write_repository(model_dir, out_dir, name, instances, backend, max_tokens, force)
+    click.echo(f"wrote {out_dir}: start it with `gptexport serve {out_dir}`")
+
+
+@main.command()
+@click.argument("path", type=click.Path(path_type=Path), metavar="REPO|OUTDIR")
+@click.option("--http-port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--grpc-port", type=click.IntRange(0, 65535), default=8001, show_default=True)
+@click.option("--address", default="127.0.0.1", show_default=True, help="Address the server listens on.")
+@click.option("--verbose", is_flag=True, help="Show tritonserver's log.")
+def serve(path: Path, http_port: int, grpc_port: int, address: str, verbose: bool) -> None:
+    """Run a real tritonserver on a repository from `gptexport triton` (or on OUTDIR) until Ctrl-C.
+
+    Uses the tritonserver on the PATH, else the one in the nvidia-pytriton wheel (see
+    docs/serving.md for the install).
+    """
+    from .serve.server import serve as run_serve
+
+    echo = (lambda line: click.echo(line, err=True)) if verbose else None
+    run_serve(path, http_port, grpc_port, address, echo, say=lambda msg: click.echo(msg, err=True))
+
+
 if __name__ == "__main__":
     main()

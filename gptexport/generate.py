@@ -26,11 +26,13 @@ def crop_notice(prompt_len: int, block_size: int) -> str:
 
 
 def generate(runner: Runner, prompt: np.ndarray, max_new_tokens: int, params: SamplingParams,
-             rng: np.random.Generator, on_token: Callable[[np.ndarray], None] | None = None,
+             rng: np.random.Generator, on_token: Callable[[np.ndarray], bool | None] | None = None,
              notice: Callable[[str], None] | None = None) -> np.ndarray:
     """Sample `max_new_tokens` after each row of `prompt` (B, T) -> (B, max_new_tokens) int64.
 
-    `on_token` is called with each step's (B,) tokens as soon as they are sampled (streaming).
+    `on_token` is called with each step's (B,) tokens as soon as they are sampled (streaming); if
+    it returns True (a stop word was completed, the client went away), generation ends there and
+    the result holds the tokens sampled so far, (B, steps).
     """
     prompt = np.asarray(prompt, dtype=np.int64)
     if prompt.ndim != 2 or prompt.shape[1] == 0:
@@ -51,8 +53,8 @@ def generate(runner: Runner, prompt: np.ndarray, max_new_tokens: int, params: Sa
         check_finite(logits, runner.name)
         token = next_token(logits, params, rng)
         out[:, step] = token
-        if on_token is not None:
-            on_token(token)
+        if on_token is not None and on_token(token):
+            return out[:, :step + 1]
         if step == max_new_tokens - 1:
             break
         context.append(token)

@@ -1,0 +1,10 @@
+"""Serving on NVIDIA Triton Inference Server.
+
+protocol.py   the request/response tensors (TensorRT-LLM's names) and their validation
+session.py    one request's generation: per-request seed, stop words, cancellation, text deltas
+model.py      the Python-backend model (TritonPythonModel) that a repository's model.py imports
+repository.py `gptexport triton`: a model directory -> a self-contained Triton model repository
+server.py     `gptexport serve`: finds and runs a real tritonserver on a repository
+
+Nothing here imports torch.
+"""

@@ -1,0 +1,146 @@
+"""Load on a real tritonserver: requests/s, tokens/s and time to first token under concurrent streams.
+
+    python scripts/serve_load.py out/shakespeare --instances 1 2 --concurrency 1 4 16
+
+For each --instances value it writes a repository (`gptexport triton`), starts a tritonserver on
+127.0.0.1 (`gptexport serve`'s TritonServer), warms it up, then for each --concurrency value runs
+that many clients, each streaming --requests requests back to back over HTTP generate_stream
+(different seeds, --max-tokens tokens each, no stop word, so every request makes exactly that
+many tokens). TTFT is from sending the request to its first SSE event. The baseline, measured in
+the same run, is one in-process `generate()` on this machine (the work of `gptexport generate`):
+the ratios say what the server layer costs or gains. The load average is printed before and
+after: other processes on the machine move every number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from gptexport.backends import open_runner
+from gptexport.generate import generate
+from gptexport.modeldir import load_model_dir
+from gptexport.sampling import SamplingParams
+from gptexport.serve.repository import write_repository
+from gptexport.serve.server import TritonServer
+from gptexport.serve.session import cpu_threads
+
+PROMPT = "ROMEO:"
+
+
+def stream_once(port: int, model: str, max_tokens: int, seed: int) -> tuple[float, int, float]:
+    """One streamed request: (ttft s, tokens, total s)."""
+    body = json.dumps({"text_input": PROMPT, "max_tokens": max_tokens, "seed": seed, "stream": True})
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    start = time.perf_counter()
+    conn.request("POST", f"/v2/models/{model}/generate_stream", body)
+    resp = conn.getresponse()
+    ttft, tokens = None, 0
+    while line := resp.readline():
+        if line.startswith(b"data: "):
+            event = json.loads(line[6:])
+            if "error" in event:
+                raise RuntimeError(event["error"])
+            ttft = ttft if ttft is not None else time.perf_counter() - start
+            tokens = event["num_output_tokens"]
+    conn.close()
+    return ttft, tokens, time.perf_counter() - start
+
+
+def run_clients(port: int, model: str, clients: int, requests: int, max_tokens: int) -> dict:
+    results, errors = [], []
+
+    def client(i: int) -> None:
+        try:
+            for r in range(requests):
+                results.append(stream_once(port, model, max_tokens, seed=1000 * i + r))
+        except Exception as e:  # reported below; a load run must not hang on one failure
+            errors.append(e)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(600)
+    wall = time.perf_counter() - start
+    if errors or any(t.is_alive() for t in threads):
+        raise SystemExit(f"load run failed: {errors[:1] or 'a client did not finish'}")
+    ttfts = sorted(r[0] for r in results)
+    return {"requests": len(results), "tokens": sum(r[1] for r in results), "wall_s": wall,
+            "req_s": len(results) / wall, "tok_s": sum(r[1] for r in results) / wall,
+            "ttft_p50_ms": 1000 * statistics.median(ttfts),
+            "ttft_p99_ms": 1000 * float(np.percentile(ttfts, 99))}
+
+
+def in_process_baseline(model_dir: Path, max_tokens: int, repeats: int = 15) -> float:
+    """Tokens/s of one generate() in this process with the runner of one served instance (its
+    threads), the sampling of a request's defaults: what a request costs without the server."""
+    md = load_model_dir(model_dir)
+    prompt = np.array([md.tokenizer().encode(PROMPT)])
+    params = SamplingParams(0.8, 200, None)
+    with open_runner("onnxruntime", md, threads=cpu_threads(1)) as runner:
+        generate(runner, prompt, max_tokens, params, np.random.default_rng(0))  # warm-up
+        times = []
+        for i in range(repeats):
+            t = time.perf_counter()
+            generate(runner, prompt, max_tokens, params, np.random.default_rng(i))
+            times.append(time.perf_counter() - t)
+    return max_tokens / statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model_dir", type=Path)
+    ap.add_argument("--instances", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    ap.add_argument("--requests", type=int, default=4, help="requests per client")
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    args = ap.parse_args()
+
+    load_before = os.getloadavg()
+    baseline = in_process_baseline(args.model_dir, args.max_tokens)
+    print(f"load average before: {load_before[0]:.2f} (1 min), {len(os.sched_getaffinity(0))} cores; "
+          f"in-process generate(): {baseline:.0f} tok/s", file=sys.stderr)
+    rows = []
+    for instances in args.instances:
+        with tempfile.TemporaryDirectory(prefix="serve-load-") as tmp:
+            repo = write_repository(args.model_dir, Path(tmp) / "repo", name="m", instances=instances)
+            with TritonServer(repo, http_port=18700, grpc_port=18701) as server:
+                run_clients(server.http_port, "m", instances, 1, args.max_tokens)  # warm-up
+                for clients in args.concurrency:
+                    row = {"instances": instances, "clients": clients,
+                           **run_clients(server.http_port, "m", clients, args.requests, args.max_tokens)}
+                    rows.append(row)
+                    print(f"instances {instances} clients {clients}: {row['req_s']:.2f} req/s, "
+                          f"{row['tok_s']:.0f} tok/s", file=sys.stderr)
+    load_after = os.getloadavg()
+    baseline_after = in_process_baseline(args.model_dir, args.max_tokens)  # the machine may have changed
+    for row in rows:
+        row["x_in_process"] = row["tok_s"] / ((baseline + baseline_after) / 2)
+    print(f"| instances | clients | requests | req/s | tok/s | × in-process | TTFT p50 ms | TTFT p99 ms |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['instances']} | {r['clients']} | {r['requests']} | {r['req_s']:.2f} | {r['tok_s']:.0f} | "
+              f"{r['x_in_process']:.2f}× | {r['ttft_p50_ms']:.1f} | {r['ttft_p99_ms']:.1f} |")
+    print(f"\nbaseline: in-process generate() {baseline:.0f} tok/s before, {baseline_after:.0f} after "
+          f"({args.max_tokens} tokens, prompt {PROMPT!r}, {cpu_threads(1)} thread(s)); "
+          f"load average 1 min: {load_before[0]:.2f} before, {load_after[0]:.2f} after")
+    if args.json:
+        args.json.write_text(json.dumps({"baseline_tok_s": [baseline, baseline_after], "load": [load_before, load_after],
+                                         "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
