@@ -23,6 +23,7 @@ from pathlib import Path
 from .config import GPTConfig, IOSpec
 from .errors import ModelDirError, UsageError
 from .modeldir import MANIFEST, ModelDir, load_model_dir
+from .profiles import profile_problems, profile_shapes
 
 # Opsets each major version's parser reads. 10.0 reads 9..20, 10.15 9..24: 20 holds for every
 # 10.x. 11.x: 9..25 (TensorRT's ONNX opset guide).
@@ -133,8 +134,6 @@ def check_model_dir(md: ModelDir, target: str = "10", max_batch: int = 1, opt_se
 
 
 def _dir_args(md: ModelDir, target: str, max_batch: int, opt_seq: int | None):
-    from .engine import profile_shapes
-
     return md.onnx_path, target, md.config, md.spec, profile_shapes(md.config, md.spec, max_batch, opt_seq)
 
 
@@ -389,8 +388,6 @@ def _graph_dims(value) -> list:
 
 def profile_findings(graph, spec: IOSpec, profs: list, config: GPTConfig) -> list[Finding]:
     """Every dynamic dim of every input must have a range in every profile, fixed dims must match."""
-    from .engine import profile_problems
-
     findings = [Finding("profiles", "profile", p) for p in profile_problems(config, spec, profs)]
     initializers = {t.name for t in graph.initializer}
     for value in graph.input:

@@ -10,7 +10,7 @@ from onnx import TensorProto, helper
 
 from gptexport.check import MAX_ELEMENTS, OPS, check_model_dir, check_onnx, check_path
 from gptexport.cli import main
-from gptexport.engine import ProfileShapes, profile_shapes
+from gptexport.profiles import ProfileShapes, profile_shapes
 from gptexport.modeldir import load_model_dir
 
 SHIPPED = Path(__file__).resolve().parent.parent / "models" / "shakespeare-char" / "ckpt.pt"

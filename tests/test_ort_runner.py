@@ -1,12 +1,18 @@
-"""OrtRunner's decode step through an IOBinding bound to the cache: same numbers as session.run."""
+"""OrtRunner's pointer-binding path (the code ort-cuda runs, here on the host memory core and the
+CPU provider) against plain session.run: logits, cache contents and tokens, step for step."""
+
+import gc
 
 import numpy as np
 import pytest
 
 from gptexport.backends.base import HostCache, Runner
-from gptexport.backends.ort import OrtCache, OrtRunner
+from gptexport.backends.kvcache import DeviceCache, Slot, SlotPool
+from gptexport.backends.ort import OrtRunner, graph_capacity
 from gptexport.errors import GptExportError
+from gptexport.generate import generate
 from gptexport.modeldir import load_model_dir
+from gptexport.sampling import SamplingParams
 
 
 @pytest.fixture(scope="module")
@@ -15,30 +21,60 @@ def runner(tiny_model_dir):
         yield r
 
 
-def _plain_forward(runner, ids, cache):
-    return Runner.forward(runner, ids, cache)  # session.run with numpy feeds, no binding
+class SessionRun(Runner):
+    """The same session through Runner.forward: numpy feeds to session.run, the cache in HostCache."""
+
+    def __init__(self, ort_runner: OrtRunner):
+        self.inner, self.config, self.spec, self.name = ort_runner, ort_runner.config, ort_runner.spec, "session.run"
+
+    def infer(self, feeds):
+        return self.inner.infer(feeds)
+
+
+class PooledRunner(OrtRunner):
+    """The CPU runner with its cache slots pooled by (batch, capacity), as ort-cuda pools them for its
+    CUDA graphs: a slot (and the addresses a graph was captured with) serves generation after generation."""
+
+    def activate(self):
+        if self.session is None:
+            super().activate()
+            self._pool = SlotPool()
 
 
 def test_bound_decode_matches_session_run(runner):
     rng = np.random.default_rng(0)
     prompt = rng.integers(0, runner.config.vocab_size, (2, 5))
     bound, plain = runner.new_cache(2, 12), HostCache(runner.spec, runner.config, 2, 12)
-    assert isinstance(bound, OrtCache)
-    np.testing.assert_array_equal(runner.forward(prompt, bound), _plain_forward(runner, prompt, plain))
+    assert isinstance(bound, DeviceCache) and runner.memory.ort_device == "cpu"
+    np.testing.assert_array_equal(runner.forward(prompt, bound), SessionRun(runner).forward(prompt, plain))
     for _ in range(7):
         token = rng.integers(0, runner.config.vocab_size, (2, 1))
-        np.testing.assert_allclose(runner.forward(token, bound), _plain_forward(runner, token, plain), atol=1e-6)
+        np.testing.assert_array_equal(runner.forward(token, bound), SessionRun(runner).forward(token, plain))
     assert bound.length == plain.length == 12
-    for name in plain.buffers:
-        np.testing.assert_allclose(bound.buffers[name], plain.buffers[name], atol=1e-6, err_msg=name)
+    for name in plain.buffers:  # the cache the strided copies built is the one HostCache built
+        np.testing.assert_array_equal(bound.read(name), plain.buffers[name], err_msg=name)
+
+
+@pytest.mark.parametrize("params", [SamplingParams(0.0), SamplingParams(0.8, top_k=20), SamplingParams(1.3, top_p=0.9)],
+                         ids=["greedy", "top-k", "top-p"])
+def test_generation_is_token_for_token_session_run(runner, params):
+    """Batch 3, a 5-token prompt and 30 new tokens: past block_size 16 the window slides and the
+    cache is rebuilt by a prefill every step; seeded sampling draws the same numbers on both sides."""
+    prompt = np.random.default_rng(1).integers(0, runner.config.vocab_size, (3, 5))
+    got = generate(runner, prompt, 30, params, np.random.default_rng(7))
+    want = generate(SessionRun(runner), prompt, 30, params, np.random.default_rng(7))
+    np.testing.assert_array_equal(got, want)
+    assert prompt.shape[1] + got.shape[1] > runner.config.block_size
 
 
 def test_decode_reuses_its_buffers_and_stops_at_capacity(runner):
     cache = runner.new_cache(1, 3)
-    runner.forward(np.array([[1]]), cache)  # a 1-token prompt from an empty cache goes through the binding
+    runner.forward(np.array([[1]]), cache)  # a 1-token prompt from an empty cache goes through the decode binding
     first = runner.forward(np.array([[2]]), cache)
+    addresses = dict(cache.slot.decode.addresses)
     second = runner.forward(np.array([[3]]), cache)
     assert np.shares_memory(first, second) and cache.length == 3  # written in place: no per-step arrays
+    assert cache.slot.decode.addresses == addresses  # fixed addresses, as a CUDA graph replays them
     with pytest.raises(GptExportError, match="overflow"):
         runner.forward(np.array([[4]]), cache)
 
@@ -52,7 +88,51 @@ def test_caches_are_independent(runner):
     runner.forward(np.array([[8]]), b)
     fresh = runner.new_cache(1, 6)
     runner.forward(np.array([[1, 2]]), fresh)
-    np.testing.assert_allclose(runner.forward(np.array([[3]]), fresh), la, atol=1e-6)
+    np.testing.assert_array_equal(runner.forward(np.array([[3]]), fresh), la)
+
+
+def test_pooled_slots_serve_the_next_generation_at_the_same_addresses(tiny_model_dir):
+    """A pooled slot comes back (when its cache is dropped) with the previous generation's keys and
+    values still in it; they are masked, so the next generation's tokens equal a fresh runner's."""
+    md = load_model_dir(tiny_model_dir)
+    pooled, plain = PooledRunner(md), OrtRunner(md)
+    prompts = np.random.default_rng(2).integers(0, md.config.vocab_size, (2, 2, 4))
+    greedy = SamplingParams(0.0)
+    generate(pooled, prompts[0], 9, greedy, np.random.default_rng(0))
+    cache = pooled.new_cache(2, 13)
+    slot, addresses = cache.slot, dict(cache.slot.decode.addresses)
+    assert slot.capacity == graph_capacity(13, md.config.block_size) == 16  # min(64, block_size)
+    assert slot.graph_id >= 1  # ONNX Runtime's gpu_graph_id 0 is its default: never a slot's
+    del cache
+    gc.collect()
+    got = generate(pooled, prompts[1], 9, greedy, np.random.default_rng(0))
+    again = pooled.new_cache(2, 13)
+    assert again.slot is slot and again.slot.decode.addresses == addresses
+    np.testing.assert_array_equal(got, generate(plain, prompts[1], 9, greedy, np.random.default_rng(0)))
+    pooled.deactivate()  # frees every slot; the live handle's buffers are gone with them
+    assert not slot.past and not pooled.memory.sizes.keys() & set(addresses.values())
+
+
+def test_slot_pool_hands_out_one_slot_per_cache():
+    made = []
+    pool = SlotPool()
+
+    class Fake:  # a slot stand-in: the pool only reads batch and capacity
+        def __init__(self, gid):
+            self.batch, self.capacity, self.graph_id = 1, 8, gid
+            made.append(self)
+
+        def free(self):
+            self.freed = True
+
+    a, b = pool.take((1, 8), Fake), pool.take((1, 8), Fake)
+    assert a is not b and (a.graph_id, b.graph_id) == (1, 2)
+    pool.give(a)
+    assert pool.take((1, 8), Fake) is a and len(made) == 2
+    pool.close()
+    assert all(s.freed for s in made)
+    pool.give(b)  # after close, a returned slot is not kept
+    assert pool.take((1, 8), Fake) is not b
 
 
 def test_decode_steps_allocate_no_arrays(tmp_path_factory):
@@ -85,6 +165,8 @@ def test_decode_steps_allocate_no_arrays(tmp_path_factory):
 
 
 def test_a_cache_survives_the_runner_being_reactivated(tiny_model_dir):
+    """Host buffers outlive a session: a cache rebinds to the new one (device buffers do not: see
+    test_pooled_slots...)."""
     runner = OrtRunner(load_model_dir(tiny_model_dir))
     cache = runner.new_cache(1, 4)
     runner.forward(np.array([[1, 2]]), cache)
@@ -92,6 +174,32 @@ def test_a_cache_survives_the_runner_being_reactivated(tiny_model_dir):
     runner.deactivate()  # a new session on the next call: the cache binds to it
     again = runner.new_cache(1, 4)
     runner.forward(np.array([[1, 2]]), again)
-    np.testing.assert_allclose(runner.forward(np.array([[3]]), again), before, atol=1e-6)
+    np.testing.assert_array_equal(runner.forward(np.array([[3]]), again), before)
     runner.deactivate()
     assert runner.forward(np.array([[4]]), cache).shape == (1, runner.config.vocab_size)
+
+
+def test_host_memory_refuses_what_device_memory_would_corrupt():
+    """The host twin checks every access against its allocations, as a GPU cannot."""
+    from gptexport.backends.device import HostMemory
+    from gptexport.backends.kvcache import Copy2D
+
+    memory = HostMemory()
+    a, b = memory.allocate(64), memory.allocate(64)
+    assert a % 256 == 0 and b % 256 == 0  # aligned as cudaMalloc's
+    memory.upload(a, np.arange(16, dtype=np.float32))
+    memory.copy2d(b, a, Copy2D(dst_offset=16, dpitch=32, spitch=16, width=16, height=2))
+    got = np.empty(16, np.float32)
+    memory.download(got, b)
+    assert got[4:8].tolist() == [0, 1, 2, 3] and got[12:16].tolist() == [4, 5, 6, 7]
+    with pytest.raises(GptExportError, match="outside a buffer"):
+        memory.upload(a, np.zeros(17, np.float32))
+    with pytest.raises(GptExportError, match="outside a buffer"):
+        memory.copy2d(b, a, Copy2D(dst_offset=40, dpitch=32, spitch=16, width=16, height=2))
+    with pytest.raises(GptExportError, match="not a buffer"):
+        memory.download(got, a + 4)
+    with pytest.raises(GptExportError, match="C-contiguous"):
+        memory.upload(a, np.zeros((4, 4), np.float32)[:, :2])
+    memory.free(a)
+    with pytest.raises(GptExportError, match="not a buffer"):
+        memory.zero(a, 4)
