@@ -5,7 +5,9 @@ Checks, without TensorRT or a GPU, what `gptexport build` would otherwise find o
   tensors in the dtypes that table lists and the restrictions it states that apply to our graphs;
 - the model's opset is one the parser reads;
 - every dynamic dim of every input has a range in the optimization profiles `build` would use;
-- weights are of types TensorRT takes and within its per-tensor element limit.
+- weights are of types TensorRT takes and within its per-tensor element limit;
+- no shape computation reads the values of past_length or logit_positions (shapeflow.py), so a
+  CUDA graph may replay decode steps (ONNX Runtime's CUDA provider and TensorRT alike).
 It returns findings, one per offending node (or input, or initializer); none means buildable as
 far as a static check can tell.
 
@@ -24,6 +26,10 @@ from .config import GPTConfig, IOSpec
 from .errors import ModelDirError, UsageError
 from .modeldir import MANIFEST, ModelDir, load_model_dir
 from .profiles import profile_problems, profile_shapes
+from .shapeflow import shape_reads
+
+# inputs that change every decode step: their values must reach device kernels only (shapeflow.py)
+STEP_VALUES = ("past_length", "logit_positions")
 
 # Opsets each major version's parser reads. 10.0 reads 9..20, 10.15 9..24: 20 holds for every
 # 10.x. 11.x: 9..25 (TensorRT's ONNX opset guide).
@@ -169,6 +175,7 @@ def check_onnx(path: Path, target: str = "10", config: GPTConfig | None = None, 
     findings += graph_findings(model.graph, OPS[target], opset or OPSETS[target][1])
     findings += io_findings(model.graph)
     findings += initializer_findings(model.graph)
+    findings += [Finding(r.node, r.op_type, str(r)) for r in shape_reads(model.graph, STEP_VALUES)]
     if profs is not None:
         findings += profile_findings(model.graph, spec, profs, config)
     else:

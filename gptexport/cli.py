@@ -221,7 +221,8 @@ def check(path: Path, target: str, trt_version: str, max_batch: int, opt_seq: in
                              f"{trt_version}.x (listed above)")
     profiles = "every dynamic dim has a profile range" if report.profiles_checked else "profiles not checked"
     click.echo(f"ok: {report.onnx_path}: {report.nodes} nodes, {report.op_types} op types, opset {report.opset}: "
-               f"TensorRT {trt_version}.x's ONNX parser takes them; {profiles}")
+               f"TensorRT {trt_version}.x's ONNX parser takes them; {profiles}; no shape reads the value of "
+               f"past_length or logit_positions (decode may run in a CUDA graph)")
 
 
 
