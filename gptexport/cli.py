@@ -270,8 +270,14 @@ def _read_text(path: Path) -> str:
 @click.argument("model_dir", type=click.Path(path_type=Path), metavar="OUTDIR")
 @click.option("--ckpt", type=click.Path(path_type=Path), default=None,
               help="The checkpoint OUTDIR was converted from: adds the nanoGPT and transformers baselines.")
+@click.option("--backend", "backends", multiple=True,
+              type=click.Choice(["onnxruntime", "ort-cuda", "ort-tensorrt", "tensorrt"]),
+              help="Backends to time; repeatable [default: onnxruntime]. A GPU backend runs OUTDIR in its own dtype "
+                   "and adds transformers on the same GPU when torch has CUDA.")
+@click.option("--cuda-graphs", type=click.Choice(["on", "off", "both"]), default="on", show_default=True,
+              help="GPU backends: decode with CUDA graphs, without, or both in the same run.")
 @click.option("--precision", "precisions", multiple=True, type=click.Choice(["fp32", "int8", "int4"]),
-              help="Precisions of our runtime; repeatable [default: all three].")
+              help="Precisions of the onnxruntime (CPU) rows; repeatable [default: all three].")
 @click.option("--batch", "batches", multiple=True, type=click.IntRange(min=1), help="Batch sizes [default: 1 and 8].")
 @click.option("--prompt-tokens", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--new-tokens", type=click.IntRange(min=2), default=128, show_default=True)
@@ -285,14 +291,17 @@ def _read_text(path: Path) -> str:
               help="Where the int8/int4 model directories are made [default: beside OUTDIR].")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of a table.")
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None, help="Write a PNG plot.")
-def bench(model_dir: Path, ckpt: Path | None, precisions: tuple[str, ...], batches: tuple[int, ...],
+def bench(model_dir: Path, ckpt: Path | None, backends: tuple[str, ...], cuda_graphs: str,
+          precisions: tuple[str, ...], batches: tuple[int, ...],
           prompt_tokens: int, new_tokens: int, contexts: tuple[int, ...], rounds: int, repeats: int, threads: int,
           work_dir: Path | None, as_json: bool, plot_path: Path | None) -> None:
-    """Benchmark OUTDIR on ONNX Runtime (fp32, int8, int4) against nanoGPT and transformers."""
+    """Benchmark OUTDIR on ONNX Runtime (fp32, int8, int4) or GPU backends against nanoGPT and transformers."""
     from . import bench as b
 
+    graphs = {"on": (True,), "off": (False,), "both": (True, False)}[cuda_graphs]
     config = b.BenchConfig(prompt_tokens=prompt_tokens, new_tokens=new_tokens, batches=batches or (1, 8),
-                           contexts=contexts or (64, 900), rounds=rounds, repeats=repeats, threads=threads)
+                           contexts=contexts or (64, 900), rounds=rounds, repeats=repeats, threads=threads,
+                           backends=backends or ("onnxruntime",), cuda_graphs=graphs)
     report = b.run_bench(model_dir, ckpt, config, precisions or b.PRECISIONS, work_dir,
                          progress=lambda msg: click.echo(msg, err=True))
     click.echo(json.dumps(report, indent=2) if as_json else b.table(report))
