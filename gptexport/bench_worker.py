@@ -6,7 +6,8 @@ time to first token (prefill), then the mean time per token of the rest (decode)
 
 Runtimes:
   gptexport-ort, gptexport-ort-cuda, gptexport-ort-tensorrt, gptexport-tensorrt
-                 the model directory on that backend (`cuda_graphs` false: decode without CUDA graphs)
+                 the model directory on that backend (`cuda_graphs` false: decode without CUDA graphs;
+                 `binding` "pointer": the CPU provider through the memory core, see backends/ort.py)
   nanoGPT        gptexport.model.GPT.generate: nanoGPT's loop, a full forward per new token (CPU)
   transformers   GPT2LMHeadModel.generate with its KV cache, on the job's `device` ("cpu" or "cuda",
                  there in the model directory's dtype: fp32 or fp16), in PyTorch's eager mode
@@ -44,7 +45,7 @@ def gptexport_generator(job: dict) -> Generator:
     from .sampling import SamplingParams
 
     runner = open_runner(BACKEND_OF[job["runtime"]], load_model_dir(job["path"], verify=False), job["threads"],
-                         cuda_graphs=job.get("cuda_graphs"))
+                         cuda_graphs=job.get("cuda_graphs"), binding=job.get("binding"))
     runner.activate()
     greedy, rng = SamplingParams(0.0), np.random.default_rng(0)
     return lambda prompt, n, stamp: generate(runner, prompt, n, greedy, rng, on_token=lambda t: stamp())

@@ -1,5 +1,9 @@
-"""OrtRunner's pointer-binding path (the code ort-cuda runs, here on the host memory core and the
-CPU provider) against plain session.run: logits, cache contents and tokens, step for step."""
+"""OrtRunner's two decode bindings against plain session.run: logits, cache contents and tokens.
+
+binding "pointer" is the code ort-cuda runs (device pointers into a memory core, here the host one,
+bound as device "cpu" on the CPU provider); "ortvalue" is the CPU provider's default (OrtValues
+sharing numpy arrays). Both must give session.run's numbers, step for step.
+"""
 
 import gc
 
@@ -8,17 +12,21 @@ import pytest
 
 from gptexport.backends.base import HostCache, Runner
 from gptexport.backends.kvcache import DeviceCache, Slot, SlotPool
-from gptexport.backends.ort import OrtRunner, graph_capacity
+from gptexport.backends.ort import OrtCache, OrtRunner, graph_capacity
 from gptexport.errors import GptExportError
 from gptexport.generate import generate
 from gptexport.modeldir import load_model_dir
 from gptexport.sampling import SamplingParams
 
 
-@pytest.fixture(scope="module")
-def runner(tiny_model_dir):
-    with OrtRunner(load_model_dir(tiny_model_dir)) as r:
+@pytest.fixture(scope="module", params=["pointer", "ortvalue"])
+def runner(tiny_model_dir, request):
+    with OrtRunner(load_model_dir(tiny_model_dir), binding=request.param) as r:
         yield r
+
+
+def past_buffer(cache, name: str) -> np.ndarray:
+    return cache.read(name) if isinstance(cache, DeviceCache) else cache.buffers[name]
 
 
 class SessionRun(Runner):
@@ -32,8 +40,12 @@ class SessionRun(Runner):
 
 
 class PooledRunner(OrtRunner):
-    """The CPU runner with its cache slots pooled by (batch, capacity), as ort-cuda pools them for its
-    CUDA graphs: a slot (and the addresses a graph was captured with) serves generation after generation."""
+    """The CPU runner on the pointer path with its cache slots pooled by (batch, capacity), as ort-cuda
+    pools them for its CUDA graphs: a slot (and the addresses a graph was captured with) serves
+    generation after generation."""
+
+    def __init__(self, md):
+        super().__init__(md, binding="pointer")
 
     def activate(self):
         if self.session is None:
@@ -45,14 +57,14 @@ def test_bound_decode_matches_session_run(runner):
     rng = np.random.default_rng(0)
     prompt = rng.integers(0, runner.config.vocab_size, (2, 5))
     bound, plain = runner.new_cache(2, 12), HostCache(runner.spec, runner.config, 2, 12)
-    assert isinstance(bound, DeviceCache) and runner.memory.ort_device == "cpu"
+    assert isinstance(bound, DeviceCache if runner.binding == "pointer" else OrtCache)
     np.testing.assert_array_equal(runner.forward(prompt, bound), SessionRun(runner).forward(prompt, plain))
     for _ in range(7):
         token = rng.integers(0, runner.config.vocab_size, (2, 1))
         np.testing.assert_array_equal(runner.forward(token, bound), SessionRun(runner).forward(token, plain))
     assert bound.length == plain.length == 12
     for name in plain.buffers:  # the cache the strided copies built is the one HostCache built
-        np.testing.assert_array_equal(bound.read(name), plain.buffers[name], err_msg=name)
+        np.testing.assert_array_equal(past_buffer(bound, name), plain.buffers[name], err_msg=name)
 
 
 @pytest.mark.parametrize("params", [SamplingParams(0.0), SamplingParams(0.8, top_k=20), SamplingParams(1.3, top_p=0.9)],
@@ -71,10 +83,11 @@ def test_decode_reuses_its_buffers_and_stops_at_capacity(runner):
     cache = runner.new_cache(1, 3)
     runner.forward(np.array([[1]]), cache)  # a 1-token prompt from an empty cache goes through the decode binding
     first = runner.forward(np.array([[2]]), cache)
-    addresses = dict(cache.slot.decode.addresses)
+    addresses = dict(cache.slot.decode.addresses) if runner.binding == "pointer" else None
     second = runner.forward(np.array([[3]]), cache)
     assert np.shares_memory(first, second) and cache.length == 3  # written in place: no per-step arrays
-    assert cache.slot.decode.addresses == addresses  # fixed addresses, as a CUDA graph replays them
+    if addresses is not None:
+        assert cache.slot.decode.addresses == addresses  # fixed addresses, as a CUDA graph replays them
     with pytest.raises(GptExportError, match="overflow"):
         runner.forward(np.array([[4]]), cache)
 
@@ -135,7 +148,8 @@ def test_slot_pool_hands_out_one_slot_per_cache():
     assert pool.take((1, 8), Fake) is not b
 
 
-def test_decode_steps_allocate_no_arrays(tmp_path_factory):
+@pytest.mark.parametrize("binding", ["pointer", "ortvalue"])
+def test_decode_steps_allocate_no_arrays(tmp_path_factory, binding):
     """Once the first step has bound the cache, a step allocates nothing near the size of its logits.
     tracemalloc sees numpy's allocations (not ONNX Runtime's own): a per-step copy would show."""
     import tracemalloc
@@ -145,7 +159,7 @@ def test_decode_steps_allocate_no_arrays(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("wide")
     out = convert(write_tiny_checkpoint(d / "ckpt.pt", meta=False, vocab_size=8192), d / "m", progress=lambda m: None)
-    runner = OrtRunner(load_model_dir(out))
+    runner = OrtRunner(load_model_dir(out), binding=binding)
     logits_bytes = 2 * runner.config.vocab_size * 4
 
     def peak_of_steps(forward) -> int:
@@ -164,10 +178,11 @@ def test_decode_steps_allocate_no_arrays(tmp_path_factory):
     assert peak_of_steps(runner.forward) < logits_bytes / 4
 
 
-def test_a_cache_survives_the_runner_being_reactivated(tiny_model_dir):
+@pytest.mark.parametrize("binding", ["pointer", "ortvalue"])
+def test_a_cache_survives_the_runner_being_reactivated(tiny_model_dir, binding):
     """Host buffers outlive a session: a cache rebinds to the new one (device buffers do not: see
     test_pooled_slots...)."""
-    runner = OrtRunner(load_model_dir(tiny_model_dir))
+    runner = OrtRunner(load_model_dir(tiny_model_dir), binding=binding)
     cache = runner.new_cache(1, 4)
     runner.forward(np.array([[1, 2]]), cache)
     before = runner.forward(np.array([[3]]), cache).copy()
@@ -177,6 +192,14 @@ def test_a_cache_survives_the_runner_being_reactivated(tiny_model_dir):
     np.testing.assert_array_equal(runner.forward(np.array([[3]]), again), before)
     runner.deactivate()
     assert runner.forward(np.array([[4]]), cache).shape == (1, runner.config.vocab_size)
+
+
+def test_a_gpu_provider_never_takes_the_ortvalue_binding(tiny_model_dir):
+    from gptexport.errors import UsageError
+
+    with pytest.raises(UsageError, match="copies a CPU OrtValue to the device when it is bound"):
+        OrtRunner(load_model_dir(tiny_model_dir), "cuda", binding="ortvalue")
+    assert OrtRunner(load_model_dir(tiny_model_dir), "cuda").binding == "pointer"
 
 
 def test_host_memory_refuses_what_device_memory_would_corrupt():
@@ -203,3 +226,70 @@ def test_host_memory_refuses_what_device_memory_would_corrupt():
     memory.free(a)
     with pytest.raises(GptExportError, match="not a buffer"):
         memory.zero(a, 4)
+
+
+# ---- on a GPU: the same path on the CUDA provider (run by scripts/gpu_check.py) -------------------
+
+def _ort_cuda_starts() -> bool:
+    try:
+        import onnxruntime
+
+        from gptexport.backends.device import CudaMemory
+
+        if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+            return False
+        CudaMemory().close()
+        return True
+    except Exception:
+        return False
+
+
+def cuda_test(f):
+    """Marked `gpu`, and skipped unless onnxruntime-gpu, cuda-python and a CUDA device are here."""
+    reason = "needs onnxruntime-gpu, cuda-python and an NVIDIA GPU"
+    return pytest.mark.gpu(pytest.mark.skipif(not _ort_cuda_starts(), reason=reason)(f))
+
+
+def teacher_forced(runner, prompt: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+    """Every step's logits when `tokens` are fed as generate() would feed them: prefill, decode
+    steps, and past block_size a recomputed window each step."""
+    block_size = runner.config.block_size
+    context = list(prompt.T[-block_size:])
+    cache = runner.new_cache(prompt.shape[0], min(block_size, len(context) + tokens.shape[1]))
+    out = [runner.forward(np.stack(context, axis=1), cache).copy()]
+    for token in tokens.T[:-1]:
+        context.append(token)
+        if len(context) <= block_size:
+            out.append(runner.forward(token[:, None], cache).copy())
+        else:
+            del context[0]
+            cache.reset()
+            out.append(runner.forward(np.stack(context, axis=1), cache).copy())
+    return np.stack(out)
+
+
+@cuda_test
+@pytest.mark.parametrize("graphs", [True, False], ids=["cuda-graphs", "plain-launches"])
+def test_cuda_provider_matches_the_cpu_step_for_step(tiny_model_dir, graphs):
+    """fp32 with TF32 off: the device cache, the strided appends and the decode graph give the CPU's
+    logits, across the block_size crop, twice (the second generation on the pooled slot)."""
+    md = load_model_dir(tiny_model_dir)
+    rng = np.random.default_rng(3)
+    cpu = OrtRunner(md)
+    with OrtRunner(md, "cuda", cuda_graphs=graphs) as gpu:
+        assert gpu.memory.ort_device == "cuda" and gpu.session.get_providers()[0] == "CUDAExecutionProvider"
+        for _ in range(2):
+            prompt = rng.integers(0, md.config.vocab_size, (2, 6))
+            tokens = rng.integers(0, md.config.vocab_size, (2, 20))
+            np.testing.assert_allclose(teacher_forced(gpu, prompt, tokens), teacher_forced(cpu, prompt, tokens),
+                                       atol=1e-4, rtol=1e-4)
+        cache = gpu.new_cache(1, 8)
+        gpu.forward(np.array([[1, 2, 3]]), cache)
+        for t in range(4):
+            gpu.forward(np.array([[t]]), cache)
+        state = cache.slot.backend_state
+        assert state.captured and (state.options is gpu._plain) != graphs  # a graph id only with graphs
+        want = HostCache(md.spec, md.config, 1, cache.capacity)
+        SessionRun(cpu).forward(np.array([[1, 2, 3, 0, 1, 2, 3]]), want)
+        np.testing.assert_allclose(cache.read("past_value.1")[:, :, :7], want.buffers["past_value.1"][:, :, :7],
+                                   atol=1e-5)

@@ -12,12 +12,13 @@ _ALIASES = {"ort": "onnxruntime", "ort-cpu": "onnxruntime", "onnxruntime-cpu": "
 
 
 def open_runner(name: str, model_dir: ModelDir, threads: int | None = None, tf32: bool = False,
-                cuda_graphs: bool | None = None) -> Runner:
+                cuda_graphs: bool | None = None, binding: str | None = None) -> Runner:
     """The runner called `name` for a loaded model directory (not yet activated).
 
     `tf32` lets an fp32 model's matmuls use TF32 on ort-cuda (a TensorRT engine gets it at
     `gptexport build --tf32`); `cuda_graphs` False turns off the decode CUDA graphs of ort-cuda and
-    tensorrt (on by default there).
+    tensorrt (on by default there). `binding` "pointer" runs the CPU provider through the memory
+    core, as the GPU providers always run (see backends/ort.py).
     """
     name = _ALIASES.get(name, name)
     if name not in BACKENDS:
@@ -32,4 +33,4 @@ def open_runner(name: str, model_dir: ModelDir, threads: int | None = None, tf32
     from .ort import OrtRunner
 
     provider = {"onnxruntime": "cpu", "ort-cuda": "cuda", "ort-tensorrt": "tensorrt"}[name]
-    return OrtRunner(model_dir, provider, threads, tf32=tf32, cuda_graphs=cuda_graphs)
+    return OrtRunner(model_dir, provider, threads, tf32=tf32, cuda_graphs=cuda_graphs, binding=binding)

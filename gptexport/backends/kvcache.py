@@ -106,6 +106,7 @@ class DecodeBuffers:
     input_shapes: dict[str, tuple]
     output_shapes: dict[str, tuple]
     logits: np.ndarray  # host (B, 1, V) float32: where each step's logits are downloaded
+    appends: list[tuple[int, int]]  # (past buffer, new_* output) pairs: the copies of each step
 
 
 class Slot:
@@ -145,7 +146,7 @@ class Slot:
                     addresses[t.name] = m.allocate(nbytes(shape, numpy_dtype(t.dtype)))
             m.upload(addresses["logit_positions"], np.zeros(1, np.int64))  # the one new position: 0
             logits = np.empty(outs["logits"], np.float32)
-            self.decode = DecodeBuffers(addresses, ins, outs, logits)
+            self.decode = DecodeBuffers(addresses, ins, outs, logits, appends_of(self.past, addresses))
         return self.decode
 
     def free(self) -> None:
@@ -190,6 +191,11 @@ class SlotPool:
             self._free, self._all = {}, []
 
 
+def appends_of(past: dict[str, int], addresses: dict[str, int]) -> list[tuple[int, int]]:
+    """(past_key.i buffer, new_key.i output), ... : where each new key/value tensor is appended."""
+    return [(ptr, addresses[name.replace("past_", "new_", 1)]) for name, ptr in past.items()]
+
+
 def _release(give: Callable[[Slot], None], slot: Slot) -> None:
     try:
         give(slot)
@@ -230,11 +236,11 @@ class DeviceCache:
             raise GptExportError(f"KV cache overflow or batch mismatch: {self.length} + {steps} positions of "
                                  f"{self.capacity}, batch {batch} vs {self.batch}")
 
-    def _append(self, addresses: dict[str, int], steps: int) -> None:
+    def _append(self, appends: list[tuple[int, int]], steps: int) -> None:
         """The new keys/values into slots length..length+steps of every past buffer, on the stream."""
-        plan = self.slot.layout.append(self.length, steps)
-        for name, ptr in self.slot.past.items():
-            self.slot.memory.copy2d(ptr, addresses[name.replace("past_", "new_", 1)], plan)
+        plan, copy2d = self.slot.layout.append(self.length, steps), self.slot.memory.copy2d
+        for past, new in appends:
+            copy2d(past, new, plan)
 
     def run(self, input_ids: np.ndarray, all_logits: bool, execute: Execute) -> np.ndarray:
         """Any forward: (B, T) new tokens after the cached ones; logits (B, V) of the last, or (B, T, V)."""
@@ -256,7 +262,7 @@ class DeviceCache:
             for t in s.spec.outputs:
                 addresses[t.name] = s.scratch.get(t.name, nbytes(outs[t.name], numpy_dtype(t.dtype)))
             execute(s, ins, outs, addresses)
-            self._append(addresses, T)
+            self._append(appends_of(s.past, addresses), T)
             s.memory.download(logits, addresses["logits"])
             s.memory.synchronize()  # `host` and `logits` stay referenced until here
         self.length += T
@@ -275,7 +281,7 @@ class DeviceCache:
             s.memory.upload(d.addresses["input_ids"], ids)
             s.memory.upload(d.addresses["past_length"], past_length)  # the slots from here on are masked
             execute(s)
-            self._append(d.addresses, 1)
+            self._append(d.appends, 1)
             s.memory.download(d.logits, d.addresses["logits"])
             s.memory.synchronize()
         self.length += 1
