@@ -69,8 +69,8 @@ class GpuCheck:
         print(f"--- {mark} {step.step} {step.model} {step.dtype}: {step.figure}", flush=True)
         return step
 
-    def command(self, name: str, cmd: list[str], model: str = "", dtype: str = "", figure: str = "") -> Step:
-        """Run a command (output streamed), a failed row if it fails or runs past the time limit."""
+    def command(self, name: str, cmd: list[str], model: str = "", dtype: str = "", record: bool = True) -> Step:
+        """Run a command (output streamed): a failed row if it fails or runs past the time limit."""
         print(f"\n=== {name} {model} {dtype}: {' '.join(cmd)}", flush=True)
         t = time.perf_counter()
         try:
@@ -78,7 +78,8 @@ class GpuCheck:
             why = "" if ok else "failed (its output is above)"
         except subprocess.TimeoutExpired:
             ok, why = False, f"ran past {STEP_TIMEOUT_S} s"
-        return self.add(Step(name, model, dtype, ok, round(time.perf_counter() - t, 1), figure if ok else why))
+        step = Step(name, model, dtype, ok, round(time.perf_counter() - t, 1), why)
+        return self.add(step) if record else step
 
     @property
     def ok(self) -> bool:
@@ -150,11 +151,11 @@ def parity(chk: GpuCheck, model: str, ckpt: Path, out: Path, dtype: str, backend
     tolerance = "tf32" if tf32 else dtype
     cmd = gptexport("parity", str(ckpt), str(out), "--backends", backend, "--tolerance", tolerance, "--json", str(report),
                     *(["--tf32"] if tf32 else []), *[a for p in prompts for a in ("--prompt-tokens", p)])
-    step = chk.command("tf32" if tf32 else f"parity {backend}", cmd, model, dtype)
+    step = chk.command("tf32" if tf32 else f"parity {backend}", cmd, model, dtype, record=False)
     try:
         data = json.loads(report.read_text())
     except (OSError, ValueError):
-        return step
+        return chk.add(step)
     forward = next((c for c in data["checks"] if c["name"] == "forward"), None)
     failed = [f"{c['name']}: {c['figure']}" for c in data["checks"] if not c["ok"]]
     step.figure = (forward["figure"] if forward else data["verdict"]) + (f"; NOT OK {'; '.join(failed)}" if failed else "")
@@ -162,7 +163,7 @@ def parity(chk: GpuCheck, model: str, ckpt: Path, out: Path, dtype: str, backend
                  "needed_atol": forward and forward["details"]["needed_atol"],
                  "needed_rtol": forward and forward["details"]["needed_rtol"],
                  "max_abs": forward and forward["details"]["max_abs"]}
-    return step
+    return chk.add(step)
 
 
 def speed(chk: GpuCheck, env: dict, model: str, ckpt: Path, out: Path, dtype: str, decode_tokens: int) -> dict:
@@ -251,13 +252,13 @@ def run(args) -> GpuCheck:
         chk.command("gpu tests", [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "tests"])
     speed_model = "tiny" if chk.dry_run else "gpt2-small"
     for name, ckpt, prompts in models(args, work):
-        for dtype in ("fp32", "fp16"):
+        for dtype in args.dtypes.split(","):
             out = work / f"{name}-{dtype}"
             if not chk.command("convert", gptexport("convert", str(ckpt), "-o", str(out), "--dtype", dtype, "--force"),
                                name, dtype).ok:
                 continue
             parity(chk, name, ckpt, out, dtype, chk.backend, prompts)
-            if dtype == "fp32" and not chk.dry_run:
+            if dtype == "fp32":  # (in a dry run the CPU provider has no TF32: the flags and preset still run)
                 parity(chk, name, ckpt, out, dtype, chk.backend, prompts, tf32=True)
             if name == speed_model:
                 ms = speed(chk, env, name, ckpt, out, dtype, args.decode_tokens)
@@ -273,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, default=None, help="Directory for checkpoints and model directories.")
     p.add_argument("--only", choices=["shakespeare", "gpt2-small"], default=None)
     p.add_argument("--decode-tokens", type=int, default=128, help="Decode steps timed per run.")
+    p.add_argument("--dtypes", default="fp32,fp16", help="Comma-separated convert dtypes (the targets are fp16's).")
     p.add_argument("--skip-tests", action="store_true", help="Skip `pytest -m gpu`.")
     p.add_argument("--cpu-dry-run", action="store_true",
                    help="Run the steps on ONNX Runtime's CPU provider with a tiny model (no GPU; targets not judged).")
