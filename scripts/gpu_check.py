@@ -149,8 +149,12 @@ def parity(chk: GpuCheck, model: str, ckpt: Path, out: Path, dtype: str, backend
     """`gptexport parity` on one backend; the row's figure is its forward check's."""
     report = out / f"parity-{backend}{'-tf32' if tf32 else ''}.json"
     tolerance = "tf32" if tf32 else dtype
-    cmd = gptexport("parity", str(ckpt), str(out), "--backends", backend, "--tolerance", tolerance, "--json", str(report),
-                    *(["--tf32"] if tf32 else []), *[a for p in prompts for a in ("--prompt-tokens", p)])
+    # the PyTorch reference (on the CPU, the slow part) is built once per model and kept as a golden file
+    golden = chk.work / f"{model}.golden.npz"
+    reference = (["--golden", str(golden), str(out)] if golden.is_file() else
+                 [str(ckpt), str(out), "--save-golden", str(golden), *[a for p in prompts for a in ("--prompt-tokens", p)]])
+    cmd = gptexport("parity", *reference, "--backends", backend, "--tolerance", tolerance, "--json", str(report),
+                    *(["--tf32"] if tf32 else []))
     step = chk.command("tf32" if tf32 else f"parity {backend}", cmd, model, dtype, record=False)
     try:
         data = json.loads(report.read_text())
