@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from gptexport.backends.base import HostCache, Runner
-from gptexport.backends.kvcache import DeviceCache, Slot, SlotPool
-from gptexport.backends.ort import OrtCache, OrtRunner, graph_capacity
+from gptexport.backends.kvcache import DeviceCache, SlotPool, graph_capacity
+from gptexport.backends.ort import OrtCache, OrtRunner
 from gptexport.errors import GptExportError
 from gptexport.generate import generate
 from gptexport.modeldir import load_model_dir

@@ -73,6 +73,15 @@ class KVLayout:
                       width=steps * row, height=self.batch * self.n_head)
 
 
+def graph_capacity(capacity: int, block_size: int) -> int:
+    """The cache capacity a CUDA-graph slot is made with: the next of 64, 128, 256, ... capped at
+    block_size, so a server sees a few (batch, capacity) graphs, not one per prompt length."""
+    bucket = 64
+    while bucket < capacity:
+        bucket *= 2
+    return min(bucket, block_size)
+
+
 def nbytes(shape: tuple, dtype: np.dtype) -> int:
     return int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
 
@@ -286,3 +295,14 @@ class DeviceCache:
             s.memory.synchronize()
         self.length += 1
         return d.logits[:, 0]
+
+
+def open_cache(memory: DeviceMemory, spec: IOSpec, config: GPTConfig, batch: int, capacity: int,
+               pool: SlotPool | None) -> DeviceCache:
+    """A new generation's cache: its own slot (freed with it), or with a pool (CUDA graphs) a slot of
+    the bucketed capacity taken from the pool and given back when the cache goes."""
+    if pool is None:
+        return DeviceCache(Slot(memory, spec, config, batch, capacity), Slot.free)
+    capacity = graph_capacity(capacity, config.block_size)
+    slot = pool.take((batch, capacity), lambda graph_id: Slot(memory, spec, config, batch, capacity, graph_id))
+    return DeviceCache(slot, pool.give)

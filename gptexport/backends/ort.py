@@ -30,7 +30,6 @@ graph was recorded with stay valid, and every other run passes gpu_graph_id -1.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,9 +37,9 @@ import numpy as np
 from ..config import numpy_dtype
 from ..errors import BackendUnavailable, GptExportError, ModelDirError, UsageError
 from ..modeldir import ModelDir
-from .base import HostCache, Runner
+from .base import HostCache, Runner, notice
 from .device import DeviceMemory, HostMemory, open_memory
-from .kvcache import DeviceCache, Slot, SlotPool
+from .kvcache import DeviceCache, Slot, SlotPool, open_cache
 from .ort_session import (
     ELEMENT_TYPES, PROVIDERS, create_session, first_line, import_ort, provider_options, run_options,
 )
@@ -54,15 +53,6 @@ class DecodeBinding:
     binding: object
     options: object  # RunOptions with the slot's gpu_graph_id (or -1), None without CUDA graphs
     captured: bool = False  # a run with the slot's graph id succeeded: the graph exists
-
-
-def graph_capacity(capacity: int, block_size: int) -> int:
-    """The cache capacity a CUDA-graph slot is made with: the next of 64, 128, 256, ... capped at
-    block_size, so a server sees a few (batch, capacity) graphs, not one per prompt length."""
-    bucket = 64
-    while bucket < capacity:
-        bucket *= 2
-    return min(bucket, block_size)
 
 
 BINDINGS = ("ortvalue", "pointer")
@@ -154,12 +144,7 @@ class OrtRunner(Runner):
         self.activate()
         if self.binding == "ortvalue":
             return OrtCache(self, batch, capacity)
-        if self._pool is None:
-            return DeviceCache(Slot(self.memory, self.spec, self.config, batch, capacity), Slot.free)
-        capacity = graph_capacity(capacity, self.config.block_size)
-        slot = self._pool.take((batch, capacity),
-                               lambda gid: Slot(self.memory, self.spec, self.config, batch, capacity, gid))
-        return DeviceCache(slot, self._pool.give)
+        return open_cache(self.memory, self.spec, self.config, batch, capacity, self._pool)
 
     def forward(self, input_ids: np.ndarray, cache, all_logits: bool = False) -> np.ndarray:
         """As Runner.forward; a one-token step returns a view of the cache's logits buffer, valid
@@ -178,7 +163,8 @@ class OrtRunner(Runner):
     def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         self.activate()
         try:
-            outputs = self.session.run(self.spec.output_names, feeds, self._plain)
+            with self.memory.lock:  # on CUDA: never while another thread's step is being captured
+                outputs = self.session.run(self.spec.output_names, feeds, self._plain)
         except Exception as e:  # e.g. a graph that does not match its manifest's config
             raise self.run_error(e) from e
         return dict(zip(self.spec.output_names, outputs))
@@ -278,7 +264,3 @@ class OrtCache(HostCache):
             raise self.runner.run_error(e) from e
         self.append(self.new, 1)
         return self.logits[:, 0]
-
-
-def notice(message: str) -> None:
-    print(f"notice: {message}", file=sys.stderr)

@@ -25,10 +25,9 @@ from ..engine_record import check_compatible, engine_io_problems, import_tensorr
 from ..errors import GptExportError, ModelDirError, UsageError
 from ..modeldir import ModelDir
 from ..profiles import describe_profiles, output_shapes, select_profile
-from .base import Runner
+from .base import Runner, notice
 from .device import CudaMemory, current_device
-from .kvcache import DeviceCache, ScratchBuffers, Slot, SlotPool
-from .ort import graph_capacity, notice
+from .kvcache import DeviceCache, ScratchBuffers, Slot, SlotPool, open_cache
 
 
 class TrtRunner(Runner):
@@ -109,12 +108,7 @@ class TrtRunner(Runner):
 
     def new_cache(self, batch: int, capacity: int) -> DeviceCache:
         self.activate()
-        if self._pool is None:
-            return DeviceCache(Slot(self.memory, self.spec, self.config, batch, capacity), Slot.free)
-        capacity = graph_capacity(capacity, self.config.block_size)
-        slot = self._pool.take((batch, capacity),
-                               lambda gid: Slot(self.memory, self.spec, self.config, batch, capacity, gid))
-        return DeviceCache(slot, self._pool.give)
+        return open_cache(self.memory, self.spec, self.config, batch, capacity, self._pool)
 
     def forward(self, input_ids: np.ndarray, cache: DeviceCache, all_logits: bool = False) -> np.ndarray:
         """(B, T) new tokens after the cached ones; the cache stays on the device, only logits return."""
