@@ -92,6 +92,22 @@ def test_decode_reuses_its_buffers_and_stops_at_capacity(runner):
         runner.forward(np.array([[4]]), cache)
 
 
+def test_one_copy_appends_to_every_layer_when_the_tensors_are_back_to_back(tiny_model_dir):
+    """The past buffers share one allocation at 256-byte aligned offsets. At batch 2 a new key of
+    the tiny model is 256 bytes, so buffers and outputs are back to back and one strided copy
+    appends a step to all of them; at batch 3 (384 bytes, padded) it is one copy per tensor."""
+    runner = OrtRunner(load_model_dir(tiny_model_dir), binding="pointer")
+    n = len(runner.spec.past_names)
+    rng = np.random.default_rng(5)
+    for batch, copies in ((2, [n]), (3, [1] * n)):
+        cache, plain = runner.new_cache(batch, 8), HostCache(runner.spec, runner.config, batch, 8)
+        for ids in (rng.integers(0, 60, (batch, 3)), rng.integers(0, 60, (batch, 1)), rng.integers(0, 60, (batch, 1))):
+            np.testing.assert_array_equal(runner.forward(ids, cache), SessionRun(runner).forward(ids, plain))
+        assert [tensors for *_, tensors in cache.slot.decode.appends] == copies
+        for name in plain.buffers:
+            np.testing.assert_array_equal(cache.read(name), plain.buffers[name], err_msg=f"batch {batch} {name}")
+
+
 def test_caches_are_independent(runner):
     """Two generations on one runner (as from two threads) do not share binding state."""
     a, b = runner.new_cache(1, 6), runner.new_cache(1, 6)
@@ -219,12 +235,17 @@ def test_host_memory_refuses_what_device_memory_would_corrupt():
         memory.upload(a, np.zeros(17, np.float32))
     with pytest.raises(GptExportError, match="outside a buffer"):
         memory.copy2d(b, a, Copy2D(dst_offset=40, dpitch=32, spitch=16, width=16, height=2))
-    with pytest.raises(GptExportError, match="not a buffer"):
+    memory.upload(a + 48, np.full(4, 9, np.float32))  # a pointer inside a buffer is fine (a cache's tensors)
+    memory.download(got[:4], a + 48)
+    assert got[:4].tolist() == [9] * 4
+    with pytest.raises(GptExportError, match="outside a buffer"):
         memory.download(got, a + 4)
+    with pytest.raises(GptExportError, match="not in a buffer"):
+        memory.download(got[:1], a + 64)
     with pytest.raises(GptExportError, match="C-contiguous"):
         memory.upload(a, np.zeros((4, 4), np.float32)[:, :2])
     memory.free(a)
-    with pytest.raises(GptExportError, match="not a buffer"):
+    with pytest.raises(GptExportError, match="not in a buffer"):
         memory.zero(a, 4)
 
 

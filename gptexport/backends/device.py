@@ -8,8 +8,9 @@ seam (kvcache.py, the ONNX Runtime and TensorRT runners) is the same code for bo
 runs is what the test suite ran on the CPU; only the methods of `CudaMemory` touch CUDA.
 
 Both implementations check every access against their own allocation table (base pointer and
-size), so a copy plan that would write past a buffer fails loudly on the CPU in CI instead of
-silently corrupting device memory.
+size; a pointer may point inside an allocation, as the cache's per-layer tensors do), so a copy
+plan that would write past a buffer fails loudly on the CPU in CI instead of silently corrupting
+device memory.
 
 What CudaMemory relies on (CUDA Runtime API, as exposed by cuda-python's `cuda.bindings.runtime`):
 - every call returns (cudaError_t, *values); `cuda_call` unwraps it and raises on an error;
@@ -24,6 +25,7 @@ What CudaMemory relies on (CUDA Runtime API, as exposed by cuda-python's `cuda.b
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import ctypes
 import threading
@@ -44,6 +46,7 @@ class DeviceMemory(ABC):
 
     def __init__(self):
         self.sizes: dict[int, int] = {}  # base pointer -> bytes, of every live allocation
+        self._bases: list[int] = []  # the same base pointers, sorted: which allocation holds a pointer
         # One stream is shared by all of a runner's caches, so a step (upload, run, append, download,
         # synchronize) must not interleave with another thread's. Host memory has no stream: no lock.
         self.lock = contextlib.nullcontext()
@@ -59,6 +62,11 @@ class DeviceMemory(ABC):
     @abstractmethod
     def _memset0(self, ptr: int, nbytes: int) -> None: ...
 
+    def _malloc_zeroed(self, nbytes: int) -> int:
+        ptr = self._malloc(nbytes)
+        self._memset0(ptr, nbytes)
+        return ptr
+
     @abstractmethod
     def _upload(self, dst: int, src: int, nbytes: int) -> None: ...
 
@@ -66,8 +74,8 @@ class DeviceMemory(ABC):
     def _download(self, dst: int, src: int, nbytes: int) -> None: ...
 
     @abstractmethod
-    def _copy2d(self, dst: int, dst_offset: int, dpitch: int, src: int, spitch: int, width: int, height: int) -> None:
-        """dst and src are base pointers of allocations (checked), dst_offset bytes into dst."""
+    def _copy2d(self, dst: int, dpitch: int, src: int, spitch: int, width: int, height: int) -> None:
+        """Both ranges already checked to lie inside allocations."""
 
     @abstractmethod
     def synchronize(self) -> None:
@@ -78,10 +86,20 @@ class DeviceMemory(ABC):
     def allocate(self, nbytes: int) -> int:
         ptr = self._malloc(max(int(nbytes), 1))
         self.sizes[ptr] = int(nbytes)
+        bisect.insort(self._bases, ptr)
+        return ptr
+
+    def allocate_zeroed(self, nbytes: int) -> int:
+        """An allocation filled with zeros (on CUDA, by the time queued work reads it)."""
+        ptr = self._malloc_zeroed(max(int(nbytes), 1))
+        self.sizes[ptr] = int(nbytes)
+        bisect.insort(self._bases, ptr)
         return ptr
 
     def free(self, ptr: int) -> None:
+        """Free an allocation: `ptr` must be what allocate() returned."""
         self.sizes.pop(ptr)
+        self._bases.remove(ptr)
         self._free(ptr)
 
     def zero(self, ptr: int, nbytes: int) -> None:
@@ -105,19 +123,25 @@ class DeviceMemory(ABC):
             return
         self._check(dst, plan.dst_offset, (plan.height - 1) * plan.dpitch + plan.width)
         self._check(src, 0, (plan.height - 1) * plan.spitch + plan.width)
-        self._copy2d(dst, plan.dst_offset, plan.dpitch, src, plan.spitch, plan.width, plan.height)
+        self._copy2d(dst + plan.dst_offset, plan.dpitch, src, plan.spitch, plan.width, plan.height)
 
     def close(self) -> None:
         """Free every allocation still live."""
         for ptr in list(self.sizes):
             self.free(ptr)
 
+    def base_of(self, ptr: int) -> int:
+        """The allocation `ptr` points into (its base pointer)."""
+        i = bisect.bisect_right(self._bases, ptr) - 1
+        if i < 0 or ptr >= self._bases[i] + max(self.sizes[self._bases[i]], 1):
+            raise GptExportError(f"internal error: {ptr:#x} is not in a buffer of this {type(self).__name__}")
+        return self._bases[i]
+
     def _check(self, ptr: int, offset: int, nbytes: int) -> None:
-        size = self.sizes.get(ptr)
-        if size is None:
-            raise GptExportError(f"internal error: {ptr:#x} is not a buffer of this {type(self).__name__}")
-        if offset < 0 or offset + nbytes > size:
-            raise GptExportError(f"internal error: bytes {offset}..{offset + nbytes} are outside a buffer of {size}")
+        base = self.base_of(ptr)
+        start, size = ptr - base + offset, self.sizes[base]
+        if offset < 0 or start + nbytes > size:
+            raise GptExportError(f"internal error: bytes {start}..{start + nbytes} are outside a buffer of {size}")
 
 
 def _contiguous(array: np.ndarray) -> np.ndarray:
@@ -138,12 +162,18 @@ class HostMemory(DeviceMemory):
         # pointer -> (the numpy storage that keeps it alive, that storage's own address)
         self._owners: dict[int, tuple[np.ndarray, int]] = {}
 
-    def _malloc(self, nbytes: int) -> int:
-        raw = np.empty(nbytes + ALIGN, np.uint8)
+    def _malloc(self, nbytes: int, make=np.empty) -> int:
+        raw = make(nbytes + ALIGN, np.uint8)
         base = raw.ctypes.data
         ptr = base + (-base) % ALIGN
         self._owners[ptr] = (raw, base)
         return ptr
+
+    def _malloc_zeroed(self, nbytes: int) -> int:
+        # np.zeros of a large array is calloc: the OS maps zero pages lazily, so the masked, never
+        # written slots of a cache cost no memory and are cheap to read (numpy's own zeros, which
+        # the OrtValue binding's HostCache uses, behave the same); a memset would touch every page
+        return self._malloc(nbytes, np.zeros)
 
     def _free(self, ptr: int) -> None:
         del self._owners[ptr]
@@ -157,14 +187,14 @@ class HostMemory(DeviceMemory):
     def _download(self, dst: int, src: int, nbytes: int) -> None:
         ctypes.memmove(dst, src, nbytes)
 
-    def _copy2d(self, dst: int, dst_offset: int, dpitch: int, src: int, spitch: int, width: int, height: int) -> None:
-        np.copyto(self._rows(dst, dst_offset, dpitch, width, height), self._rows(src, 0, spitch, width, height))
+    def _copy2d(self, dst: int, dpitch: int, src: int, spitch: int, width: int, height: int) -> None:
+        np.copyto(self._rows(dst, dpitch, width, height), self._rows(src, spitch, width, height))
 
-    def _rows(self, ptr: int, offset: int, pitch: int, width: int, height: int) -> np.ndarray:
-        """`height` rows of `width` bytes, `pitch` bytes apart, `offset` bytes into buffer `ptr`:
-        a strided view of its storage (numpy checks the view stays inside it)."""
-        raw, base = self._owners[ptr]
-        return np.ndarray((height, width), np.uint8, raw, ptr - base + offset, (pitch, 1))
+    def _rows(self, ptr: int, pitch: int, width: int, height: int) -> np.ndarray:
+        """`height` rows of `width` bytes, `pitch` bytes apart, from `ptr`: a strided view of the
+        storage of the buffer it points into (numpy checks the view stays inside that storage)."""
+        raw, raw_address = self._owners[self.base_of(ptr)]
+        return np.ndarray((height, width), np.uint8, raw, ptr - raw_address, (pitch, 1))
 
     def synchronize(self) -> None:
         pass  # host copies are done when they return
@@ -250,9 +280,9 @@ class CudaMemory(DeviceMemory):
         kind = self._kinds.cudaMemcpyDeviceToHost
         self._call(self.rt.cudaMemcpyAsync(dst, src, nbytes, kind, self.stream), "cudaMemcpyAsync")
 
-    def _copy2d(self, dst: int, dst_offset: int, dpitch: int, src: int, spitch: int, width: int, height: int) -> None:
+    def _copy2d(self, dst: int, dpitch: int, src: int, spitch: int, width: int, height: int) -> None:
         kind = self._kinds.cudaMemcpyDeviceToDevice
-        self._call(self.rt.cudaMemcpy2DAsync(dst + dst_offset, dpitch, src, spitch, width, height, kind, self.stream),
+        self._call(self.rt.cudaMemcpy2DAsync(dst, dpitch, src, spitch, width, height, kind, self.stream),
                    "cudaMemcpy2DAsync")
 
     def synchronize(self) -> None:

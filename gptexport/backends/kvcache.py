@@ -32,7 +32,7 @@ import numpy as np
 from ..config import GPTConfig, IOSpec, numpy_dtype
 from ..errors import GptExportError
 from ..profiles import output_shapes, step_shapes
-from .device import DeviceMemory
+from .device import ALIGN, DeviceMemory
 
 
 @dataclass(frozen=True)
@@ -60,17 +60,28 @@ class KVLayout:
     def nbytes(self) -> int:
         return self.batch * self.n_head * self.capacity * self.head_dim * self.itemsize
 
-    def append(self, start: int, steps: int) -> Copy2D:
+    def new_nbytes(self, steps: int) -> int:
+        """Bytes of one new_key/new_value output of `steps` positions."""
+        return self.batch * self.n_head * steps * self.head_dim * self.itemsize
+
+    def append(self, start: int, steps: int, tensors: int = 1) -> Copy2D:
         """Copy a new_key/new_value output (batch, n_head, steps, head_dim) into slots start..start+steps.
 
         Each (batch, head) row of the output is `steps * head_dim` contiguous elements; in the
-        buffer that row begins `capacity * head_dim` elements after the previous one.
+        buffer that row begins `capacity * head_dim` elements after the previous one. `tensors`
+        buffers back to back (and as many outputs back to back) are rows that simply continue:
+        one copy appends to all of them.
         """
         if start < 0 or steps < 1 or start + steps > self.capacity:
             raise GptExportError(f"KV cache overflow: slots {start}..{start + steps} of {self.capacity}")
         row = self.head_dim * self.itemsize
         return Copy2D(dst_offset=start * row, dpitch=self.capacity * row, spitch=steps * row,
-                      width=steps * row, height=self.batch * self.n_head)
+                      width=steps * row, height=tensors * self.batch * self.n_head)
+
+
+def _aligned(nbytes: int) -> int:
+    """nbytes rounded up to cudaMalloc's 256-byte alignment."""
+    return -(-nbytes // ALIGN) * ALIGN
 
 
 def graph_capacity(capacity: int, block_size: int) -> int:
@@ -115,7 +126,8 @@ class DecodeBuffers:
     input_shapes: dict[str, tuple]
     output_shapes: dict[str, tuple]
     logits: np.ndarray  # host (B, 1, V) float32: where each step's logits are downloaded
-    appends: list[tuple[int, int]]  # (past buffer, new_* output) pairs: the copies of each step
+    appends: list[tuple[int, int, int]]  # (past, new_*, tensors): the copies of each step (Slot.appends)
+    positions: np.ndarray  # the host source of logit_positions' upload, alive as long as the buffers
 
 
 class Slot:
@@ -131,16 +143,37 @@ class Slot:
         self.batch, self.capacity, self.graph_id = batch, capacity, graph_id
         self.cache_dtype = numpy_dtype(spec.cache_dtype)
         self.layout = KVLayout(batch, config.n_head, config.head_dim, capacity, self.cache_dtype.itemsize)
-        self.past = {}
-        for name in spec.past_names:
-            self.past[name] = memory.allocate(self.layout.nbytes)
-            # cudaMalloc leaves garbage, and a NaN in a masked slot still poisons the output:
-            # the masked probabilities are 0, but 0 * NaN = NaN in probs @ v_past
-            memory.zero(self.past[name], self.layout.nbytes)
+        # every past buffer in one allocation, each at a 256-byte aligned offset (TensorRT and the
+        # CUDA kernels get aligned tensors); when no padding is needed they are back to back, and
+        # one strided copy appends a step to all of them (see appends)
+        self.past_stride = _aligned(self.layout.nbytes)
+        # zeroed: cudaMalloc leaves garbage, and a NaN in a masked slot still poisons the output:
+        # the masked probabilities are 0, but 0 * NaN = NaN in probs @ v_past
+        self.past_block = memory.allocate_zeroed(len(spec.past_names) * self.past_stride)
+        self.past = {name: self.past_block + i * self.past_stride for i, name in enumerate(spec.past_names)}
         self.scratch = ScratchBuffers(memory)
         self.decode: DecodeBuffers | None = None
         self.backend_state = None
         self.release_state: Callable[[object], None] | None = None
+
+    def new_outputs(self, block: int, steps: int) -> dict[str, int]:
+        """Addresses of the new_key/new_value outputs of `steps` positions laid out like the past
+        buffers (in order, each at an aligned offset) in `block` of new_outputs_size(steps) bytes."""
+        stride = _aligned(self.layout.new_nbytes(steps))
+        return {name.replace("past_", "new_", 1): block + i * stride for i, name in enumerate(self.spec.past_names)}
+
+    def new_outputs_size(self, steps: int) -> int:
+        return len(self.spec.past_names) * _aligned(self.layout.new_nbytes(steps))
+
+    def appends(self, new: dict[str, int], steps: int) -> list[tuple[int, int, int]]:
+        """The copies that append `steps` new positions (outputs laid out by new_outputs) to the
+        cache: (past buffer, new output, tensors). One copy for all tensors when the past buffers
+        and the outputs are back to back (no alignment padding), else one per tensor."""
+        n, first = len(self.past), next(iter(self.past))
+        new_size = self.layout.new_nbytes(steps)
+        if self.past_stride == self.layout.nbytes and _aligned(new_size) == new_size:
+            return [(self.past[first], new[first.replace("past_", "new_", 1)], n)]
+        return [(ptr, new[name.replace("past_", "new_", 1)], 1) for name, ptr in self.past.items()]
 
     def decode_buffers(self) -> DecodeBuffers:
         """The decode step's buffers, allocated on first use and never moved afterwards."""
@@ -148,14 +181,16 @@ class Slot:
             spec, B, m = self.spec, self.batch, self.memory
             ins = step_shapes(spec, B, 1, self.capacity, 1)
             outs = output_shapes(spec, B, 1, 1)
-            addresses = dict(self.past)
+            new = self.new_outputs(m.allocate(self.new_outputs_size(1)), 1)
+            addresses = {**self.past, **new}
             for t in (*spec.inputs, *spec.outputs):
                 if t.name not in addresses:
                     shape = ins.get(t.name) or outs[t.name]
                     addresses[t.name] = m.allocate(nbytes(shape, numpy_dtype(t.dtype)))
-            m.upload(addresses["logit_positions"], np.zeros(1, np.int64))  # the one new position: 0
+            positions = np.zeros(1, np.int64)  # the one new position: 0 (kept until the step's synchronize)
+            m.upload(addresses["logit_positions"], positions)
             logits = np.empty(outs["logits"], np.float32)
-            self.decode = DecodeBuffers(addresses, ins, outs, logits, appends_of(self.past, addresses))
+            self.decode = DecodeBuffers(addresses, ins, outs, logits, self.appends(new, 1), positions)
         return self.decode
 
     def free(self) -> None:
@@ -164,10 +199,10 @@ class Slot:
             self.release_state(self.backend_state)
         self.backend_state = None
         self.scratch.free()
-        owned = [*self.past.values(), *(self.decode.addresses.values() if self.decode else ())]
+        owned = [self.past_block, *(self.decode.addresses.values() if self.decode else ())]
         for ptr in dict.fromkeys(owned):
-            if ptr in self.memory.sizes:
-                self.memory.free(ptr)
+            if ptr in self.memory.sizes:  # a base pointer, not yet freed (the past and new blocks'
+                self.memory.free(ptr)     # tensors after the first are inside their blocks)
         self.past, self.decode = {}, None
 
 
@@ -198,11 +233,6 @@ class SlotPool:
             for slot in self._all:
                 slot.free()
             self._free, self._all = {}, []
-
-
-def appends_of(past: dict[str, int], addresses: dict[str, int]) -> list[tuple[int, int]]:
-    """(past_key.i buffer, new_key.i output), ... : where each new key/value tensor is appended."""
-    return [(ptr, addresses[name.replace("past_", "new_", 1)]) for name, ptr in past.items()]
 
 
 def _release(give: Callable[[Slot], None], slot: Slot) -> None:
@@ -245,11 +275,11 @@ class DeviceCache:
             raise GptExportError(f"KV cache overflow or batch mismatch: {self.length} + {steps} positions of "
                                  f"{self.capacity}, batch {batch} vs {self.batch}")
 
-    def _append(self, appends: list[tuple[int, int]], steps: int) -> None:
+    def _append(self, appends: list[tuple[int, int, int]], steps: int) -> None:
         """The new keys/values into slots length..length+steps of every past buffer, on the stream."""
-        plan, copy2d = self.slot.layout.append(self.length, steps), self.slot.memory.copy2d
-        for past, new in appends:
-            copy2d(past, new, plan)
+        layout, copy2d = self.slot.layout, self.slot.memory.copy2d
+        for past, new, tensors in appends:
+            copy2d(past, new, layout.append(self.length, steps, tensors))
 
     def run(self, input_ids: np.ndarray, all_logits: bool, execute: Execute) -> np.ndarray:
         """Any forward: (B, T) new tokens after the cached ones; logits (B, V) of the last, or (B, T, V)."""
@@ -268,10 +298,11 @@ class DeviceCache:
             for name, array in host.items():
                 s.memory.upload(addresses[name], array)
             addresses.update(s.past)
-            for t in s.spec.outputs:
-                addresses[t.name] = s.scratch.get(t.name, nbytes(outs[t.name], numpy_dtype(t.dtype)))
+            new = s.new_outputs(s.scratch.get("new", s.new_outputs_size(T)), T)
+            addresses.update(new)
+            addresses["logits"] = s.scratch.get("logits", nbytes(outs["logits"], np.float32))
             execute(s, ins, outs, addresses)
-            self._append(appends_of(s.past, addresses), T)
+            self._append(s.appends(new, T), T)
             s.memory.download(logits, addresses["logits"])
             s.memory.synchronize()  # `host` and `logits` stay referenced until here
         self.length += T

@@ -1,26 +1,22 @@
 """ONNX Runtime backend: CPU by default, the CUDA or TensorRT execution providers when asked for.
 
-Every cached forward runs through an IOBinding of raw pointers into a memory core (device.py):
-HostMemory bound as device "cpu" on the CPU provider, CudaMemory bound as device "cuda" on the GPU
-providers. The KV cache lives in that memory for the whole generation (kvcache.py): before each
-step the few small inputs (input_ids, past_length) are written into their buffers, the graph's
-new keys/values are copied into the cache slot by the core, and only the logits that are sampled
-are downloaded. On CUDA all of it is queued on the core's stream, which ONNX Runtime runs on too
+On the GPU providers every cached forward runs through an IOBinding of raw device pointers into the
+CUDA memory core (device.py): the KV cache lives there for the whole generation (kvcache.py);
+before each step the few small inputs (input_ids, past_length) are written into their buffers, the
+graph's new keys/values are appended to the cache by the core, and only the logits that are sampled
+are downloaded. All of it is queued on the core's stream, which ONNX Runtime runs on too
 (`user_compute_stream`), so no step needs more than its one final synchronize.
 
 Why pointers: ONNX Runtime copies a CPU-resident input to the device when it is *bound*
 (IOBinding::BindInput), so binding OrtValues of numpy arrays once and writing into the arrays
 before later steps feeds a GPU provider stale inputs; that made every decode step wrong on an H200
-(issue 9). Device pointers are read when the graph runs. On the CPU provider a "cpu" pointer is
-used in place, as a CPU OrtValue is, so the CPU takes the same code path the GPU does and the test
-suite checks it token for token against session.run.
+(issue 9). Device pointers are read when the graph runs.
 
-The CPU provider's default is the older binding (`OrtCache`): OrtValues that share numpy arrays,
-bound once per cache, which the CPU provider reads in place. It does the same work with less
-Python per step: ~5 us against ~23 us for the pointer path's uploads, strided copies and download
-through the memory core, which was 10-15 % of a decode step of the shipped 4-layer model
-(`binding="pointer"` selects the pointer path on the CPU too; the test suite runs it token for
-token). On GPT-2-small the difference is below the noise of our measurements.
+The same code runs on the CPU provider with `binding="pointer"`: "cpu" pointers into the host
+memory core, which the CPU provider uses in place; the test suite checks it token for token
+against session.run. The CPU provider's default stays the OrtValue binding (`OrtCache`), correct
+there because the CPU provider reads a CPU OrtValue in place, and cheaper in Python per step
+(see docs/tensorrt.md, "The device-memory core", for the measurement).
 
 Decode steps (one token per sequence) bind fixed addresses once per cache slot. With CUDA graphs
 (ort-cuda, on by default) ONNX Runtime captures that step on the first run with the slot's
