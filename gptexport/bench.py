@@ -1,10 +1,16 @@
 """`gptexport bench`: our runtime in each precision against nanoGPT and transformers, in one run.
 
 Every runtime generates greedily from the same random prompts with the same weights:
-  gptexport-ort  the model directory on ONNX Runtime (fp32, and int8/int4 made by `quantize`)
+  gptexport-ort  the model directory on ONNX Runtime's CPU provider (fp32, and int8/int4 made by
+                 `quantize`)
+  gptexport-ort-cuda, -ort-tensorrt, -tensorrt
+                 with `--backend`: the model directory on that GPU backend, in its own dtype, with
+                 and/or without CUDA graphs for decode (`--cuda-graphs on|off|both`)
   nanoGPT        gptexport.model.GPT.generate: nanoGPT's loop, a full forward per new token
-  transformers   GPT2LMHeadModel.generate with its KV cache (optional: skipped when not installed)
-Each measurement runs in its own subprocess (`python -m gptexport.bench worker JOB`), so its peak
+  transformers   GPT2LMHeadModel.generate with its KV cache (optional: skipped when not installed);
+                 transformers-cuda: the same on the GPU, in the model directory's dtype, when GPU
+                 backends are benchmarked and torch has CUDA
+Each measurement runs in its own subprocess (`python -m gptexport.bench_worker JOB`), so its peak
 RSS is that runtime's alone. Every token is time-stamped as it is sampled: time to first token
 (prefill), then the mean time per token of the rest (decode). Every runtime is measured once per
 round, for several rounds; medians over the rounds are reported. Next to them, the machine's
@@ -32,6 +38,8 @@ import numpy as np
 from .errors import GptExportError, UsageError
 
 PRECISIONS = ("fp32", "int8", "int4")
+GPU_BACKENDS = ("ort-cuda", "ort-tensorrt", "tensorrt")
+GRAPH_BACKENDS = ("ort-cuda", "tensorrt")  # the backends with CUDA graphs for decode
 MB = 1e6
 
 
@@ -48,6 +56,8 @@ class BenchConfig:
     max_others: float | None = 0.15  # rerun a job during which other processes used more of the CPU
     threads: int = 2
     seed: int = 0
+    backends: tuple[str, ...] = ("onnxruntime",)  # and/or GPU_BACKENDS
+    cuda_graphs: tuple[bool, ...] = (True,)  # the GPU backends' decode with CUDA graphs, without, or both
 
 
 @dataclass
@@ -56,130 +66,13 @@ class Result:
 
     runtime: str
     weights: str
+    device: str = "cpu"
+    variant: str = ""  # e.g. "no CUDA graphs"
     weight_bytes: int | None = None  # every initializer, as stored
     weight_bytes_per_token: int | None = None  # what a decode step reads (see weight_bytes())
     by_batch: dict = field(default_factory=dict)  # str(batch) -> {prefill_tok_s, decode_tok_s, ttft_ms, peak_rss_mb}
     ms_per_token_at: dict = field(default_factory=dict)  # str(context) -> decode ms per token (batch 1)
     note: str = ""
-
-
-# ---- the measurement, run inside a worker subprocess ------------------------------------------
-
-# A generator is gen(prompt (B, T) int64, n, stamp): generate n tokens greedily, calling stamp()
-# as each one is sampled, so every runtime is timed token by token the same way.
-Generator = Callable[[np.ndarray, int, Callable[[], None]], None]
-
-
-def _ort_generator(path: str, threads: int) -> Generator:
-    from .backends.ort import OrtRunner
-    from .generate import generate
-    from .modeldir import load_model_dir
-    from .sampling import SamplingParams
-
-    runner = OrtRunner(load_model_dir(path, verify=False), threads=threads)
-    runner.activate()
-    greedy, rng = SamplingParams(0.0), np.random.default_rng(0)
-    return lambda prompt, n, stamp: generate(runner, prompt, n, greedy, rng, on_token=lambda t: stamp())
-
-
-def _nanogpt_generator(path: str, threads: int) -> Generator:
-    import torch
-
-    from .checkpoint import load_model
-
-    torch.set_num_threads(threads)
-    model = load_model(path).float().eval()
-
-    def gen(prompt: np.ndarray, n: int, stamp: Callable[[], None]) -> None:
-        idx = torch.from_numpy(prompt)
-        for _ in range(n):  # nanoGPT's generate one token at a time: the same full recompute per token
-            idx = model.generate(idx, 1, top_k=1)  # top_k=1: greedy, like the other runtimes
-            stamp()
-    return gen
-
-
-def _transformers_generator(path: str, threads: int) -> Generator:
-    import torch
-
-    torch.set_num_threads(threads)
-    model = hf_gpt2(path)
-
-    class Stamps:  # transformers' streamer protocol: put() the prompt, then each new token
-        def __init__(self, stamp):
-            self.stamp, self.prompt_seen = stamp, False
-
-        def put(self, value) -> None:
-            if self.prompt_seen:
-                self.stamp()
-            self.prompt_seen = True
-
-        def end(self) -> None:
-            pass
-
-    def gen(prompt: np.ndarray, n: int, stamp: Callable[[], None]) -> None:
-        ids = torch.from_numpy(prompt)
-        with torch.no_grad():
-            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                           do_sample=False, use_cache=True, pad_token_id=0, streamer=Stamps(stamp))
-    return gen
-
-
-def hf_gpt2(ckpt: str):
-    """The checkpoint as a transformers GPT2LMHeadModel (fp32, eval), weights copied over."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from .checkpoint import CONV1D_WEIGHTS, load_checkpoint
-
-    ck = load_checkpoint(ckpt)
-    c = ck.config
-    config = GPT2Config(vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer,
-                        n_head=c.n_head, activation_function="gelu" if c.activation == "gelu" else "gelu_new",
-                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, eos_token_id=None, bos_token_id=None)
-    model = GPT2LMHeadModel(config).eval()
-    # Hugging Face's Conv1D stores (in, out), nanoGPT's Linear (out, in); bias=False models keep
-    # transformers' zero biases
-    sd = {k: v.t() if k.endswith(CONV1D_WEIGHTS) else v for k, v in ck.state_dict.items()}
-    model.load_state_dict(sd, strict=False)
-    model.generation_config.eos_token_id = None
-    return model
-
-
-GENERATORS = {"gptexport-ort": _ort_generator, "nanoGPT": _nanogpt_generator, "transformers": _transformers_generator}
-
-
-def _token_times(gen: Generator, prompt: np.ndarray, n: int) -> list[float]:
-    """Seconds from the call to each of the n tokens."""
-    stamps: list[float] = []
-    t0 = time.perf_counter()
-    gen(prompt, n, lambda: stamps.append(time.perf_counter()))
-    if len(stamps) != n:
-        raise GptExportError(f"bench: generator stamped {len(stamps)} tokens, asked for {n}")
-    return [s - t0 for s in stamps]
-
-
-def measure(job: dict) -> dict:
-    """One job in this process: time to first token and decode rate of greedy generation, medians
-    over `repeats` runs (fewer when the job's time budget runs out: nanoGPT at long contexts)."""
-    gen = GENERATORS[job["runtime"]](job["path"], job["threads"])
-    rng = np.random.default_rng(job["seed"])
-    B, T, n = job["batch"], job["prompt_tokens"], job["new_tokens"]
-    prompt = rng.integers(0, job["vocab_size"], (B, T), dtype=np.int64)
-    gen(prompt, 2, lambda: None)  # warm-up: first-run allocations and lazy initialisation
-    runs, start = [], time.perf_counter()
-    while len(runs) < job["repeats"] and (not runs or time.perf_counter() - start < job["budget_s"]):
-        runs.append(_token_times(gen, prompt, n))
-    first = statistics.median(r[0] for r in runs)
-    step = statistics.median((r[-1] - r[0]) / (n - 1) for r in runs)
-    return {"prefill_tok_s": B * T / first, "decode_tok_s": B / step, "ttft_ms": first * 1e3,
-            "ms_per_token": step * 1e3, "runs": len(runs), "peak_rss_mb": peak_rss() / MB}
-
-
-def peak_rss() -> int:
-    """This process's peak resident set in bytes since exec (VmHWM; ru_maxrss survives exec on Linux)."""
-    for line in _read("/proc/self/status").splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def run_worker(job: dict, max_others: float | None = None, attempts: int = 3) -> dict:
@@ -206,7 +99,7 @@ def _run_once(job: dict) -> tuple[dict, float]:
     """(the worker's result, the CPU seconds it used)."""
     env = {**os.environ, "OMP_NUM_THREADS": str(job["threads"]), "TOKENIZERS_PARALLELISM": "false"}
     children = resource.getrusage(resource.RUSAGE_CHILDREN)  # the worker is our only child meanwhile
-    proc = subprocess.run([sys.executable, "-m", "gptexport.bench", "worker", json.dumps(job)],
+    proc = subprocess.run([sys.executable, "-m", "gptexport.bench_worker", json.dumps(job)],
                           capture_output=True, text=True, env=env)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
@@ -321,32 +214,68 @@ def run_bench(model_dir: str | Path, ckpt: str | Path | None = None, config: Ben
     bad = [p for p in precisions if p not in PRECISIONS]
     if bad:
         raise UsageError(f"--precision {bad[0]!r} is not one of {', '.join(PRECISIONS)}")
-    work_dir = Path(work_dir) if work_dir else model_dir.parent
-    dirs = precision_dirs(model_dir, precisions, work_dir)
-    # (runtime, weights, path, (weight bytes, weight bytes per token) when it is an ONNX model)
-    runtimes = [("gptexport-ort", p, str(d), weight_bytes(load_model_dir(d, verify=False).onnx_path))
-                for p, d in dirs.items()]
-    notes = []
-    if ckpt is None:
-        notes.append("nanoGPT and transformers skipped: no --ckpt given")
-    else:
-        runtimes.append(("nanoGPT", "fp32", str(ckpt), None))
-        if _has_transformers():
-            runtimes.append(("transformers", "fp32", str(ckpt), None))
-        else:
-            notes.append("transformers skipped: not installed (pip install transformers)")
+    bad = [b for b in config.backends if b != "onnxruntime" and b not in GPU_BACKENDS]
+    if bad:
+        raise UsageError(f"--backend {bad[0]!r} is not one of onnxruntime, {', '.join(GPU_BACKENDS)}")
+    runtimes, notes = _runtimes(model_dir, md, ckpt, config, precisions, Path(work_dir) if work_dir else model_dir.parent)
     rounds = []
     for i in range(config.rounds):
         progress(f"round {i + 1} of {config.rounds}")
         bandwidth = memory_bandwidth(config.threads)
         progress(f"memory bandwidth ({config.threads} threads): copy {bandwidth['copy'] / 1e9:.1f} GB/s, "
                  f"read {bandwidth['read'] / 1e9:.1f} GB/s")
-        results = [_bench_runtime(md.config, *runtime, config, progress) for runtime in runtimes]
+        results = [_bench_runtime(md.config, runtime, config, progress) for runtime in runtimes]
         rounds.append({"memory_bandwidth_bytes_s": bandwidth, "results": [asdict(r) for r in results]})
     return {"config": asdict(config), "model": {"path": str(model_dir), **md.config.to_dict()},
             "memory_bandwidth_bytes_s": _medians([r["memory_bandwidth_bytes_s"] for r in rounds]), "notes": notes,
             "results": [_medians([r["results"][i] for r in rounds]) for i in range(len(runtimes))],
             "rounds": rounds, "machine": _machine()}
+
+
+@dataclass
+class Runtime:
+    """What one row of the report measures: a worker runtime, its weights and its job settings."""
+
+    name: str
+    weights: str
+    path: str
+    sizes: tuple[int, int] | None = None  # (weight bytes, weight bytes per token) of an ONNX model
+    device: str = "cpu"
+    job: dict = field(default_factory=dict)  # extra job settings: cuda_graphs, dtype
+    variant: str = ""
+
+
+def _runtimes(model_dir: Path, md, ckpt, config: BenchConfig, precisions: tuple[str, ...],
+              work_dir: Path) -> tuple[list[Runtime], list[str]]:
+    """The rows to measure, and notes on what was skipped and why."""
+    from .modeldir import load_model_dir
+
+    runtimes, notes = [], []
+    if "onnxruntime" in config.backends:
+        dirs = precision_dirs(model_dir, precisions, work_dir)
+        runtimes += [Runtime("gptexport-ort", p, str(d), weight_bytes(load_model_dir(d, verify=False).onnx_path))
+                     for p, d in dirs.items()]
+    for backend in (b for b in config.backends if b in GPU_BACKENDS):
+        for graphs in (config.cuda_graphs if backend in GRAPH_BACKENDS else (True,)):
+            variant = "" if graphs or backend not in GRAPH_BACKENDS else "no CUDA graphs"
+            runtimes.append(Runtime(f"gptexport-{backend}", md.dtype, str(model_dir), device="cuda",
+                                    job={"cuda_graphs": graphs}, variant=variant))
+    if ckpt is None:
+        notes.append("nanoGPT and transformers skipped: no --ckpt given")
+        return runtimes, notes
+    if "onnxruntime" in config.backends:
+        runtimes.append(Runtime("nanoGPT", "fp32", str(ckpt)))
+    if not _has_transformers():
+        notes.append("transformers skipped: not installed (pip install transformers)")
+        return runtimes, notes
+    if "onnxruntime" in config.backends:
+        runtimes.append(Runtime("transformers", "fp32", str(ckpt)))
+    if any(b in GPU_BACKENDS for b in config.backends):
+        if md.dtype in ("fp32", "fp16") and _torch_has_cuda():
+            runtimes.append(Runtime("transformers-cuda", md.dtype, str(ckpt), device="cuda", job={"dtype": md.dtype}))
+        else:
+            notes.append(f"transformers on the GPU skipped: torch without CUDA here, or a {md.dtype} model")
+    return runtimes, notes
 
 
 def _medians(items: list):
@@ -359,11 +288,12 @@ def _medians(items: list):
     return first
 
 
-def _bench_runtime(c, name: str, weights: str, path: str, sizes: tuple[int, int] | None, config: BenchConfig,
-                   progress: Callable[[str], None]) -> Result:
-    result = Result(name, weights, *(sizes or (None, None)))
-    base = {"runtime": name, "path": path, "threads": config.threads, "seed": config.seed,
-            "vocab_size": c.vocab_size, "repeats": config.repeats, "budget_s": config.budget_s}
+def _bench_runtime(c, runtime: Runtime, config: BenchConfig, progress: Callable[[str], None]) -> Result:
+    result = Result(runtime.name, runtime.weights, runtime.device, runtime.variant, *(runtime.sizes or (None, None)))
+    name, weights = runtime.name + (f" ({runtime.variant})" if runtime.variant else ""), runtime.weights
+    base = {"runtime": runtime.name, "path": runtime.path, "threads": config.threads, "seed": config.seed,
+            "vocab_size": c.vocab_size, "repeats": config.repeats, "budget_s": config.budget_s,
+            "device": runtime.device, **runtime.job}
     for b in config.batches:
         job = {**base, "batch": b, "prompt_tokens": config.prompt_tokens, "new_tokens": config.new_tokens}
         m = run_worker(job, config.max_others)
@@ -386,6 +316,15 @@ def _has_transformers() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("transformers") is not None
+
+
+def _torch_has_cuda() -> bool:
+    """Whether torch here sees a CUDA device, asked in a subprocess: the bench never imports torch itself."""
+    code = "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"
+    try:
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
 
 
 def _machine() -> dict:
@@ -412,6 +351,14 @@ def _find(report: dict, runtime: str, weights: str = "fp32") -> dict | None:
     return next((r for r in report["results"] if r["runtime"] == runtime and r["weights"] == weights), None)
 
 
+def _transformers_for(report: dict, result: dict) -> dict | None:
+    """The transformers row to compare a row with: on the same GPU in the same dtype for GPU rows,
+    else transformers on the CPU in fp32."""
+    if result.get("device", "cpu") != "cpu":
+        return _find(report, "transformers-cuda", result["weights"])
+    return _find(report, "transformers")
+
+
 def _ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.1f}×" if a and b and a == a and b == b else "–"
 
@@ -419,13 +366,15 @@ def _ratio(a: float | None, b: float | None) -> str:
 def floor_tok_s(report: dict, result: dict, stream: str = "copy") -> float | None:
     """The decode rate memory bandwidth allows at most: bandwidth / weight bytes read per token."""
     wb = result.get("weight_bytes_per_token")
+    if result.get("device", "cpu") != "cpu":
+        return None  # the bandwidth measured is the CPU's
     return report["memory_bandwidth_bytes_s"][stream] / wb if wb else None
 
 
 def table(report: dict) -> str:
     """The report as a markdown table plus the bandwidth floor, ratios against the baselines."""
     b1 = lambda r, k: r["by_batch"].get("1", {}).get(k)
-    nano, hf = _find(report, "nanoGPT"), _find(report, "transformers")
+    nano = _find(report, "nanoGPT")
     bmax = str(max(report["config"]["batches"]))
     c_lo, c_hi = (str(c) for c in (list(report["config"]["contexts"]) + [None, None])[:2])
     rows = ["| runtime | weights | decode tok/s (B=1) | × nanoGPT | × transformers | ÷ floor (copy) | ÷ floor (read) "
@@ -434,8 +383,10 @@ def table(report: dict) -> str:
     for r in report["results"]:
         d = b1(r, "decode_tok_s")
         lo, hi = r["ms_per_token_at"].get(c_lo), r["ms_per_token_at"].get(c_hi)
+        hf = _transformers_for(report, r)
+        label = r["runtime"] + (f" ({r['variant']})" if r.get("variant") else "")
         rows.append("| " + " | ".join([
-            r["runtime"], r["weights"], _fmt(d), _ratio(d, nano and b1(nano, "decode_tok_s")),
+            label, r["weights"], _fmt(d), _ratio(d, nano and b1(nano, "decode_tok_s")),
             _ratio(d, hf and b1(hf, "decode_tok_s")),
             *(_ratio_plain(d, floor_tok_s(report, r, k)).rstrip("×") for k in ("copy", "read")),
             _fmt(b1(r, "prefill_tok_s")), _fmt(b1(r, "ttft_ms")), _fmt(r["by_batch"].get(bmax, {}).get("decode_tok_s")),
@@ -446,7 +397,7 @@ def table(report: dict) -> str:
              f"(read + write), read {bw['read'] / 1e9:.1f} GB/s; decode floor = bandwidth / weight bytes "
              f"read per token:"]
     for r in report["results"]:
-        if r.get("weight_bytes_per_token"):
+        if floor_tok_s(report, r):
             rss = r["by_batch"].get("1", {}).get("peak_rss_mb")
             lines.append(f"  {r['weights']}: {r['weight_bytes_per_token'] / MB:.0f} MB/token -> "
                          f"{floor_tok_s(report, r, 'copy'):.0f} tok/s (copy), "
@@ -504,6 +455,3 @@ def plot(report: dict, path: str | Path) -> None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
-
-if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "worker":
-    print(json.dumps(measure(json.loads(sys.argv[2]))))

@@ -5,7 +5,9 @@ Checks, without TensorRT or a GPU, what `gptexport build` would otherwise find o
   tensors in the dtypes that table lists and the restrictions it states that apply to our graphs;
 - the model's opset is one the parser reads;
 - every dynamic dim of every input has a range in the optimization profiles `build` would use;
-- weights are of types TensorRT takes and within its per-tensor element limit.
+- weights are of types TensorRT takes and within its per-tensor element limit;
+- no shape computation reads the values of past_length or logit_positions (shapeflow.py), so a
+  CUDA graph may replay decode steps (ONNX Runtime's CUDA provider and TensorRT alike).
 It returns findings, one per offending node (or input, or initializer); none means buildable as
 far as a static check can tell.
 
@@ -23,6 +25,11 @@ from pathlib import Path
 from .config import GPTConfig, IOSpec
 from .errors import ModelDirError, UsageError
 from .modeldir import MANIFEST, ModelDir, load_model_dir
+from .profiles import profile_problems, profile_shapes
+from .shapeflow import shape_reads
+
+# inputs that change every decode step: their values must reach device kernels only (shapeflow.py)
+STEP_VALUES = ("past_length", "logit_positions")
 
 # Opsets each major version's parser reads. 10.0 reads 9..20, 10.15 9..24: 20 holds for every
 # 10.x. 11.x: 9..25 (TensorRT's ONNX opset guide).
@@ -133,8 +140,6 @@ def check_model_dir(md: ModelDir, target: str = "10", max_batch: int = 1, opt_se
 
 
 def _dir_args(md: ModelDir, target: str, max_batch: int, opt_seq: int | None):
-    from .engine import profile_shapes
-
     return md.onnx_path, target, md.config, md.spec, profile_shapes(md.config, md.spec, max_batch, opt_seq)
 
 
@@ -170,6 +175,7 @@ def check_onnx(path: Path, target: str = "10", config: GPTConfig | None = None, 
     findings += graph_findings(model.graph, OPS[target], opset or OPSETS[target][1])
     findings += io_findings(model.graph)
     findings += initializer_findings(model.graph)
+    findings += [Finding(r.node, r.op_type, str(r)) for r in shape_reads(model.graph, STEP_VALUES)]
     if profs is not None:
         findings += profile_findings(model.graph, spec, profs, config)
     else:
@@ -389,8 +395,6 @@ def _graph_dims(value) -> list:
 
 def profile_findings(graph, spec: IOSpec, profs: list, config: GPTConfig) -> list[Finding]:
     """Every dynamic dim of every input must have a range in every profile, fixed dims must match."""
-    from .engine import profile_problems
-
     findings = [Finding("profiles", "profile", p) for p in profile_problems(config, spec, profs)]
     initializers = {t.name for t in graph.initializer}
     for value in graph.input:

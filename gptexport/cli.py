@@ -98,10 +98,13 @@ def convert(ckpt: Path, out_dir: Path, dtype: str, tokenizer: Path | None, force
 @click.option("--backend", default="onnxruntime", show_default=True,
               help="onnxruntime (CPU), ort-cuda, ort-tensorrt, or tensorrt (an engine built by `gptexport build`).")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for ONNX Runtime (default: all cores).")
+@click.option("--tf32", is_flag=True, help="ort-cuda: let fp32 matmuls use TF32 (faster, less exact; off by default).")
+@click.option("--no-cuda-graphs", is_flag=True, help="ort-cuda, tensorrt: run decode steps without CUDA graphs.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of streaming text.")
 def generate(model_dir: Path, prompt: str | None, prompt_file: Path | None, prompt_tokens: str | None,
              max_new_tokens: int, temperature: float, top_k: int, top_p: float | None, seed: int,
-             num_samples: int, backend: str, threads: int | None, as_json: bool) -> None:
+             num_samples: int, backend: str, threads: int | None, tf32: bool, no_cuda_graphs: bool,
+             as_json: bool) -> None:
     """Sample text from a model directory, streaming it as it is produced."""
     from .generate import GenerationRequest, run_generation
 
@@ -109,7 +112,8 @@ def generate(model_dir: Path, prompt: str | None, prompt_file: Path | None, prom
                                 max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                                 top_p=top_p, seed=seed, num_samples=num_samples)
     stream = None if as_json else (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
-    samples = run_generation(model_dir, request, backend=backend, threads=threads, stream=stream)
+    samples = run_generation(model_dir, request, backend=backend, threads=threads, stream=stream, tf32=tf32,
+                             cuda_graphs=False if no_cuda_graphs else None)
     if as_json:
         click.echo(json.dumps({"samples": samples}, ensure_ascii=False))
 
@@ -123,8 +127,8 @@ def generate(model_dir: Path, prompt: str | None, prompt_file: Path | None, prom
               help="A file of prompts, one per line (a literal \\n is a newline).")
 @click.option("--prompt-tokens", multiple=True, help="A prompt as comma-separated token ids; repeatable.")
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Tokens generated per prompt [default: 32].")
-@click.option("--tolerance", type=click.Choice(["fp32", "fp16", "bf16", "int8", "int4"]), default=None,
-              help="Logit tolerance preset [default: the model directory's dtype].")
+@click.option("--tolerance", type=click.Choice(["fp32", "tf32", "fp16", "bf16", "int8", "int4"]), default=None,
+              help="Logit tolerance preset [default: the model directory's dtype; tf32 with --tf32].")
 @click.option("--atol", type=float, default=None, help="Absolute logit tolerance (instead of --tolerance).")
 @click.option("--rtol", type=float, default=None, help="Relative logit tolerance (instead of --tolerance).")
 @click.option("--temperature", type=float, default=None, help="Sampling temperature of the KL and sampling checks [default: 0.8].")
@@ -132,6 +136,7 @@ def generate(model_dir: Path, prompt: str | None, prompt_file: Path | None, prom
 @click.option("--top-p", type=float, default=None, help="Sampling top-p, in (0, 1].")
 @click.option("--seed", type=int, default=None, help="Seed of the sampling check [default: 1337].")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for ONNX Runtime.")
+@click.option("--tf32", is_flag=True, help="Run ort-cuda with TF32 matmuls; an fp32 directory is then held to the tf32 preset.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write every number to this JSON file.")
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None,
               help="Write a PNG of the per-position logit error of each backend.")
@@ -142,7 +147,7 @@ def generate(model_dir: Path, prompt: str | None, prompt_file: Path | None, prom
 def parity(paths: tuple[Path, ...], backends: str, prompt_texts: tuple[str, ...], prompts_file: Path | None,
            prompt_tokens: tuple[str, ...], steps: int | None, tolerance: str | None, atol: float | None,
            rtol: float | None, temperature: float | None, top_k: int | None, top_p: float | None,
-           seed: int | None, threads: int | None, json_path: Path | None, plot_path: Path | None,
+           seed: int | None, threads: int | None, tf32: bool, json_path: Path | None, plot_path: Path | None,
            save_golden: Path | None, golden: Path | None) -> None:
     """Check that every backend reproduces the PyTorch model: forward, generation, sampling, cache.
 
@@ -159,7 +164,7 @@ def parity(paths: tuple[Path, ...], backends: str, prompt_texts: tuple[str, ...]
     options = p.ParityOptions(prompts=prompts, steps=steps or p.DEFAULT_STEPS, backends=backends,
                               sampling=p.sampling_params(temperature, top_k, top_p),
                               seed=p.DEFAULT_SEED if seed is None else seed,
-                              tolerance=tolerance, atol=atol, rtol=rtol, threads=threads)
+                              tolerance=tolerance, atol=atol, rtol=rtol, threads=threads, tf32=tf32)
     report = p.run_parity(out_dir, ckpt, golden=golden, options=options, save_golden_to=save_golden,
                           progress=lambda msg: click.echo(msg, err=True))
     click.echo(report.table())
@@ -181,8 +186,9 @@ def parity(paths: tuple[Path, ...], backends: str, prompt_texts: tuple[str, ...]
               help="Builder workspace limit in MiB [default: TensorRT's, the GPU's memory].")
 @click.option("--timing-cache", type=click.Path(path_type=Path), default=None,
               help="Timing cache file, read if present and updated [default: OUTDIR/timing.cache].")
+@click.option("--tf32", is_flag=True, help="Let an fp32 engine use TF32 (off by default: fp32 means fp32).")
 def build(model_dir: Path, max_batch: int, opt_seq: int | None, workspace_mb: int | None,
-          timing_cache: Path | None) -> None:
+          timing_cache: Path | None, tf32: bool) -> None:
     """Build a TensorRT engine from OUTDIR/model.onnx (needs TensorRT 10/11 and an NVIDIA GPU).
 
     Two optimization profiles: prefill (past 0, any prompt length) and decode (one token, any
@@ -191,7 +197,7 @@ def build(model_dir: Path, max_batch: int, opt_seq: int | None, workspace_mb: in
     """
     from .engine import BuildOptions, build_engine
 
-    build_engine(model_dir, BuildOptions(max_batch, opt_seq, workspace_mb, timing_cache))
+    build_engine(model_dir, BuildOptions(max_batch, opt_seq, workspace_mb, timing_cache, tf32))
 
 
 @main.command()
@@ -221,7 +227,8 @@ def check(path: Path, target: str, trt_version: str, max_batch: int, opt_seq: in
                              f"{trt_version}.x (listed above)")
     profiles = "every dynamic dim has a profile range" if report.profiles_checked else "profiles not checked"
     click.echo(f"ok: {report.onnx_path}: {report.nodes} nodes, {report.op_types} op types, opset {report.opset}: "
-               f"TensorRT {trt_version}.x's ONNX parser takes them; {profiles}")
+               f"TensorRT {trt_version}.x's ONNX parser takes them; {profiles}; no shape reads the value of "
+               f"past_length or logit_positions (decode may run in a CUDA graph)")
 
 
 
@@ -263,8 +270,14 @@ def _read_text(path: Path) -> str:
 @click.argument("model_dir", type=click.Path(path_type=Path), metavar="OUTDIR")
 @click.option("--ckpt", type=click.Path(path_type=Path), default=None,
               help="The checkpoint OUTDIR was converted from: adds the nanoGPT and transformers baselines.")
+@click.option("--backend", "backends", multiple=True,
+              type=click.Choice(["onnxruntime", "ort-cuda", "ort-tensorrt", "tensorrt"]),
+              help="Backends to time; repeatable [default: onnxruntime]. A GPU backend runs OUTDIR in its own dtype "
+                   "and adds transformers on the same GPU when torch has CUDA.")
+@click.option("--cuda-graphs", type=click.Choice(["on", "off", "both"]), default="on", show_default=True,
+              help="GPU backends: decode with CUDA graphs, without, or both in the same run.")
 @click.option("--precision", "precisions", multiple=True, type=click.Choice(["fp32", "int8", "int4"]),
-              help="Precisions of our runtime; repeatable [default: all three].")
+              help="Precisions of the onnxruntime (CPU) rows; repeatable [default: all three].")
 @click.option("--batch", "batches", multiple=True, type=click.IntRange(min=1), help="Batch sizes [default: 1 and 8].")
 @click.option("--prompt-tokens", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--new-tokens", type=click.IntRange(min=2), default=128, show_default=True)
@@ -278,14 +291,17 @@ def _read_text(path: Path) -> str:
               help="Where the int8/int4 model directories are made [default: beside OUTDIR].")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of a table.")
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None, help="Write a PNG plot.")
-def bench(model_dir: Path, ckpt: Path | None, precisions: tuple[str, ...], batches: tuple[int, ...],
+def bench(model_dir: Path, ckpt: Path | None, backends: tuple[str, ...], cuda_graphs: str,
+          precisions: tuple[str, ...], batches: tuple[int, ...],
           prompt_tokens: int, new_tokens: int, contexts: tuple[int, ...], rounds: int, repeats: int, threads: int,
           work_dir: Path | None, as_json: bool, plot_path: Path | None) -> None:
-    """Benchmark OUTDIR on ONNX Runtime (fp32, int8, int4) against nanoGPT and transformers."""
+    """Benchmark OUTDIR on ONNX Runtime (fp32, int8, int4) or GPU backends against nanoGPT and transformers."""
     from . import bench as b
 
+    graphs = {"on": (True,), "off": (False,), "both": (True, False)}[cuda_graphs]
     config = b.BenchConfig(prompt_tokens=prompt_tokens, new_tokens=new_tokens, batches=batches or (1, 8),
-                           contexts=contexts or (64, 900), rounds=rounds, repeats=repeats, threads=threads)
+                           contexts=contexts or (64, 900), rounds=rounds, repeats=repeats, threads=threads,
+                           backends=backends or ("onnxruntime",), cuda_graphs=graphs)
     report = b.run_bench(model_dir, ckpt, config, precisions or b.PRECISIONS, work_dir,
                          progress=lambda msg: click.echo(msg, err=True))
     click.echo(json.dumps(report, indent=2) if as_json else b.table(report))

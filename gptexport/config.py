@@ -22,6 +22,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
+
 DTYPES = ("fp32", "fp16", "bf16")
 ONNX_DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 ACTIVATIONS = ("gelu", "gelu_tanh")
@@ -122,6 +124,15 @@ def io_spec(config: GPTConfig, dtype: str = "fp32") -> IOSpec:
         outputs += [TensorSpec(f"new_key.{i}", cache, kv_new), TensorSpec(f"new_value.{i}", cache, kv_new)]
     return IOSpec(tuple(inputs), tuple(outputs), config.n_layer, cache)
 
+
+
+def numpy_dtype(name: str) -> np.dtype:
+    """numpy dtype of a spec dtype name (float32, int64, ...); bfloat16 comes from ml_dtypes."""
+    if name == "bfloat16":
+        import ml_dtypes  # numpy has no bfloat16; ONNX Runtime reads ml_dtypes' layout
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
 
 @dataclass(frozen=True)
 class DimRange:

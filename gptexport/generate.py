@@ -133,10 +133,12 @@ def read_text_file(path: Path, what: str = "prompt file") -> str:
 
 
 def run_generation(model_dir: str | Path, request: GenerationRequest, backend: str = "onnxruntime",
-                   threads: int | None = None, stream: Callable[[str], None] | None = None) -> list[dict]:
+                   threads: int | None = None, stream: Callable[[str], None] | None = None,
+                   tf32: bool = False, cuda_graphs: bool | None = None) -> list[dict]:
     """Load a model directory and draw `num_samples` samples one after another, as sample.py does.
 
     Returns [{"tokens": [...], "text": ...}] (prompt excluded); `stream` receives text as it comes.
+    `tf32` and `cuda_graphs` are the GPU backends' options (see backends.open_runner).
     """
     from .backends import open_runner
     from .modeldir import load_model_dir
@@ -151,7 +153,7 @@ def run_generation(model_dir: str | Path, request: GenerationRequest, backend: s
     ids = prompt_ids(request, tokenizer, md.config.vocab_size)
     rng = np.random.default_rng(request.seed)
     samples = []
-    with open_runner(backend, md, threads) as runner:
+    with open_runner(backend, md, threads, tf32=tf32, cuda_graphs=cuda_graphs) as runner:
         for i in range(request.num_samples):
             text_stream = TextStream(tokenizer, stream)
             text_stream.write(ids)

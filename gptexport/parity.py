@@ -74,6 +74,11 @@ PRESETS = {
     "fp32": Tolerance("fp32", 1e-4, 1e-3),
     "fp16": Tolerance("fp16", 5e-2, 5e-3),
     "bf16": Tolerance("bf16", 2.5e-1, 2e-2),
+    # fp32 with TF32 matmuls (--tf32). Provisional, never measured (no GPU has run it yet): fp16's
+    # bounds, an upper bound by construction, since TF32 rounds the same matmul inputs to the same
+    # 10-bit mantissa as fp16 and keeps everything else in fp32. scripts/gpu_check.py reports the
+    # atol/rtol TF32 needed on a GPU; set the preset from that measurement.
+    "tf32": Tolerance("tf32", 5e-2, 5e-3),
     "int8": Tolerance("int8", 0.5, 0.05, within=0.99, min_top1=0.90, ties_excused=False),
     "int4": Tolerance("int4", 1.5, 0.1, within=0.99, min_top1=0.80, ties_excused=False),
 }
@@ -579,6 +584,7 @@ class ParityOptions:
     atol: float | None = None
     rtol: float | None = None
     threads: int | None = None
+    tf32: bool = False  # ort-cuda runs fp32 matmuls in TF32; an fp32 directory's default preset becomes tf32
 
 
 def parse_backends(backends: tuple[str, ...] | list[str] | str) -> list[str]:
@@ -641,15 +647,16 @@ def check_same_model(ref: Reference, md: ModelDir) -> None:
                              "was it converted from another checkpoint?")
 
 
-def open_backend(name: str, md: ModelDir, threads: int | None) -> Runner:
-    """The activated runner; BackendUnavailable when its library, provider, GPU or engine is missing."""
+def open_backend(name: str, md: ModelDir, threads: int | None, tf32: bool = False) -> Runner:
+    """The activated runner; BackendUnavailable when its library, provider, GPU or engine is missing.
+    `tf32` applies to ort-cuda (a TensorRT engine's TF32 was chosen at build)."""
     if name == "tensorrt" and "tensorrt" not in md.manifest:  # the manifest records a built engine
         raise BackendUnavailable(f"{md.path} has no TensorRT engine (build one with `gptexport build {md.path}`)")
     if name == "onnxruntime" and md.dtype == "bf16":  # a known gap, not a broken export
         raise BackendUnavailable("ONNX Runtime's CPU provider has no bfloat16 kernels (Add, MatMul, Softmax); "
                                  "check a bf16 model on ort-cuda or tensorrt")
     try:
-        runner = open_runner(name, md, threads)
+        runner = open_runner(name, md, threads, tf32=tf32 and name == "ort-cuda")
         runner.activate()
     except ImportError as e:  # e.g. the TensorRT runner or its bindings not installed
         raise BackendUnavailable(f"not installed here ({e})") from e
@@ -674,6 +681,8 @@ def run_parity(model_dir: str | Path, ckpt: str | Path | None = None, *, golden:
     backends = parse_backends(options.backends)
     md = load_model_dir(model_dir)
     precision = md.manifest.get("quantization") or md.dtype  # `gptexport quantize` keeps dtype fp32
+    if options.tf32 and precision == "fp32":
+        precision = "tf32"
     tol = tolerance_for(precision, options.tolerance, options.atol, options.rtol)
     notes: list[str] = []
     ref = _reference(md, ckpt, golden, options, say, notes)
@@ -682,19 +691,19 @@ def run_parity(model_dir: str | Path, ckpt: str | Path | None = None, *, golden:
         say(f"wrote golden file {save_golden(ref, save_golden_to)}")
     source = ref.source if golden is None else f"{golden} (golden file of {ref.source})"
     settings = {"prompts": [p.tolist() for p in ref.prompts], "steps": ref.steps, "sampling": ref.sampling,
-                "seed": ref.seed, "backends": backends}
+                "seed": ref.seed, "backends": backends, "tf32": options.tf32}
     report = ParityReport(tol, source, str(md.path), settings, notes=notes)
     report.checks.append(sampler_check(ref.sampler_logits, ref.probes, ref.sampler_probs))
     for name in backends:
-        check_backend(report, name, md, ref, options.threads, say)
+        check_backend(report, name, md, ref, options.threads, say, options.tf32)
     return report
 
 
 def check_backend(report: ParityReport, name: str, md: ModelDir, ref: Reference, threads: int | None,
-                  say: Callable[[str], None]) -> None:
+                  say: Callable[[str], None], tf32: bool = False) -> None:
     """Add one backend's checks to `report`, or the reason it cannot run here to report.skipped."""
     try:
-        runner = open_backend(name, md, threads)
+        runner = open_backend(name, md, threads, tf32)
     except UsageError:
         raise
     except BackendUnavailable as e:

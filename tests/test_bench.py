@@ -99,3 +99,46 @@ def test_a_disturbed_job_runs_again(monkeypatch):
     assert bench.run_worker({}, max_others=0.15)["decode_tok_s"] == 2.0 and len(runs) == 2
     runs.clear()
     assert bench.run_worker({})["others_cpu"] > 0.15 and len(runs) == 1
+
+
+GPU_REPORT = {
+    **REPORT,
+    "results": REPORT["results"] + [
+        {"runtime": "gptexport-ort-cuda", "weights": "fp16", "device": "cuda", "variant": "",
+         "weight_bytes_per_token": None, "by_batch": {"1": {"decode_tok_s": 700.0}}, "ms_per_token_at": {}, "note": ""},
+        {"runtime": "gptexport-ort-cuda", "weights": "fp16", "device": "cuda", "variant": "no CUDA graphs",
+         "weight_bytes_per_token": None, "by_batch": {"1": {"decode_tok_s": 250.0}}, "ms_per_token_at": {}, "note": ""},
+        {"runtime": "transformers-cuda", "weights": "fp16", "device": "cuda", "variant": "",
+         "weight_bytes_per_token": None, "by_batch": {"1": {"decode_tok_s": 140.0}}, "ms_per_token_at": {}, "note": ""},
+    ]}
+
+
+def test_gpu_rows_compare_with_transformers_on_the_same_gpu():
+    text = bench.table(GPU_REPORT)
+    assert "| gptexport-ort-cuda | fp16 | 700 | 77.8× | 5.0× | – | – |" in text
+    assert "| gptexport-ort-cuda (no CUDA graphs) | fp16 | 250 | 27.8× | 1.8× |" in text
+    assert text.count("MB/token") == 1  # the CPU's bandwidth floor is not a GPU row's
+
+
+def test_gpu_backends_make_their_rows(tiny_model_dir, tiny_ckpt, tmp_path):
+    """The rows `--backend ort-cuda --backend tensorrt --cuda-graphs both` asks for (not run here)."""
+    md = load_model_dir(tiny_model_dir)
+    config = bench.BenchConfig(backends=("ort-cuda", "tensorrt", "ort-tensorrt"), cuda_graphs=(True, False))
+    runtimes, notes = bench._runtimes(tiny_model_dir, md, tiny_ckpt, config, ("fp32",), tmp_path)
+    rows = [(r.name, r.variant, r.device, r.job.get("cuda_graphs")) for r in runtimes]
+    assert rows[:5] == [("gptexport-ort-cuda", "", "cuda", True), ("gptexport-ort-cuda", "no CUDA graphs", "cuda", False),
+                        ("gptexport-tensorrt", "", "cuda", True), ("gptexport-tensorrt", "no CUDA graphs", "cuda", False),
+                        ("gptexport-ort-tensorrt", "", "cuda", True)]
+    assert not any(r.name in ("gptexport-ort", "nanoGPT") for r in runtimes)  # no CPU rows unless asked
+    assert notes  # transformers: not installed here, or torch without CUDA
+
+
+def test_a_gpu_backend_that_cannot_run_stops_the_bench(tiny_model_dir):
+    from click.testing import CliRunner
+
+    from gptexport.cli import main
+
+    result = CliRunner().invoke(main, ["bench", str(tiny_model_dir), "--backend", "ort-cuda", "--batch", "1",
+                                       "--new-tokens", "2", "--context", "4", "--rounds", "1"])
+    assert result.exit_code == 1
+    assert result.stderr.splitlines()[-1].startswith("error: bench worker gptexport-ort-cuda failed: ONNX Runtime")

@@ -10,8 +10,9 @@ from onnx import TensorProto, helper
 
 from gptexport.check import MAX_ELEMENTS, OPS, check_model_dir, check_onnx, check_path
 from gptexport.cli import main
-from gptexport.engine import ProfileShapes, profile_shapes
 from gptexport.modeldir import load_model_dir
+from gptexport.profiles import ProfileShapes, profile_shapes
+from gptexport.shapeflow import shape_reads
 
 SHIPPED = Path(__file__).resolve().parent.parent / "models" / "shakespeare-char" / "ckpt.pt"
 
@@ -139,3 +140,69 @@ def test_tables_transcribe_operators_md():
     assert "StringNormalizer" not in OPS["10"] and "Swish" not in OPS["10"] and "Swish" in OPS["11"]
     for op in ("Add", "Cast", "Concat", "Erf", "Gather", "LayerNormalization", "Less", "Softmax", "Range"):
         assert "BFLOAT16" in OPS["10"][op]
+
+
+# ---- past_length and logit_positions reach device kernels only (CUDA graphs) ----------------------
+
+def test_the_export_reads_step_values_in_kernels_only(tiny_model_dir):
+    """The real graph consumes past_length and logit_positions (mask, positions, Gather), but no
+    shape is computed from their values; the capacity, a shape, may decide shapes."""
+    model = onnx.load(str(tiny_model_dir / "model.onnx"))
+    assert shape_reads(model.graph, ("past_length", "logit_positions")) == []
+    consumers = {n.op_type for n in model.graph.node if "past_length" in n.input or "logit_positions" in n.input}
+    assert consumers  # the check is not vacuous: the values do flow into the graph
+    # input_ids' values reach no shape either (only its shape does, through Shape)
+    assert shape_reads(model.graph, ("input_ids",)) == []
+
+
+def _doctored(model_dir: Path, tmp_path: Path) -> Path:
+    """The exported graph plus two nodes that compute shapes from step values: Range up to
+    past_length, and a Slice of input_ids ending at logit_positions."""
+    model = onnx.load(str(model_dir / "model.onnx"))
+    g = model.graph
+    g.initializer.extend([onnx.numpy_helper.from_array(np.array(0, np.int64), "zero"),
+                          onnx.numpy_helper.from_array(np.array(1, np.int64), "one"),
+                          onnx.numpy_helper.from_array(np.array([0], np.int64), "start0"),
+                          onnx.numpy_helper.from_array(np.array([1], np.int64), "axis1")])
+    g.node.extend([
+        helper.make_node("Squeeze", ["past_length"], ["past_scalar"], name="squeeze_past_length"),
+        helper.make_node("Range", ["zero", "past_scalar", "one"], ["seen"], name="range_to_past_length"),
+        helper.make_node("Slice", ["input_ids", "start0", "logit_positions", "axis1"], ["cut"], name="slice_to_positions"),
+    ])
+    g.output.extend([_value("seen", TensorProto.INT64, ["n"]), _value("cut", TensorProto.INT64, ["batch", "m"])])
+    path = tmp_path / "doctored.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
+def test_a_graph_that_shapes_by_step_values_fails(tiny_model_dir, tmp_path):
+    path = _doctored(tiny_model_dir, tmp_path)
+    reads = shape_reads(onnx.load(str(path)).graph, ("past_length", "logit_positions"))
+    assert [(r.node, r.op_type, r.role, r.sources) for r in reads] == [
+        ("range_to_past_length", "Range", "limit", ("past_length",)),
+        ("slice_to_positions", "Slice", "ends", ("logit_positions",))]
+    result = CliRunner().invoke(main, ["check", str(path), "--target", "tensorrt"])
+    assert result.exit_code == 1
+    lines = result.output.splitlines()
+    assert any("range_to_past_length (Range): input 1 (limit) is computed from the value of past_length" in ln
+               for ln in lines)
+    assert any("slice_to_positions (Slice): input 2 (ends)" in ln for ln in lines)
+
+
+def test_shape_flow_stops_at_shape_and_follows_subgraphs():
+    """Shape(x) ends a value's flow; an If branch reading an outer value carries it out."""
+    then_graph = helper.make_graph([helper.make_node("Identity", ["p"], ["then_out"])], "then", [],
+                                   [_value("then_out", TensorProto.INT64, [1])])
+    else_graph = helper.make_graph([helper.make_node("Identity", ["one"], ["else_out"])], "else", [],
+                                   [_value("else_out", TensorProto.INT64, [1])])
+    nodes = [
+        helper.make_node("Shape", ["p"], ["p_shape"]),
+        helper.make_node("Reshape", ["x", "p_shape"], ["fine"], name="reshape_by_shape"),
+        helper.make_node("Greater", ["p", "one"], ["cond"]),
+        helper.make_node("If", ["cond"], ["branch"], name="if_on_p", then_branch=then_graph, else_branch=else_graph),
+        helper.make_node("Expand", ["x", "branch"], ["bad"], name="expand_by_branch"),
+    ]
+    graph = helper.make_graph(nodes, "g", [_value("p", TensorProto.INT64, [1]), _value("x", TensorProto.FLOAT, [1])],
+                              [_value("fine", TensorProto.FLOAT, None), _value("bad", TensorProto.FLOAT, None)],
+                              initializer=[onnx.numpy_helper.from_array(np.array([1], np.int64), "one")])
+    assert [(r.node, r.role) for r in shape_reads(graph, ("p",))] == [("if_on_p", "cond"), ("expand_by_branch", "shape")]

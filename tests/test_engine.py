@@ -14,13 +14,19 @@ from click.testing import CliRunner
 
 from gptexport.backends import open_runner
 from gptexport.backends.base import HostCache, Runner
-from gptexport.backends.ort import OrtRunner, provider_options
+from gptexport.backends.device import HostMemory
+from gptexport.backends.kvcache import KVLayout
+from gptexport.backends.ort import OrtRunner
+from gptexport.backends.ort_session import provider_options
 from gptexport.cli import main
-from gptexport.config import io_spec
-from gptexport.engine import (
-    ENGINE_FILE, RECORD_FILE, BuildOptions, DeviceInfo, EngineRecord, KVLayout, ProfileShapes, check_compatible,
-    compatibility_problems, engine_io_problems, install_engine, load_record, memcpy2d_host, ort_profile_options,
-    profile_problems, profile_shapes, select_profile, step_shapes, union_profile,
+from gptexport.config import io_spec, numpy_dtype
+from gptexport.engine import BuildOptions, install_engine
+from gptexport.engine_record import (
+    ENGINE_FILE, RECORD_FILE, DeviceInfo, EngineRecord, check_compatible, compatibility_problems, engine_io_problems,
+    load_record,
+)
+from gptexport.profiles import (
+    ProfileShapes, ort_profile_options, profile_problems, profile_shapes, select_profile, step_shapes, union_profile,
 )
 from gptexport.errors import BackendUnavailable, GptExportError, ModelDirError, UsageError
 from gptexport.generate import generate
@@ -34,7 +40,7 @@ def _trt_gpu() -> bool:
     try:
         import tensorrt  # noqa: F401
 
-        from gptexport.engine import import_cudart
+        from gptexport.backends.device import import_cudart
 
         cudart = import_cudart()
         return cudart.cudaGetDeviceCount()[1] > 0
@@ -141,30 +147,40 @@ def test_onnxruntime_tensorrt_provider_gets_one_profile_spanning_both(model_dir)
     assert got["trt_fp16_enable"] is False and got["trt_engine_cache_enable"] is True
     assert got["trt_engine_cache_path"] == str(model_dir.path / "ort_trt_cache")
     assert got["trt_profile_opt_shapes"] == opts["trt_profile_opt_shapes"]
-    assert provider_options("cuda", model_dir) == {}
+    # CUDA provider: TF32 off unless asked, the memory core's stream, graphs when asked
+    assert provider_options("cuda", model_dir) == {"device_id": "0", "use_tf32": "0", "enable_cuda_graph": "0"}
+    cuda = provider_options("cuda", model_dir, stream=0x7F00, tf32=True, cuda_graphs=True)
+    assert cuda == {"device_id": "0", "use_tf32": "1", "enable_cuda_graph": "1", "user_compute_stream": str(0x7F00)}
+    assert provider_options("tensorrt", model_dir, stream=5)["user_compute_stream"] == "5"
 
 
 # ---- the device cache's layout -----------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 def test_strided_copies_fill_the_cache_as_host_cache_does(model_dir, dtype):
-    """cudaMemcpy2D plans, replayed on host bytes, equal HostCache.append: prefill then decode steps."""
-    from gptexport.engine import numpy_dtype
-
+    """The copy plans, run by the host memory core's copy2d, fill a buffer as HostCache.append does:
+    prefill then decode steps (the CUDA core runs the same plans with cudaMemcpy2DAsync)."""
     c, spec, np_dtype = model_dir.config, io_spec(model_dir.config, "fp32"), numpy_dtype(dtype)
     B, capacity = 3, 11
     host = HostCache(spec, c, B, capacity, np_dtype)
     layout = KVLayout(B, c.n_head, c.head_dim, capacity, np_dtype.itemsize)
-    device = np.zeros(layout.nbytes, np.uint8)  # one cache buffer, as raw device bytes
+    memory = HostMemory()
+    buffer = memory.allocate(layout.nbytes)  # one cache buffer, as device memory
+    memory.zero(buffer, layout.nbytes)
     rng = np.random.default_rng(0)
     for steps in (5, 1, 1, 3, 1):
         new = rng.standard_normal((B, c.n_head, steps, c.head_dim)).astype(np_dtype)
-        memcpy2d_host(device, np.frombuffer(new.tobytes(), np.uint8), layout.append(host.length, steps))
+        source = memory.allocate(new.nbytes)
+        memory.upload(source, new)
+        memory.copy2d(buffer, source, layout.append(host.length, steps))
         host.append({n.replace("past_", "new_", 1): new for n in spec.past_names}, steps)
-        want = host.buffers["past_key.0"]
-        np.testing.assert_array_equal(device.view(np_dtype).reshape(want.shape).view(np.uint8), want.view(np.uint8))
+        got = np.empty_like(host.buffers["past_key.0"])
+        memory.download(got, buffer)
+        np.testing.assert_array_equal(got.view(np.uint8), host.buffers["past_key.0"].view(np.uint8))
     with pytest.raises(GptExportError, match="overflow"):
         layout.append(host.length, 1)
+    with pytest.raises(GptExportError, match="outside a buffer"):  # a plan past the buffer's end is refused
+        memory.copy2d(buffer, source, KVLayout(B, c.n_head, c.head_dim, capacity + 1, np_dtype.itemsize).append(capacity, 1))
 
 
 def test_copy_plan_numbers():

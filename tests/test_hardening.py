@@ -290,23 +290,23 @@ def test_resealed_garbage_onnx(model_copy):
     ("10.3.0", ("NVIDIA A100", "8.0"), "built for NVIDIA H100 (compute capability 9.0), this GPU is NVIDIA A100 (8.0)"),
 ], ids=["other-tensorrt", "other-gpu"])
 def test_engine_from_another_tensorrt_or_gpu(model_copy, trt_version, gpu, words):
-    """An engine runs only where it was built: checked from engine.json before TensorRT sees it."""
-    engine = pytest.importorskip("gptexport.engine")
+    """An engine runs only where it was built: checked from engine_record.json before TensorRT sees it."""
+    from gptexport import engine_record
     from gptexport.errors import ModelDirError
     from gptexport.modeldir import add_files_to_manifest, sha256_file
 
-    (model_copy / engine.ENGINE_FILE).write_bytes(b"serialized engine")
+    (model_copy / engine_record.ENGINE_FILE).write_bytes(b"serialized engine")
     md = load_model_dir(model_copy)
-    add_files_to_manifest(md, [engine.ENGINE_FILE])
-    record = engine.EngineRecord(
-        engine=engine.ENGINE_FILE, engine_sha256=sha256_file(model_copy / engine.ENGINE_FILE),
+    add_files_to_manifest(md, [engine_record.ENGINE_FILE])
+    record = engine_record.EngineRecord(
+        engine=engine_record.ENGINE_FILE, engine_sha256=sha256_file(model_copy / engine_record.ENGINE_FILE),
         onnx_sha256=sha256_file(md.onnx_path), precision=md.dtype, tensorrt_version="10.3.0",
         gpu_name="NVIDIA H100", compute_capability="9.0", max_batch=1, opt_seq=8, profiles=[])
-    engine.check_compatible(record, md, "10.3.0", engine.DeviceInfo("NVIDIA H100", "9.0"))  # where it was built
+    engine_record.check_compatible(record, md, "10.3.0", engine_record.DeviceInfo("NVIDIA H100", "9.0"))  # where it was built
     with pytest.raises(ModelDirError) as info:
-        engine.check_compatible(record, md, trt_version, engine.DeviceInfo(*gpu))
+        engine_record.check_compatible(record, md, trt_version, engine_record.DeviceInfo(*gpu))
     message = str(info.value)
-    assert "\n" not in message and str(model_copy / engine.ENGINE_FILE) in message
+    assert "\n" not in message and str(model_copy / engine_record.ENGINE_FILE) in message
     assert words in message and "rebuild it with `gptexport build" in message
 
 

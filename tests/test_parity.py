@@ -123,7 +123,7 @@ def test_default_tolerance_is_the_model_directorys_precision(tiny_ckpt, tiny_mod
 
 
 def test_no_backend_that_can_run_is_a_failure(tiny_ckpt, tiny_model_dir, monkeypatch):
-    def unavailable(name, md, threads=None):
+    def unavailable(name, md, threads=None, **options):
         raise BackendUnavailable(f"{name}: no GPU here")
 
     monkeypatch.setattr("gptexport.parity.open_runner", unavailable)
@@ -299,3 +299,10 @@ def test_not_a_golden_file_is_one_line_error(tiny_model_dir, tmp_path):
     (tmp_path / "g.npz").write_bytes(b"not a zip")
     r = invoke("--golden", tmp_path / "g.npz", tiny_model_dir)
     assert r.exit_code == 1 and "not a gptexport golden file" in r.stderr and len(r.stderr.splitlines()) == 1
+
+
+def test_tf32_holds_an_fp32_directory_to_the_tf32_preset(tiny_ckpt, tiny_model_dir):
+    """--tf32 changes ort-cuda's math only; the CPU provider runs as ever, under the looser preset."""
+    report = run_parity(tiny_model_dir, tiny_ckpt, options=ParityOptions(steps=2, backends="onnxruntime", tf32=True))
+    assert report and report.tolerance.name == "tf32" and report.settings["tf32"] is True
+    assert (report.tolerance.atol, report.tolerance.rtol) == (5e-2, 5e-3)  # provisional: fp16's bounds

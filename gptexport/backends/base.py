@@ -11,6 +11,7 @@ A loaded runner may be shared by threads: all per-generation state is in the cac
 
 from __future__ import annotations
 
+import sys
 from abc import ABC, abstractmethod
 
 import numpy as np
@@ -92,3 +93,8 @@ class Runner(ABC):
         cache.append(out, T)
         logits = out["logits"]
         return logits if all_logits else logits[:, -1, :]
+
+
+def notice(message: str) -> None:
+    """A runner's `notice:` line on stderr: something worth knowing that does not stop the run."""
+    print(f"notice: {message}", file=sys.stderr)
