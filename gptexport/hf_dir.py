@@ -70,10 +70,8 @@ def _check_hf_architecture(cfg: dict, cfg_path: Path) -> None:
         raise CheckpointError(f"{cfg_path}: non-default attention scaling is not supported")
 
 
-def hf_config(path: Path) -> GPTConfig:
-    """GPTConfig from a Hugging Face GPT-2 config.json."""
-    cfg_path = path / CONFIG
-    cfg = _read_json(cfg_path)
+def hf_config(cfg: dict, cfg_path: Path) -> GPTConfig:
+    """GPTConfig from a Hugging Face GPT-2 config.json's contents."""
     _check_hf_architecture(cfg, cfg_path)
     args = {
         "n_layer": cfg.get("n_layer", 12),
@@ -88,10 +86,8 @@ def hf_config(path: Path) -> GPTConfig:
     return config_from_model_args(args, cfg_path)
 
 
-def declared_dtype(path: Path) -> torch.dtype | None:
+def declared_dtype(cfg: dict, cfg_path: Path) -> torch.dtype | None:
     """The dtype config.json says the weights were saved in, or None when it says nothing."""
-    cfg_path = path / CONFIG
-    cfg = _read_json(cfg_path)
     key = "torch_dtype" if "torch_dtype" in cfg else "dtype"  # transformers < 5 wrote torch_dtype
     name = cfg.get(key)
     if name is None:
@@ -185,8 +181,9 @@ def hf_to_nanogpt(sd: dict, file: Path) -> dict[str, torch.Tensor]:
 
 def load_hf_dir(path: Path) -> Checkpoint:
     """A local Hugging Face GPT-2 directory, single-file or sharded, in the precision it was saved in."""
-    config = hf_config(path)
-    declared = declared_dtype(path)
+    cfg_path = path / CONFIG
+    cfg = _read_json(cfg_path)
+    config, declared = hf_config(cfg, cfg_path), declared_dtype(cfg, cfg_path)
     expected = empty_model(config).state_dict()
     files, names_file = weight_files(path)
     state_dict: dict[str, torch.Tensor] = {}
