@@ -124,20 +124,40 @@ def weight_files(path: Path) -> tuple[dict[Path, list[str] | None], Path]:
     return shards, file
 
 
-def read_weights(file: Path) -> dict:
-    """One weight file's tensors, memory-mapped: safetensors, or a torch.save pickle (weights_only)."""
-    if file.name.endswith(".safetensors"):
-        from safetensors import safe_open
+def _is_conv1d(name: object) -> bool:
+    return isinstance(name, str) and name.endswith(CONV1D_WEIGHTS)
 
-        try:
-            with safe_open(str(file), framework="pt") as f:
-                return {k: f.get_tensor(k) for k in f.keys()}
-        except Exception as e:  # SafetensorError for truncated/corrupt files
-            raise CheckpointError(f"{file}: cannot read safetensors, truncated or corrupt ({_first_line(e)})") from e
+
+def read_weights(file: Path) -> dict:
+    """One weight file's tensors (safetensors, or a torch.save pickle read weights_only), with HF's
+    Conv1D weights, stored (in, out), transposed to nn.Linear's (out, in).
+
+    The others stay memory-mapped. The Conv1D ones (two thirds of GPT-2's weights) are copies: a
+    transposed view would change the order of the sums in PyTorch's matmul. From safetensors each
+    is read through a mapping of its own, unmapped once copied, so its pages are not held twice;
+    a .bin file is one mapping, kept as long as any of its tensors.
+    """
+    if file.name.endswith(".safetensors"):
+        return _read_safetensors(file)
     sd = torch_load(file)
     if not isinstance(sd, dict):
         raise CheckpointError(f"{file}: is a {type(sd).__name__}, expected a state dict")
-    return sd
+    return {k: v.t().contiguous() if _is_conv1d(k) and isinstance(v, torch.Tensor) else v for k, v in sd.items()}
+
+
+def _read_safetensors(file: Path) -> dict:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            names = list(f.keys())
+            sd = {k: f.get_tensor(k) for k in names if not _is_conv1d(k)}
+        for k in filter(_is_conv1d, names):
+            with safe_open(str(file), framework="pt") as f:
+                sd[k] = f.get_tensor(k).t().contiguous()
+    except Exception as e:  # SafetensorError for truncated/corrupt files
+        raise CheckpointError(f"{file}: cannot read safetensors, truncated or corrupt ({_first_line(e)})") from e
+    return {k: sd[k] for k in names}
 
 
 def _check_listing(sd: dict, listed: list[str], file: Path, index: Path) -> None:
@@ -162,7 +182,7 @@ def _check_dtypes(sd: dict, declared: torch.dtype | None, file: Path) -> None:
 
 
 def hf_to_nanogpt(sd: dict, file: Path) -> dict[str, torch.Tensor]:
-    """HF GPT-2 names and Conv1D layout to nanoGPT's, as nanoGPT's GPT.from_pretrained does."""
+    """HF GPT-2 names to nanoGPT's, as nanoGPT's GPT.from_pretrained does (read_weights transposed)."""
     out = {}
     for key, value in sd.items():
         if not isinstance(key, str) or not isinstance(value, torch.Tensor):
@@ -171,11 +191,7 @@ def hf_to_nanogpt(sd: dict, file: Path) -> dict[str, torch.Tensor]:
             continue
         if key.startswith("transformer."):
             key = key[len("transformer."):]
-        if key != "lm_head.weight":
-            key = "transformer." + key
-        # HF's Conv1D stores (in, out); nn.Linear wants (out, in). A copy in the stored dtype: a
-        # transposed view would change the order of the sums in PyTorch's matmul.
-        out[key] = value.t().contiguous() if key.endswith(CONV1D_WEIGHTS) else value
+        out[key if key == "lm_head.weight" else "transformer." + key] = value
     return out
 
 
