@@ -114,7 +114,7 @@ def weight_files(path: Path) -> tuple[dict[Path, list[str] | None], Path]:
         raise CheckpointError(f"{file}: no 'weight_map' (a JSON object of tensor name -> shard file)")
     shards: dict[Path, list[str]] = {}
     for tensor, shard in weight_map.items():
-        if Path(shard).name != shard or shard in (".", ".."):
+        if not shard or Path(shard).name != shard or shard in (".", ".."):
             raise CheckpointError(f"{file}: shard {shard!r} of {tensor} is not a file name in {path}")
         shards.setdefault(path / shard, []).append(tensor)
     for shard in shards:

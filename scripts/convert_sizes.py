@@ -90,15 +90,15 @@ def table(rows: list[dict]) -> str:
     base = rows[0]
     per_gb = base["convert_s"] / (base["weight_bytes"] / GB)
     lines = [f"| model | params | fp32 weights | convert s | s per GB (× {base['size']}) | peak RSS | "
-             "÷ weights | on disk | decode tok/s (B=1, 2 threads) | load avg |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "÷ weights | on disk | decode tok/s (B=1, 2 threads) | others | load avg |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         gb = r["weight_bytes"] / GB
         lines.append(
             f"| GPT-2 {r['size']} | {r['params'] / 1e6:.0f}M | {gb:.2f} GB | {r['convert_s']:.0f} | "
             f"{r['convert_s'] / gb:.1f} ({r['convert_s'] / gb / per_gb:.2f}×) | {r['peak_rss_bytes'] / GB:.2f} GB | "
             f"{r['peak_rss_bytes'] / r['weight_bytes']:.2f}× | {r['disk_bytes'] / GB:.2f} GB | "
-            f"{r['decode_tok_s']:.1f} | {r['load_average_at_convert']:.1f} |")
+            f"{r['decode_tok_s']:.1f} | {r['decode_others_cpu']:.0%} | {r['load_average_at_convert']:.1f} |")
     return "\n".join(lines)
 
 
@@ -121,8 +121,8 @@ def main() -> None:
     started = datetime.datetime.now().astimezone().isoformat(timespec="minutes")
     with tempfile.TemporaryDirectory(prefix="gptexport-sizes-", dir=a.work_dir) as tmp:
         rows = [measure(size, Path(tmp), a.threads, a.new_tokens) for size in sizes]
-    print(f"{started}, {bench._machine()['cpu']}, {os.cpu_count()} cores; load average at the start of each convert "
-          "in the last column")
+    print(f"{started}, {bench._machine()['cpu']}, {os.cpu_count()} cores; others: the share of the CPU other "
+          "processes used during the decode measurement; load avg: at the start of each convert")
     print(table(rows))
     if a.json:
         a.json.write_text(json.dumps({"started": started, "machine": bench._machine(), "rows": rows}, indent=2) + "\n")
