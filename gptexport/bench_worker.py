@@ -100,7 +100,8 @@ def hf_gpt2(ckpt: str):
     """The checkpoint as a transformers GPT2LMHeadModel (fp32, eval), weights copied over."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from .checkpoint import CONV1D_WEIGHTS, load_checkpoint
+    from .checkpoint import load_checkpoint
+    from .hf_dir import CONV1D_WEIGHTS
 
     ck = load_checkpoint(ckpt)
     c = ck.config

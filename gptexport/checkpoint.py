@@ -3,17 +3,22 @@
 Two inputs are accepted:
 - a file written by nanoGPT's train.py: {'model', 'model_args', 'optimizer', 'iter_num',
   'best_val_loss', 'config'};
-- a local Hugging Face GPT-2 directory: config.json + model.safetensors or pytorch_model.bin.
+- a local Hugging Face GPT-2 directory, single-file or sharded (hf_dir.py).
 
 Every pickle is read with torch.load(weights_only=True): a checkpoint is data, and a pickle that
 asks to call a function (a `__reduce__` payload) is refused instead of run. Every failure is a
 CheckpointError whose one-line message names the file.
+
+Memory: weights are memory-mapped, never copied on the way in; `load_model` builds the GPT on the
+meta device and assigns the checkpoint's tensors to it, so a model costs its weight bytes once
+(plus a converted copy only when its dtype changes). The optimizer state is never read.
 """
 
 from __future__ import annotations
 
-import json
 import pickle
+import pickletools
+import re
 import zipfile
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -26,22 +31,33 @@ from .model import GPT
 
 COMPILED_PREFIX = "_orig_mod."  # torch.compile wraps the model and prefixes every key with this
 MASK_SUFFIXES = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers, not weights
-CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 TIED = ("transformer.wte.weight", "lm_head.weight")
 INT_ARGS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd")
 MAX_LISTED = 3  # offending keys named in one error message
+PRECISIONS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
 @dataclass
 class Checkpoint:
     config: GPTConfig
-    state_dict: dict[str, torch.Tensor]
+    state_dict: dict[str, torch.Tensor]  # as stored (dtype, memory-mapped), nanoGPT's names and layout
     path: Path
     kind: str  # "nanogpt" | "hf-gpt2"
     train_config: dict = field(default_factory=dict)  # nanoGPT's ckpt['config'], or {}
     iter_num: int | None = None
     best_val_loss: float | None = None
+    precision: str = "fp32"  # of the stored weights: fp32, fp16, bf16 (or e.g. "fp16+fp32" if mixed)
+
+    def source_record(self) -> dict:
+        """What a model directory's manifest says about where it came from."""
+        return {"checkpoint": Path(self.path).name, "kind": self.kind, "precision": self.precision,
+                "iter_num": self.iter_num, "best_val_loss": self.best_val_loss}
+
+
+def precision_of(sd: dict[str, torch.Tensor]) -> str:
+    """fp32 / fp16 / bf16 (other dtypes by torch's name), '+'-joined when the tensors disagree."""
+    names = {PRECISIONS.get(v.dtype, str(v.dtype).removeprefix("torch.")) for v in sd.values()}
+    return "+".join(sorted(names)) or "fp32"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -54,11 +70,46 @@ def _first_line(e: BaseException) -> str:
 
 
 def _refusal_detail(e: BaseException) -> str:
-    """The line of torch's long weights_only message that says what was refused."""
+    """What torch's long weights_only message says was refused, without its advice: torch suggests
+    allow-listing the class or weights_only=False, i.e. running code from the file."""
     for line in str(e).splitlines():
         if "GLOBAL" in line or "Unsupported" in line:
-            return line.strip().rstrip(".")
+            line = line.strip().removeprefix("WeightsUnpickler error: ")
+            return re.split(r" was not an allowed global| Please use|\. Please", line)[0].rstrip(".")
     return _first_line(e)
+
+
+def _pickle_globals(path: Path) -> list[str]:
+    """The classes and functions a torch.save pickle names, read with pickletools: nothing is run."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            data = z.read(next(n for n in z.namelist() if n.endswith("data.pkl")))
+    except (zipfile.BadZipFile, OSError, StopIteration, ValueError):
+        try:
+            data = path.read_bytes()  # the legacy format: the pickle comes first
+        except OSError:
+            return []
+    names, strings = [], []
+    try:
+        for op, arg, _ in pickletools.genops(data):
+            if op.name == "GLOBAL":
+                names.append(arg.replace(" ", "."))
+            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                names.append(".".join(strings[-2:]))
+            if isinstance(arg, str):
+                strings.append(arg)
+    except Exception:  # a corrupt or truncated pickle: whatever was read so far
+        pass
+    return names
+
+
+def _pickled_module(path: Path) -> str | None:
+    """The class of the nn.Module pickled into `path` (torch.save(model)), or None."""
+    names = _pickle_globals(path)
+    if not any(n.startswith("torch.nn.modules.") for n in names):
+        return None
+    return next((n for n in names if not n.startswith(("torch.", "collections.", "builtins.", "__builtin__."))),
+                next(n for n in names if n.startswith("torch.nn.modules.")))
 
 
 def _sniff(path: Path) -> None:
@@ -99,6 +150,13 @@ def torch_load(path: Path) -> object:
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
+        module = _pickled_module(path)
+        if module is not None:
+            raise CheckpointError(
+                f"{path}: holds a pickled model object ({module}, saved with torch.save(model)), not its weights; "
+                "unpickling it would run code, so it is not loaded. Save a state dict instead, as nanoGPT's "
+                "train.py does: torch.save({'model': model.state_dict(), 'model_args': {...}}, 'ckpt.pt'), "
+                "or a Hugging Face model with model.save_pretrained(DIR)") from e
         raise CheckpointError(
             f"{path}: refused to unpickle: not plain tensors/containers (weights_only): {_refusal_detail(e)}"
         ) from e
@@ -137,7 +195,7 @@ def config_from_model_args(model_args: object, path: Path) -> GPTConfig:
 
 
 def clean_state_dict(sd: dict, path: Path) -> dict[str, torch.Tensor]:
-    """Strip torch.compile's prefix, drop causal-mask buffers, copy tensors out of the mmap'd file."""
+    """Strip torch.compile's prefix, drop causal-mask buffers; tensors stay memory-mapped (no copy)."""
     out = {}
     for key, value in sd.items():
         if not isinstance(key, str) or not isinstance(value, torch.Tensor):
@@ -147,7 +205,7 @@ def clean_state_dict(sd: dict, path: Path) -> dict[str, torch.Tensor]:
         # only exact suffixes: attn.c_attn.bias / attn.c_proj.bias are real weights when bias=True
         if key.endswith(MASK_SUFFIXES):
             continue
-        out[key] = value.clone()
+        out[key] = value
     return out
 
 
@@ -173,115 +231,17 @@ def load_nanogpt(path: Path) -> Checkpoint:
         raise CheckpointError(f"{path}: 'model' is a {type(ckpt['model']).__name__}, expected a state dict")
     config = config_from_model_args(ckpt["model_args"], path)
     train_config = ckpt.get("config")
+    sd = clean_state_dict(ckpt["model"], path)
     return Checkpoint(
         config=config,
-        state_dict=clean_state_dict(ckpt["model"], path),
+        state_dict=sd,
         path=path,
         kind="nanogpt",
         train_config=train_config if isinstance(train_config, dict) else {},
         iter_num=_optional_number(ckpt.get("iter_num"), int),
         best_val_loss=_optional_number(ckpt.get("best_val_loss"), float),
+        precision=precision_of(sd),
     )
-
-
-# ---------------------------------------------------------------------------------------------
-# Hugging Face GPT-2 directories
-
-
-def is_hf_dir(path: Path) -> bool:
-    return (path / "config.json").is_file() and any((path / f).is_file() for f in HF_WEIGHT_FILES)
-
-
-def _read_hf_config(path: Path) -> dict:
-    cfg_path = path / "config.json"
-    try:
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{cfg_path}: cannot read JSON ({_first_line(e)})") from e
-    if not isinstance(cfg, dict):
-        raise CheckpointError(f"{cfg_path}: expected a JSON object")
-    return cfg
-
-
-def _hf_activation(act: object, cfg_path: Path) -> str:
-    # HF's "gelu_new" and "gelu_pytorch_tanh" are both the tanh approximation that GPT-2 was trained with
-    table = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
-    if act not in table:
-        raise CheckpointError(f"{cfg_path}: activation_function {act!r} is not supported "
-                              f"(valid: {', '.join(table)})")
-    return table[act]
-
-
-def _check_hf_architecture(cfg: dict, cfg_path: Path) -> None:
-    """Refuse GPT-2 options that change the computation, which our GPT does not implement."""
-    if cfg.get("model_type", "gpt2") != "gpt2":
-        raise CheckpointError(f"{cfg_path}: model_type {cfg['model_type']!r} is not supported (only 'gpt2')")
-    n_inner = cfg.get("n_inner")
-    if n_inner is not None and n_inner != 4 * cfg.get("n_embd", 768):
-        raise CheckpointError(f"{cfg_path}: n_inner={n_inner} is not supported (the MLP is 4*n_embd wide)")
-    if cfg.get("layer_norm_epsilon", 1e-5) != 1e-5:
-        raise CheckpointError(f"{cfg_path}: layer_norm_epsilon={cfg['layer_norm_epsilon']} is not supported "
-                              "(only 1e-5)")
-    if not cfg.get("scale_attn_weights", True) or cfg.get("scale_attn_by_inverse_layer_idx", False):
-        raise CheckpointError(f"{cfg_path}: non-default attention scaling is not supported")
-
-
-def hf_config(path: Path) -> GPTConfig:
-    """GPTConfig from a Hugging Face GPT-2 config.json."""
-    cfg = _read_hf_config(path)
-    cfg_path = path / "config.json"
-    _check_hf_architecture(cfg, cfg_path)
-    args = {
-        "n_layer": cfg.get("n_layer", 12),
-        "n_head": cfg.get("n_head", 12),
-        "n_embd": cfg.get("n_embd", 768),
-        "block_size": cfg.get("n_positions", 1024),
-        "vocab_size": cfg.get("vocab_size", 50257),
-        "bias": True,
-        "dropout": 0.0,
-        "activation": _hf_activation(cfg.get("activation_function", "gelu_new"), cfg_path),
-    }
-    return config_from_model_args(args, cfg_path)
-
-
-def _read_hf_weights(path: Path) -> tuple[dict, Path]:
-    file = path / "model.safetensors"
-    if file.is_file():
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(file), device="cpu"), file
-        except Exception as e:  # SafetensorError for truncated/corrupt files
-            raise CheckpointError(f"{file}: cannot read safetensors ({_first_line(e)})") from e
-    file = path / "pytorch_model.bin"
-    sd = torch_load(file)
-    if not isinstance(sd, dict):
-        raise CheckpointError(f"{file}: is a {type(sd).__name__}, expected a state dict")
-    return sd, file
-
-
-def hf_to_nanogpt(sd: dict, file: Path) -> dict[str, torch.Tensor]:
-    """HF GPT-2 names and Conv1D layout to nanoGPT's, as nanoGPT's GPT.from_pretrained does."""
-    out = {}
-    for key, value in sd.items():
-        if not isinstance(value, torch.Tensor):
-            raise CheckpointError(f"{file}: entry {key!r} is a {type(value).__name__}, expected a tensor")
-        if key.endswith(MASK_SUFFIXES):
-            continue
-        if key.startswith("transformer."):
-            key = key[len("transformer."):]
-        if key != "lm_head.weight":
-            key = "transformer." + key
-        # HF's Conv1D stores (in, out); nn.Linear wants (out, in)
-        out[key] = value.t().contiguous() if key.endswith(CONV1D_WEIGHTS) else value.clone()
-    return out
-
-
-def load_hf_dir(path: Path) -> Checkpoint:
-    """A local Hugging Face GPT-2 directory: config.json + model.safetensors or pytorch_model.bin."""
-    config = hf_config(path)
-    sd, file = _read_hf_weights(path)
-    return Checkpoint(config=config, state_dict=hf_to_nanogpt(sd, file), path=path, kind="hf-gpt2")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -290,17 +250,19 @@ def load_hf_dir(path: Path) -> Checkpoint:
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
     """Read a nanoGPT checkpoint file or a local Hugging Face GPT-2 directory (weights on CPU)."""
+    from . import hf_dir  # imports this module: imported here, not at the top
+
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory")
     if path.is_dir():
-        if is_hf_dir(path):
-            return load_hf_dir(path)
+        if hf_dir.is_hf_dir(path):
+            return hf_dir.load_hf_dir(path)
         hint = f"; did you mean {path / 'ckpt.pt'}?" if (path / "ckpt.pt").is_file() else ""
         if (path / "config.json").is_file():
-            raise CheckpointError(f"{path}: has config.json but no {' or '.join(HF_WEIGHT_FILES)}")
+            raise CheckpointError(f"{path}: has config.json but no {hf_dir.WEIGHTS_WANTED}")
         raise CheckpointError(f"{path}: is a directory, not a checkpoint file or a Hugging Face GPT-2 "
-                              f"directory (config.json + {' or '.join(HF_WEIGHT_FILES)}){hint}")
+                              f"directory (config.json + {hf_dir.WEIGHTS_WANTED}){hint}")
     return load_nanogpt(path)
 
 
@@ -322,26 +284,41 @@ def _tie_weights(sd: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Ten
     return sd
 
 
-def check_state_dict(sd: dict[str, torch.Tensor], model: GPT, path: Path) -> None:
-    """strict load_state_dict's checks, with one-line messages naming the file and keys."""
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in sd]
+def empty_model(config: GPTConfig) -> GPT:
+    """The GPT on the meta device: shapes only, no memory, no random initialisation."""
+    with torch.device("meta"):
+        return GPT(config)
+
+
+def check_state_dict(sd: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], path: Path,
+                     complete: bool = True) -> None:
+    """strict load_state_dict's checks, with one-line messages naming the file and keys.
+
+    `complete=False` checks a part (one shard): no unexpected keys, no wrong shapes."""
+    missing = [k for k in expected if k not in sd] if complete else []
     if missing:
         raise CheckpointError(f"{path}: missing weights: {_names(missing)}")
     unexpected = [k for k in sd if k not in expected]
     if unexpected:
         raise CheckpointError(f"{path}: unexpected weights: {_names(unexpected)}")
     wrong = [f"{k} expected {tuple(expected[k].shape)} got {tuple(sd[k].shape)}"
-             for k in expected if sd[k].shape != expected[k].shape]
+             for k in sd if sd[k].shape != expected[k].shape]
     if wrong:
         raise CheckpointError(f"{path}: wrong weight shapes: {_names(wrong)}")
 
 
-def load_model(source: str | Path | Checkpoint) -> GPT:
-    """A GPT with the checkpoint's weights, fp32, in eval mode."""
+def load_model(source: str | Path | Checkpoint, dtype: torch.dtype = torch.float32) -> GPT:
+    """A GPT with the checkpoint's weights in `dtype` (fp32: fp16/bf16 weights are upcast), in eval mode.
+
+    The checkpoint's tensors become the parameters (memory-mapped, not copied) when they already
+    have `dtype`; otherwise each is converted once.
+    """
     ckpt = source if isinstance(source, Checkpoint) else load_checkpoint(source)
-    model = GPT(ckpt.config)
+    model = empty_model(ckpt.config)
     sd = _tie_weights(ckpt.state_dict, ckpt.path)
-    check_state_dict(sd, model, ckpt.path)
-    model.load_state_dict(sd, strict=True)  # copies into the fp32 parameters, casting fp16/bf16
-    return model.float().eval()
+    check_state_dict(sd, model.state_dict(), ckpt.path)
+    converted = {k: v.to(dtype) for k, v in sd.items() if k != TIED[1]}
+    converted[TIED[1]] = converted[TIED[0]]  # one tensor for the tied pair, converted once
+    model.load_state_dict(converted, strict=True, assign=True)
+    model.lm_head.weight = model.transformer.wte.weight  # assign=True made two Parameters: tie them again
+    return model.eval().requires_grad_(False)

@@ -87,7 +87,8 @@ def convert(ckpt: Path, out_dir: Path, dtype: str, tokenizer: Path | None, force
 @main.command()
 @click.argument("model_dir", type=click.Path(path_type=Path))
 @click.option("--prompt", default=None, help="Prompt text (default: a newline, as nanoGPT's sample.py).")
-@click.option("--prompt-file", type=click.Path(path_type=Path), default=None, help="Read the prompt from a file.")
+@click.option("--prompt-file", type=click.Path(path_type=Path), default=None,
+              help="Read the prompt from a file (- reads standard input).")
 @click.option("--prompt-tokens", default=None, help="Prompt as comma-separated token ids, e.g. 1,2,3.")
 @click.option("--max-new-tokens", type=int, default=200, show_default=True)
 @click.option("--temperature", type=float, default=0.8, show_default=True, help="0 is greedy.")
@@ -124,7 +125,7 @@ def generate(model_dir: Path, prompt: str | None, prompt_file: Path | None, prom
               help="Comma-separated: onnxruntime, ort-cuda, ort-tensorrt, tensorrt; or all.")
 @click.option("--prompt", "prompt_texts", multiple=True, help="A prompt text; repeat for more prompts.")
 @click.option("--prompts", "prompts_file", type=click.Path(path_type=Path), default=None,
-              help="A file of prompts, one per line (a literal \\n is a newline).")
+              help="A file of prompts, one per line (a literal \\n is a newline); - reads standard input.")
 @click.option("--prompt-tokens", multiple=True, help="A prompt as comma-separated token ids; repeatable.")
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Tokens generated per prompt [default: 32].")
 @click.option("--tolerance", type=click.Choice(["fp32", "tf32", "fp16", "bf16", "int8", "int4"]), default=None,

@@ -2,15 +2,22 @@
 
 `convert(ckpt, out_dir)` writes into a temporary directory beside out_dir and renames it at the
 end, so out_dir is either complete and validated or absent (or the old one, with --force).
+
+Peak memory stays near the larger of (the PyTorch model) and (an ONNX Runtime session), never
+their sum: the checkpoint's weights are memory-mapped and become the model's parameters
+(checkpoint.load_model), the export writes them to model.onnx.data one tensor at a time, and
+PyTorch's validation logits are computed before the model is freed and ONNX Runtime loads the file.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import logging
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -18,7 +25,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .checkpoint import Checkpoint, load_checkpoint, load_model
+from .checkpoint import load_checkpoint, load_model
 from .config import GPTConfig, IOSpec, io_spec
 from .errors import GptExportError, UsageError
 from .model import GPT, ExportableGPT
@@ -52,13 +59,15 @@ def convert(ckpt: str | Path, out_dir: str | Path, *, dtype: str = "fp32", token
 
     t0 = time.perf_counter()
     checkpoint = load_checkpoint(ckpt)
-    model = load_model(checkpoint)
+    config, source = checkpoint.config, checkpoint.source_record()
     tok = find_tokenizer(Path(ckpt), checkpoint.train_config, Path(tokenizer) if tokenizer else None,
-                         checkpoint.config.vocab_size)
-    progress(f"loaded {ckpt}: {model.get_num_params(False) / 1e6:.2f}M parameters, "
+                         config.vocab_size)
+    model = load_model(checkpoint, TORCH_DTYPES[dtype])
+    del checkpoint  # the model holds the weights now, and nothing else may: see the module docstring
+    cast = f", {source['precision']} weights cast to {dtype}" if source["precision"] != dtype else ""
+    progress(f"loaded {ckpt}: {model.get_num_params(False) / 1e6:.2f}M parameters{cast}, "
              f"tokenizer {tok.name if tok else 'none (raw token ids)'} ({time.perf_counter() - t0:.1f}s)")
-    model = model.to(TORCH_DTYPES[dtype])
-    spec = io_spec(model.config, dtype)
+    spec = io_spec(config, dtype)
     with staging_dir(out_dir, force) as tmp:
         onnx_path = tmp / ONNX_FILE
         t = time.perf_counter()
@@ -66,14 +75,18 @@ def convert(ckpt: str | Path, out_dir: str | Path, *, dtype: str = "fp32", token
         progress(f"exported {ONNX_FILE} with torch.export, opset {OPSET} ({time.perf_counter() - t:.1f}s)")
         t = time.perf_counter()
         check_onnx(onnx_path, spec)
+        cases = torch_cases(model, spec) if validate else []
+        release_weights(model)  # before ONNX Runtime loads its own copy: never both at once
+        del model
+        gc.collect()
         if validate:
-            err = validate_against_torch(model, spec, onnx_path, VALIDATION_ATOL[dtype])
-            progress(f"validated: {evaluator_name(spec)} matches PyTorch at {len(VALIDATION_SHAPES)} shapes, "
+            err = check_against_onnx(cases, spec, onnx_path, VALIDATION_ATOL[dtype])
+            progress(f"validated: {evaluator_name(spec)} matches PyTorch at {len(cases)} shapes, "
                      f"max |diff| {err:.2e} ({time.perf_counter() - t:.1f}s)")
         tok_json = None
         if tok is not None:  # the BPE files are copied in: the directory must stand alone
             tok_json = tok.save_files(tmp) if hasattr(tok, "save_files") else tok.to_json()
-        write_json_atomic(tmp / MANIFEST, manifest(checkpoint, model.config, spec, dtype, tok_json, tmp))
+        write_json_atomic(tmp / MANIFEST, manifest(source, config, spec, dtype, tok_json, tmp))
     progress(f"wrote {out_dir} ({time.perf_counter() - t0:.1f}s)")
     return out_dir
 
@@ -104,7 +117,23 @@ def export_onnx(model: GPT, spec: IOSpec, path: Path) -> None:
                 input_names=spec.input_names, output_names=spec.output_names, verbose=False)
     except Exception as e:  # torch.export raises many types; none is the user's fault
         raise GptExportError(f"torch.onnx.export failed: {type(e).__name__}: {str(e).splitlines()[0]}") from e
-    program.save(str(path), external_data=weight_bytes > EXTERNAL_DATA_BYTES)
+    try:
+        program.save(str(path), external_data=weight_bytes > EXTERNAL_DATA_BYTES)
+    finally:
+        # The graph outlives this function: onnxscript's rewrite rules are module-level objects
+        # that keep the last graph they matched (onnxscript 0.7). Its initializers wrap our
+        # weights (the Linear ones as transposed numpy views, folded from Transpose nodes), so
+        # detach them; the file has them now. release_weights() empties the Parameters that the
+        # graph's replaced values still name.
+        for value in program.model.graph.initializers.values():
+            value.const_value = None
+
+
+def release_weights(model: GPT) -> None:
+    """Empty every parameter in place, so the weights' memory (or file mapping) is freed now,
+    even where the exporter's leftovers still hold the Parameter objects (see export_onnx)."""
+    for p in model.parameters():
+        p.data = torch.empty(0, dtype=p.dtype)
 
 
 @contextlib.contextmanager
@@ -186,32 +215,48 @@ def onnx_evaluator(onnx_path: Path, spec: IOSpec) -> Callable[[dict], np.ndarray
         return lambda feeds: evaluator.run(["logits"], feeds)[0]
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    opts = ort.SessionOptions()
+    # A few runs only: pre-packing MatMul weights would hold a second copy of them for nothing
+    # (it is the peak of a session's memory; see docs/performance.md).
+    opts.add_session_config_entry("session.disable_prepacking", "1")
+    session = ort.InferenceSession(str(onnx_path), sess_options=opts, providers=["CPUExecutionProvider"])
     return lambda feeds: session.run(["logits"], feeds)[0]
 
 
-def validate_against_torch(model: GPT, spec: IOSpec, onnx_path: Path, atol: float) -> float:
-    """Run the ONNX on the CPU (onnx_evaluator) and the model in PyTorch on the same feeds; fail beyond atol."""
-    run = onnx_evaluator(onnx_path, spec)
+@dataclass
+class ValidationCase:
+    feeds: dict[str, np.ndarray]  # the ONNX graph's inputs
+    logits: np.ndarray  # PyTorch's, float32
+    shape: str  # for messages: batch=.. seq=.. past=..
+
+
+def torch_cases(model: GPT, spec: IOSpec) -> list[ValidationCase]:
+    """PyTorch's logits at VALIDATION_SHAPES (prefill, decode, batched, a padded cache) on random feeds."""
     rng = np.random.default_rng(0)
     param = next(model.parameters())
-    worst = 0.0
+    cases = []
     for batch, seq, past, capacity in VALIDATION_SHAPES:
         seq = min(seq, model.config.block_size - past)
         feeds = validation_feeds(model.config, spec, batch, seq, past, capacity, rng)
-        ort_feeds = dict(feeds)
         with torch.no_grad():
             t = {k: torch.from_numpy(v) for k, v in feeds.items()}
             past_t = [t[n].to(param.dtype) for n in spec.past_names]
-            for n, p in zip(spec.past_names, past_t):
-                ort_feeds[n] = _to_numpy(p)
+            feeds.update({n: _to_numpy(p) for n, p in zip(spec.past_names, past_t)})  # the same values for ONNX
             logits, _ = model.forward_cached(t["input_ids"], t["past_length"], t["logit_positions"], past_t)
-        got = run(ort_feeds)
-        err = float(np.abs(got - logits.float().numpy()).max())
+        cases.append(ValidationCase(feeds, logits.float().numpy(), f"batch={batch} seq={seq} past={past}"))
+    return cases
+
+
+def check_against_onnx(cases: list[ValidationCase], spec: IOSpec, onnx_path: Path, atol: float) -> float:
+    """Run the ONNX on the CPU (onnx_evaluator) on each case's feeds; fail beyond atol of PyTorch's logits."""
+    run = onnx_evaluator(onnx_path, spec)
+    worst = 0.0
+    for case in cases:
+        err = float(np.abs(run(case.feeds) - case.logits).max())
         worst = max(worst, err)
         if not err <= atol:
             raise GptExportError(f"{onnx_path.name}: {evaluator_name(spec)} logits differ from PyTorch by {err:.3g} "
-                                 f"(> {atol}) at batch={batch} seq={seq} past={past}")
+                                 f"(> {atol}) at {case.shape}")
     return worst
 
 
@@ -223,8 +268,8 @@ def _to_numpy(t: torch.Tensor) -> np.ndarray:
     return t.numpy()
 
 
-def manifest(checkpoint: Checkpoint, config: GPTConfig, spec: IOSpec, dtype: str, tokenizer: dict | None,
-             root: Path) -> dict:
+def manifest(source: dict, config: GPTConfig, spec: IOSpec, dtype: str, tokenizer: dict | None, root: Path) -> dict:
+    """gptexport.json; `source` is Checkpoint.source_record(): file, kind, stored precision, training step."""
     import onnx
 
     return {
@@ -236,8 +281,7 @@ def manifest(checkpoint: Checkpoint, config: GPTConfig, spec: IOSpec, dtype: str
         "config": config.to_dict(),
         "io_spec": spec.to_dict(),
         "tokenizer": tokenizer,
-        "source": {"checkpoint": Path(checkpoint.path).name, "kind": checkpoint.kind,
-                   "iter_num": checkpoint.iter_num, "best_val_loss": checkpoint.best_val_loss},
+        "source": source,
         "versions": {"gptexport": __version__, "torch": torch.__version__, "onnx": onnx.__version__},
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "files": file_records(root),

@@ -120,16 +120,30 @@ def prompt_ids(request: GenerationRequest, tokenizer, vocab_size: int) -> list[i
     return ids
 
 
+STDIN = "-"  # a file argument that means standard input, as in Unix tools
+
+
 def read_text_file(path: Path, what: str = "prompt file") -> str:
-    """A user's UTF-8 text file; any problem is one line naming the file (exit 1)."""
+    """A user's UTF-8 text file, or standard input for `-`; any problem is one line naming it (exit 1)."""
+    if str(path) == STDIN:
+        path, read = Path("<stdin>"), lambda: _stdin_bytes().decode("utf-8")
+    else:
+        read = lambda: path.read_text(encoding="utf-8")
     try:
-        return path.read_text(encoding="utf-8")
+        return read()
     except FileNotFoundError:
         raise GptExportError(f"{path}: {what} not found") from None
     except UnicodeDecodeError as e:
         raise GptExportError(f"{path}: {what} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     except OSError as e:
         raise GptExportError(f"{path}: cannot read {what} ({e.strerror or e})") from None
+
+
+def _stdin_bytes() -> bytes:
+    stream = sys.stdin
+    if stream is None:
+        raise OSError("standard input is closed")
+    return stream.buffer.read() if hasattr(stream, "buffer") else stream.read().encode("utf-8")
 
 
 def run_generation(model_dir: str | Path, request: GenerationRequest, backend: str = "onnxruntime",

@@ -61,10 +61,13 @@ class Reference:
     probes: list[tuple] = field(default_factory=list)  # (temperature, top_k, top_p)
     sampler_logits: np.ndarray | None = None
     sampler_probs: list[np.ndarray] = field(default_factory=list)
+    source_precision: str | None = None  # how the checkpoint stored its weights (fp32, fp16, bf16); the
+    # reference always runs in fp32. None: unknown (a golden file written before it was recorded)
 
     def header(self) -> dict:
         return {"format": GOLDEN_FORMAT, "format_version": GOLDEN_VERSION, "config": self.config.to_dict(),
-                "source": self.source, "prompts": [p.tolist() for p in self.prompts], "steps": self.steps,
+                "source": self.source, "source_precision": self.source_precision,
+                "prompts": [p.tolist() for p in self.prompts], "steps": self.steps,
                 "sampling": self.sampling, "seed": self.seed, "probes": [list(p) for p in self.probes]}
 
 
@@ -117,7 +120,8 @@ def _reference_from(header: dict, arrays: dict) -> Reference:
     ref = Reference(GPTConfig(**header["config"]), header["source"],
                     [np.asarray(p, dtype=np.int64) for p in header["prompts"]], int(header["steps"]),
                     dict(header["sampling"]), int(header["seed"]),
-                    probes=[tuple(p) for p in header["probes"]], sampler_logits=arrays["sampler_logits"])
+                    probes=[tuple(p) for p in header["probes"]], sampler_logits=arrays["sampler_logits"],
+                    source_precision=header.get("source_precision"))
     for name in PER_PROMPT:
         setattr(ref.outputs, name, [arrays[f"{name}.{i}"] for i in range(n)])
     ref.sampler_probs = [arrays[f"sampler_probs.{j}"] for j in range(len(ref.probes))]

@@ -87,6 +87,9 @@ def load_model_dir(path: str | Path, verify: bool = True) -> ModelDir:
     problem = _config_problem(config) or _spec_problem(spec, config) or _files_problem(files, manifest)
     if problem:
         raise ModelDirError(f"{mpath}: malformed manifest: {problem}")
+    problem = _tokenizer_problem(manifest.get("tokenizer"), config)
+    if problem:  # a hand-edited vocabulary fails here, not mid-stream at the first unknown id
+        raise ModelDirError(f"{mpath}: {problem}")
     if verify:
         verify_files(path, files)
     return ModelDir(path, manifest, config, spec)
@@ -117,6 +120,19 @@ def _spec_problem(spec: IOSpec, config: GPTConfig) -> str | None:
     names = ("float32", "float16", "bfloat16")
     if spec.cache_dtype not in names or any(t.dtype not in (*names, "int64") for t in (*spec.inputs, *spec.outputs)):
         return f"io_spec dtypes must be int64 or one of {', '.join(names)}"
+    return None
+
+
+def _tokenizer_problem(tokenizer: object, config: GPTConfig) -> str | None:
+    """The tokenizer must fit the model, as convert checked (tokenizer.vocab_mismatch)."""
+    from .tokenizer import GPT2_VOCAB_SIZE, vocab_mismatch
+
+    if not isinstance(tokenizer, dict):
+        return None  # None: raw token ids; anything else malformed is tokenizer_from_json's to report
+    if tokenizer.get("type") == "char" and isinstance(tokenizer.get("itos"), list):
+        return vocab_mismatch("char", len(tokenizer["itos"]), config.vocab_size)
+    if tokenizer.get("type") == "gpt2":
+        return vocab_mismatch("gpt2", GPT2_VOCAB_SIZE, config.vocab_size)
     return None
 
 

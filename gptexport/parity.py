@@ -319,7 +319,7 @@ def build_reference(ckpt: str | Path, prompts: list[np.ndarray], steps: int, par
     runner = TorchRunner(ckpt)
     prompts = [p[-runner.config.block_size:] for p in prompts]
     sampling = {"temperature": params.temperature, "top_k": params.top_k, "top_p": params.top_p}
-    ref = Reference(runner.config, str(ckpt), prompts, steps, sampling, seed)
+    ref = Reference(runner.config, str(ckpt), prompts, steps, sampling, seed, source_precision=runner.source_precision)
     ref.outputs = measure(runner, prompts, steps, params, seed)
     ref.probes = probes_for(params)
     ref.sampler_logits = sampler_rows(ref.outputs.forward_logits)
@@ -691,7 +691,11 @@ def run_parity(model_dir: str | Path, ckpt: str | Path | None = None, *, golden:
         say(f"wrote golden file {save_golden(ref, save_golden_to)}")
     source = ref.source if golden is None else f"{golden} (golden file of {ref.source})"
     settings = {"prompts": [p.tolist() for p in ref.prompts], "steps": ref.steps, "sampling": ref.sampling,
-                "seed": ref.seed, "backends": backends, "tf32": options.tf32}
+                "seed": ref.seed, "backends": backends, "tf32": options.tf32,
+                "source_precision": ref.source_precision}
+    if ref.source_precision not in (None, "fp32"):
+        notes.append(f"the checkpoint stores its weights in {ref.source_precision}: the reference runs them "
+                     "upcast to fp32")
     report = ParityReport(tol, source, str(md.path), settings, notes=notes)
     report.checks.append(sampler_check(ref.sampler_logits, ref.probes, ref.sampler_probs))
     for name in backends:

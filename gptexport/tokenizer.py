@@ -78,10 +78,11 @@ class CharTokenizer:
 
     name = "char"
 
-    def __init__(self, itos: dict[int, str]):
+    def __init__(self, itos: dict[int, str], source: Path | None = None):
         problem = _itos_problem(itos)
         if problem:
             raise TokenizerError(f"character vocabulary: {problem}")
+        self.source = source  # the meta.pkl it came from, for messages
         self.itos = {i: itos[i] for i in range(len(itos))}
         self.stoi = {ch: i for i, ch in self.itos.items()}
         self.vocab_size = len(self.itos)
@@ -134,7 +135,7 @@ def load_meta_pkl(path: str | Path) -> CharTokenizer:
     vocab_size = meta.get("vocab_size", len(meta["itos"]))
     if vocab_size != len(meta["itos"]):
         raise TokenizerError(f"{path}: vocab_size={vocab_size!r} but itos has {len(meta['itos'])} characters")
-    return CharTokenizer(meta["itos"])
+    return CharTokenizer(meta["itos"], source=path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,6 +203,7 @@ class GPT2Tokenizer:
     def __init__(self, encoder_json: str | Path, vocab_bpe: str | Path):
         self.encoder_json = Path(encoder_json).resolve()
         self.vocab_bpe = Path(vocab_bpe).resolve()
+        self.source = Path(encoder_json).parent  # for messages
         _check_hash(self.encoder_json, ENCODER_JSON)
         _check_hash(self.vocab_bpe, VOCAB_BPE)
         self._enc = _gpt2_encoding(str(self.encoder_json), str(self.vocab_bpe))
@@ -305,17 +307,36 @@ def _search(ckpt_path: Path, train_config: dict) -> Tokenizer | None:
 def find_tokenizer(ckpt_path: str | Path, train_config: dict, explicit: str | Path | None,
                    vocab_size: int) -> Tokenizer | None:
     """The model's tokenizer: `explicit` if given, else nanoGPT's meta.pkl locations, else GPT-2 BPE
-    for a GPT-2-sized vocabulary, else None (the model then takes and returns raw token ids)."""
+    for a GPT-2-sized vocabulary, else None (the model then takes and returns raw token ids).
+
+    A tokenizer that does not fit the model (vocab_mismatch) is a TokenizerError naming its file."""
     if explicit is not None:
         tok = tokenizer_at(explicit)
     else:
         tok = _search(Path(ckpt_path), train_config)
         if tok is None and vocab_size in GPT2_MODEL_VOCAB_SIZES:
             tok = _gpt2_if_available()
-    if tok is not None and tok.vocab_size > vocab_size:
-        raise TokenizerError(f"{explicit or ckpt_path}: the {tok.name} tokenizer has {tok.vocab_size} tokens "
-                             f"but the model's vocab_size is {vocab_size}")
+    if tok is not None:
+        problem = vocab_mismatch(tok.name, tok.vocab_size, vocab_size)
+        if problem:
+            raise TokenizerError(f"{getattr(tok, 'source', None) or explicit or ckpt_path}: {problem}")
     return tok
+
+
+def vocab_mismatch(kind: str, tokens: int, vocab_size: int) -> str | None:
+    """Why a `kind` tokenizer of `tokens` tokens cannot serve a model of `vocab_size`, or None.
+
+    A character model has exactly one token per character (nanoGPT's vocab_size == len(itos)):
+    fewer characters leave ids that decode to nothing, more give ids the model never outputs.
+    GPT-2 BPE needs all of its 50257 ids (a padded 50304 is fine: the extra ids decode to nothing).
+    """
+    if kind == "char" and tokens != vocab_size:
+        return (f"the character vocabulary has {tokens} characters but the model's vocab_size is {vocab_size} "
+                "(a character model needs exactly one token per character)")
+    if kind == "gpt2" and vocab_size < GPT2_VOCAB_SIZE:
+        return (f"GPT-2 BPE has {GPT2_VOCAB_SIZE} tokens but the model's vocab_size is {vocab_size} "
+                f"(it needs at least {GPT2_VOCAB_SIZE})")
+    return None
 
 
 # ---------------------------------------------------------------------------------------------

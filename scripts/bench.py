@@ -42,8 +42,9 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def make_checkpoint(path: Path) -> Path:
-    """GPT-2-small's shape with nanoGPT's random initialisation, saved as nanoGPT's train.py does."""
+def make_checkpoint(path: Path, model_args: dict = GPT2_SMALL) -> Path:
+    """A GPT of `model_args`' shape (GPT-2-small's by default) with nanoGPT's random initialisation,
+    saved as nanoGPT's train.py does."""
     if path.exists():
         return path
     import torch
@@ -51,10 +52,10 @@ def make_checkpoint(path: Path) -> Path:
     from gptexport.model import GPT
 
     torch.manual_seed(0)
-    model = GPT(GPTConfig(**GPT2_SMALL))
+    model = GPT(GPTConfig(**model_args))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    torch.save({"model": model.state_dict(), "model_args": GPT2_SMALL, "optimizer": None, "iter_num": 0,
+    torch.save({"model": model.state_dict(), "model_args": model_args, "optimizer": None, "iter_num": 0,
                 "best_val_loss": 0.0, "config": {}}, tmp)
     os.replace(tmp, path)
     return path

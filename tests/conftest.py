@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny real checkpoints in nanoGPT's format and their exported model directories."""
+"""Shared fixtures: tiny real checkpoints in nanoGPT's format and their exported model directories; the
+CLI run as a user runs it, with the checks every error case makes."""
 
 from __future__ import annotations
 
@@ -6,6 +7,39 @@ import pickle
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner, Result
+
+# ---- the CLI as a user runs it: exit code, one `error:` line, nothing left on disk ----
+
+
+def cli(*args, input: str | bytes | None = None) -> Result:
+    """The real `gptexport` command, in-process; `input` is its standard input."""
+    from gptexport.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args], input=input)
+
+
+def assert_error(result: Result, code: int, *named: object) -> str:
+    """Exit `code`, one `error:` line on stderr naming each of `named`, no traceback; returns the line."""
+    # CliRunner turns an escaped exception into exit code 1 too: make sure it was a clean exit
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert result.exit_code == code, (result.exit_code, result.stderr)
+    assert "Traceback" not in result.output
+    for name in named:
+        assert str(name) in lines[0], (name, lines[0])
+    return lines[0]
+
+
+def staging_leftovers(out: Path) -> list[str]:
+    return [p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
+
+
+def assert_nothing_written(out: Path) -> None:
+    assert not out.exists(), f"{out} was created"
+    assert staging_leftovers(out) == []
+
 
 TINY_CHARS = sorted(set("abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ\n.,;:!?'-"))
 

@@ -86,6 +86,41 @@ def test_nanogpt_roundtrip(tmp_path):
     assert loaded.lm_head.weight is loaded.transformer.wte.weight  # still tied
 
 
+def mapped_ranges(path) -> list[tuple[int, int]]:
+    """Address ranges where this process maps `path` (Linux's /proc/self/maps)."""
+    out = []
+    for line in open("/proc/self/maps"):
+        if line.rstrip().endswith(str(path)):
+            lo, hi = line.split()[0].split("-")
+            out.append((int(lo, 16), int(hi, 16)))
+    return out
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs Linux's /proc")
+def test_fp32_weights_are_mapped_not_copied(tmp_path):
+    """The checkpoint's tensors become the parameters: memory-mapped from the file, never copied."""
+    path = save(nanogpt_ckpt(tiny_gpt()), tmp_path / "ckpt.pt")
+    model = load_model(path)
+    ranges = mapped_ranges(path)
+    assert ranges and all(any(lo <= p.data_ptr() < hi for lo, hi in ranges) for p in model.parameters())
+    assert model.lm_head.weight is model.transformer.wte.weight
+
+
+@pytest.mark.parametrize("stored", [torch.float16, torch.bfloat16])
+def test_half_precision_weights_upcast_once(tmp_path, stored):
+    model = tiny_gpt()
+    sd = {k: v.to(stored) for k, v in model.state_dict().items()}
+    path = save(nanogpt_ckpt(model, model=sd), tmp_path / "ckpt.pt")
+    ckpt = load_checkpoint(path)
+    assert ckpt.precision == {torch.float16: "fp16", torch.bfloat16: "bf16"}[stored]
+    loaded = load_model(ckpt)
+    assert {p.dtype for p in loaded.parameters()} == {torch.float32}
+    assert loaded.lm_head.weight is loaded.transformer.wte.weight  # one upcast copy for the tied pair
+    assert torch.equal(loaded.transformer.wpe.weight, sd["transformer.wpe.weight"].float())
+    kept = load_model(ckpt, stored)
+    assert kept.transformer.wpe.weight.data_ptr() == ckpt.state_dict["transformer.wpe.weight"].data_ptr()
+
+
 def test_load_model_accepts_a_checkpoint(tmp_path):
     model = tiny_gpt()
     ckpt = load_checkpoint(save(nanogpt_ckpt(model), tmp_path / "ckpt.pt"))

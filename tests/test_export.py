@@ -1,4 +1,5 @@
 import json
+import os
 
 import numpy as np
 import onnx
@@ -21,6 +22,23 @@ def test_model_dir_describes_itself(tiny_model_dir):
     md = load_model_dir(tiny_model_dir)
     assert md.config.block_size == 16 and md.tokenizer().decode(md.tokenizer().encode("Hi there")) == "Hi there"
     assert not list(tiny_model_dir.parent.glob(".*partial*"))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs Linux's /proc")
+def test_convert_frees_the_weights_before_onnx_runtime_loads_them(tmp_path):
+    """Peak memory: by validation, the checkpoint (whose mapped tensors were the model's weights)
+    is unmapped, although the exporter's leftovers outlive the export (export.release_weights)."""
+    from conftest import write_tiny_checkpoint
+
+    ckpt = write_tiny_checkpoint(tmp_path / "run" / "ckpt.pt")
+    mapped_at_validation = []
+
+    def progress(msg: str) -> None:
+        if msg.startswith("validated"):
+            mapped_at_validation.append(any(line.rstrip().endswith(str(ckpt)) for line in open("/proc/self/maps")))
+
+    convert(ckpt, tmp_path / "m", progress=progress)
+    assert mapped_at_validation == [False]
 
 
 def test_attention_is_an_explicit_mask_graph(tiny_model_dir):

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner, Result
+from click.testing import CliRunner
+from conftest import assert_error, assert_nothing_written, cli, staging_leftovers
 
 from gptexport.cli import main
 from gptexport.modeldir import MANIFEST, file_records, load_model_dir
@@ -32,32 +33,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 # ---------------------------------------------------------------------------------------------
 # Helpers
-
-
-def cli(*args) -> Result:
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def assert_error(result: Result, code: int, *named: object) -> str:
-    """Exit `code`, one `error:` line on stderr naming each of `named`, no traceback; returns the line."""
-    # CliRunner turns an escaped exception into exit code 1 too: make sure it was a clean exit
-    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert result.exit_code == code, (result.exit_code, result.stderr)
-    assert "Traceback" not in result.output
-    for name in named:
-        assert str(name) in lines[0], (name, lines[0])
-    return lines[0]
-
-
-def staging_leftovers(out: Path) -> list[str]:
-    return [p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
-
-
-def assert_nothing_written(out: Path) -> None:
-    assert not out.exists(), f"{out} was created"
-    assert staging_leftovers(out) == []
 
 
 def snapshot(directory: Path) -> dict[str, bytes]:

@@ -158,10 +158,10 @@ def test_explicit_wins(tmp_path):
     write_meta(tmp_path / "out" / "meta.pkl", "ab")
     explicit = write_meta(tmp_path / "mine" / "meta.pkl", "xyz")
     ckpt = tmp_path / "out" / "ckpt.pt"
-    assert find_tokenizer(ckpt, {}, explicit, 64).encode("zyx") == [2, 1, 0]
-    assert find_tokenizer(ckpt, {}, explicit.parent, 64).vocab_size == 3  # directory with meta.pkl
+    assert find_tokenizer(ckpt, {}, explicit, 3).encode("zyx") == [2, 1, 0]
+    assert find_tokenizer(ckpt, {}, explicit.parent, 3).vocab_size == 3  # directory with meta.pkl
     with pytest.raises(TokenizerError, match="no such file"):
-        find_tokenizer(ckpt, {}, tmp_path / "nope", 64)
+        find_tokenizer(ckpt, {}, tmp_path / "nope", 3)
 
 
 @needs_gpt2
@@ -176,10 +176,10 @@ def test_meta_next_to_checkpoint_then_dataset(tmp_path, monkeypatch):
     ckpt.parent.mkdir()
     write_meta(tmp_path / "data" / "shakespeare_char" / "meta.pkl", "abc")
     config = {"dataset": "shakespeare_char"}
-    assert find_tokenizer(ckpt, config, None, 64).vocab_size == 3  # data/<dataset>/meta.pkl, from cwd
+    assert find_tokenizer(ckpt, config, None, 3).vocab_size == 3  # data/<dataset>/meta.pkl, from cwd
     write_meta(tmp_path / "out" / "meta.pkl", "abcd")
-    assert find_tokenizer(ckpt, config, None, 64).vocab_size == 4  # beside the checkpoint wins
-    assert find_tokenizer(ckpt.parent, config, None, 64).vocab_size == 4  # a checkpoint directory
+    assert find_tokenizer(ckpt, config, None, 4).vocab_size == 4  # beside the checkpoint wins
+    assert find_tokenizer(ckpt.parent, config, None, 4).vocab_size == 4  # a checkpoint directory
 
 
 def test_gpt2_fallback_then_none(tmp_path, monkeypatch):
@@ -191,10 +191,22 @@ def test_gpt2_fallback_then_none(tmp_path, monkeypatch):
         assert isinstance(find_tokenizer(ckpt, {}, None, 50257), GPT2Tokenizer)
 
 
-def test_tokenizer_larger_than_model_refused(tmp_path):
-    write_meta(tmp_path / "meta.pkl", "abcdef")
-    with pytest.raises(TokenizerError, match="6 tokens but the model's vocab_size is 4"):
-        find_tokenizer(tmp_path / "ckpt.pt", {}, None, 4)
+@pytest.mark.parametrize("model_vocab", [4, 65], ids=["larger-than-model", "smaller-than-model"])
+def test_char_vocabulary_must_match_the_model(tmp_path, model_vocab):
+    meta = write_meta(tmp_path / "meta.pkl", "abcdef")
+    with pytest.raises(TokenizerError) as info:
+        find_tokenizer(tmp_path / "ckpt.pt", {}, None, model_vocab)
+    assert str(info.value) == (f"{meta}: the character vocabulary has 6 characters but the model's vocab_size is "
+                               f"{model_vocab} (a character model needs exactly one token per character)")
+
+
+@needs_gpt2
+def test_gpt2_bpe_needs_its_whole_vocabulary(tmp_path):
+    GPT2Tokenizer.default().save_files(tmp_path)
+    with pytest.raises(TokenizerError, match="GPT-2 BPE has 50257 tokens but the model's vocab_size is 50000 "
+                                             r"\(it needs at least 50257\)"):
+        find_tokenizer(tmp_path / "ckpt.pt", {}, tmp_path, 50000)
+    assert find_tokenizer(tmp_path / "ckpt.pt", {}, tmp_path, 50257) is not None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,13 +17,15 @@ class TorchRunner(Runner):
     def __init__(self, ckpt: str | Path):
         import torch
 
-        from ..checkpoint import load_model
+        from ..checkpoint import load_checkpoint, load_model
         from ..config import io_spec
 
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
         self.torch = torch
-        self.model = load_model(ckpt).float().eval().requires_grad_(False)
+        checkpoint = load_checkpoint(ckpt)
+        self.source_precision = checkpoint.precision  # fp16/bf16 weights are upcast: the reference is fp32
+        self.model = load_model(checkpoint, torch.float32)
         self.config = self.model.config
         self.spec = io_spec(self.config, "fp32")
 
