@@ -16,6 +16,7 @@ meta device and assigns the checkpoint's tensors to it, so a model costs its wei
 
 from __future__ import annotations
 
+import os
 import pickle
 import pickletools
 import re
@@ -47,11 +48,35 @@ class Checkpoint:
     iter_num: int | None = None
     best_val_loss: float | None = None
     precision: str = "fp32"  # of the stored weights: fp32, fp16, bf16 (or e.g. "fp16+fp32" if mixed)
+    stamps: dict[Path, tuple] = field(default_factory=dict)  # file_stamp of every file read, taken before reading
 
     def source_record(self) -> dict:
         """What a model directory's manifest says about where it came from."""
         return {"checkpoint": Path(self.path).name, "kind": self.kind, "precision": self.precision,
                 "iter_num": self.iter_num, "best_val_loss": self.best_val_loss}
+
+
+def file_stamp(path: Path) -> tuple:
+    """What changes when a file is rewritten: device, inode, size and modification time (ns)."""
+    st = os.stat(path)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def check_unchanged(stamps: dict[Path, tuple]) -> None:
+    """Refuse weights read from a file that was rewritten while they were in use.
+
+    The weights stay memory-mapped until they are no longer read, and a rewrite in place (nanoGPT's
+    train.py saves ckpt.pt over the old one) shows through the mapping: the export could mix two
+    checkpoints' weights, quietly.
+    """
+    for path, stamp in stamps.items():
+        try:
+            same = file_stamp(path) == stamp
+        except OSError:
+            same = False
+        if not same:
+            raise CheckpointError(f"{path}: changed while it was being converted (its weights are read in place; "
+                                  "is training still writing it?); nothing was written: convert it again")
 
 
 def precision_of(sd: dict[str, torch.Tensor]) -> str:
@@ -219,6 +244,7 @@ def _optional_number(value: object, kind: type) -> int | float | None:
 
 def load_nanogpt(path: Path) -> Checkpoint:
     """A checkpoint written by nanoGPT's train.py (the optimizer state is never used)."""
+    stamp = file_stamp(path)
     ckpt = torch_load(path)
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path}: checkpoint is a {type(ckpt).__name__}, expected nanoGPT's dict "
@@ -241,6 +267,7 @@ def load_nanogpt(path: Path) -> Checkpoint:
         iter_num=_optional_number(ckpt.get("iter_num"), int),
         best_val_loss=_optional_number(ckpt.get("best_val_loss"), float),
         precision=precision_of(sd),
+        stamps={path: stamp},
     )
 
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .checkpoint import load_checkpoint, load_model
+from .checkpoint import check_unchanged, load_checkpoint, load_model
 from .config import GPTConfig, IOSpec, io_spec
 from .errors import GptExportError, UsageError
 from .model import GPT, ExportableGPT
@@ -59,7 +59,7 @@ def convert(ckpt: str | Path, out_dir: str | Path, *, dtype: str = "fp32", token
 
     t0 = time.perf_counter()
     checkpoint = load_checkpoint(ckpt)
-    config, source = checkpoint.config, checkpoint.source_record()
+    config, source, stamps = checkpoint.config, checkpoint.source_record(), checkpoint.stamps
     tok = find_tokenizer(Path(ckpt), checkpoint.train_config, Path(tokenizer) if tokenizer else None,
                          config.vocab_size)
     model = load_model(checkpoint, TORCH_DTYPES[dtype])
@@ -76,6 +76,7 @@ def convert(ckpt: str | Path, out_dir: str | Path, *, dtype: str = "fp32", token
         t = time.perf_counter()
         check_onnx(onnx_path, spec)
         cases = torch_cases(model, spec) if validate else []
+        check_unchanged(stamps)  # the last read of the mapped weights is done: were they one checkpoint's?
         release_weights(model)  # before ONNX Runtime loads its own copy: never both at once
         del model
         gc.collect()

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import (MASK_SUFFIXES, Checkpoint, _first_line, check_state_dict, config_from_model_args,
-                         empty_model, precision_of, torch_load)
+                         empty_model, file_stamp, precision_of, torch_load)
 from .config import GPTConfig
 from .errors import CheckpointError
 
@@ -203,7 +203,9 @@ def load_hf_dir(path: Path) -> Checkpoint:
     expected = empty_model(config).state_dict()
     files, names_file = weight_files(path)
     state_dict: dict[str, torch.Tensor] = {}
+    stamps = {}
     for file, listed in files.items():
+        stamps[file] = file_stamp(file)
         sd = read_weights(file)
         if listed is not None:
             _check_listing(sd, listed, file, names_file)
@@ -212,4 +214,4 @@ def load_hf_dir(path: Path) -> Checkpoint:
         check_state_dict(part, expected, file, complete=False)
         state_dict.update(part)
     return Checkpoint(config=config, state_dict=state_dict, path=path, kind="hf-gpt2",
-                      precision=precision_of(state_dict))
+                      precision=precision_of(state_dict), stamps=stamps)

@@ -41,6 +41,26 @@ def test_convert_frees_the_weights_before_onnx_runtime_loads_them(tmp_path):
     assert mapped_at_validation == [False]
 
 
+def test_a_checkpoint_rewritten_mid_convert_is_refused(tmp_path):
+    """Training saves ckpt.pt over the old one; the weights are memory-mapped, so a rewrite during the
+    convert would show through and could mix two checkpoints: refused, and nothing written."""
+    from conftest import assert_nothing_written, write_tiny_checkpoint
+
+    from gptexport.errors import CheckpointError
+
+    ckpt = write_tiny_checkpoint(tmp_path / "run" / "ckpt.pt")
+
+    def progress(msg: str) -> None:
+        if msg.startswith("exported"):
+            write_tiny_checkpoint(ckpt, seed=1)  # the next save of a training run, in place
+
+    out = tmp_path / "m"
+    with pytest.raises(CheckpointError, match="changed while it was being converted"):
+        convert(ckpt, out, progress=progress)
+    assert_nothing_written(out)
+    convert(ckpt, out, progress=lambda m: None)  # the new, complete checkpoint converts
+
+
 def test_attention_is_an_explicit_mask_graph(tiny_model_dir):
     ops = {n.op_type for n in onnx.load(str(tiny_model_dir / "model.onnx")).graph.node}
     assert {"MatMul", "Softmax", "Where"} <= ops

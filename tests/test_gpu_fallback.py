@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import skip_unless_strict
 
 ROOT = Path(__file__).resolve().parent.parent
 ORT_GPU = Path(os.environ.get("GPTEXPORT_ORT_GPU", ROOT / ".venv" / "ort-gpu"))
@@ -31,10 +32,7 @@ def _has_nvidia_gpu() -> bool:
 @pytest.fixture(scope="module")
 def gpu_wheel_env() -> dict:
     if not (ORT_GPU / "onnxruntime" / "__init__.py").is_file():
-        reason = f"the onnxruntime-gpu wheel is not installed in {ORT_GPU}; install it with: {INSTALL}"
-        if os.environ.get("GPTEXPORT_TEST_STRICT") == "1":
-            pytest.fail(reason)
-        pytest.skip(reason)
+        skip_unless_strict(f"the onnxruntime-gpu wheel is not installed in {ORT_GPU}; install it with: {INSTALL}")
     if _has_nvidia_gpu():
         pytest.skip("this machine has an NVIDIA GPU: the no-fallback test needs one where CUDA cannot start")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ORT_GPU), *filter(None, [os.environ.get("PYTHONPATH")])])}

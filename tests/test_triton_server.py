@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import skip_unless_strict
 
 from gptexport.errors import BackendUnavailable
 from gptexport.generate import GenerationRequest, run_generation
@@ -41,9 +42,7 @@ def require_server() -> None:
         find_tritonserver()
         import tritonclient.grpc  # noqa: F401
     except (BackendUnavailable, ImportError) as e:
-        if os.environ.get("GPTEXPORT_TEST_STRICT") == "1":
-            pytest.fail(f"GPTEXPORT_TEST_STRICT=1 but the server tests cannot run: {e}")
-        pytest.skip(f"no tritonserver to test against: {e}")
+        skip_unless_strict(f"no tritonserver to test against: {e}")
 
 
 def free_port() -> int:
