@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 
 from . import __version__
 from .config import IOSpec
-from .errors import BackendUnavailable, ModelDirError
+from .errors import BackendUnavailable, ModelDirError, check_format
 from .modeldir import ModelDir
 from .profiles import ProfileShapes
 
@@ -77,11 +77,8 @@ class EngineRecord:
 
     @classmethod
     def from_dict(cls, d: dict, where: str) -> "EngineRecord":
-        if not isinstance(d, dict) or d.get("format") != RECORD_FORMAT:
-            raise ModelDirError(f"{where}: not a gptexport engine record (format must be {RECORD_FORMAT!r})")
-        if d.get("format_version") != RECORD_VERSION:
-            raise ModelDirError(f"{where}: format_version {d.get('format_version')!r} is not supported "
-                                f"(this gptexport reads {RECORD_VERSION}); rebuild with `gptexport build`")
+        check_format(d, where, "engine record", RECORD_FORMAT, RECORD_VERSION, ModelDirError,
+                     "; rebuild with `gptexport build`")
         try:
             d = dict(d, profiles=[ProfileShapes.from_dict(p) for p in d["profiles"]])
             record = cls(**d)

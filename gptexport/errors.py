@@ -30,3 +30,14 @@ class ModelDirError(GptExportError):
 
 class BackendUnavailable(GptExportError):
     """A backend whose libraries or hardware are not present on this machine."""
+
+
+def check_format(header: object, where: object, what: str, fmt: str, version: int,
+                 error: type = GptExportError, hint: str = "") -> None:
+    """The header of one of our self-describing files ({"format": fmt, "format_version": version}),
+    or a one-line `error` naming `where` and what this gptexport reads."""
+    if not isinstance(header, dict) or header.get("format") != fmt:
+        raise error(f"{where}: not a gptexport {what} (format must be {fmt!r})")
+    found = header.get("format_version")
+    if found != version:
+        raise error(f"{where}: format_version {found!r} is not supported (this gptexport reads {version}){hint}")

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import GPTConfig
-from .errors import GptExportError
+from .errors import GptExportError, check_format
 
 GOLDEN_FORMAT = "gptexport-golden"
 GOLDEN_VERSION = 1
@@ -104,11 +104,7 @@ def load_golden(path: str | Path) -> Reference:
         header = json.loads(arrays.pop("header").tobytes().decode())
     except (OSError, EOFError, ValueError, KeyError, UnicodeDecodeError, zipfile.BadZipFile) as e:
         raise GptExportError(f"{path}: not a gptexport golden file ({type(e).__name__}: {e})") from None
-    if not isinstance(header, dict) or header.get("format") != GOLDEN_FORMAT:
-        raise GptExportError(f"{path}: not a gptexport golden file (format must be {GOLDEN_FORMAT!r})")
-    if header.get("format_version") != GOLDEN_VERSION:
-        raise GptExportError(f"{path}: golden format_version {header.get('format_version')!r} is not supported "
-                             f"(this gptexport reads {GOLDEN_VERSION})")
+    check_format(header, path, "golden file", GOLDEN_FORMAT, GOLDEN_VERSION)
     try:
         return _reference_from(header, arrays)
     except (KeyError, TypeError, ValueError) as e:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .config import GPTConfig, IOSpec, io_spec
-from .errors import ModelDirError, UsageError
+from .errors import ModelDirError, UsageError, check_format
 
 MANIFEST = "gptexport.json"
 FORMAT = "gptexport-model"
@@ -72,11 +72,7 @@ def load_model_dir(path: str | Path, verify: bool = True) -> ModelDir:
         manifest = json.loads(mpath.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ModelDirError(f"{mpath}: not valid JSON ({e})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise ModelDirError(f"{mpath}: not a gptexport manifest (format must be {FORMAT!r})")
-    version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
-        raise ModelDirError(f"{mpath}: format_version {version!r} is not supported (this gptexport reads {FORMAT_VERSION})")
+    check_format(manifest, mpath, "manifest", FORMAT, FORMAT_VERSION, ModelDirError)
     try:
         config = GPTConfig(**manifest["config"])
         spec = IOSpec.from_dict(manifest["io_spec"])
