@@ -23,6 +23,7 @@ import re
 import zipfile
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -221,16 +222,19 @@ def config_from_model_args(model_args: object, path: Path) -> GPTConfig:
 
 def clean_state_dict(sd: dict, path: Path) -> dict[str, torch.Tensor]:
     """Strip torch.compile's prefix, drop causal-mask buffers; tensors stay memory-mapped (no copy)."""
+    return renamed_weights(sd, path, lambda key: key.removeprefix(COMPILED_PREFIX))
+
+
+def renamed_weights(sd: dict, path: Path, rename: Callable[[str], str]) -> dict[str, torch.Tensor]:
+    """The tensors of a state dict under our names (`rename`), causal-mask buffers dropped, nothing
+    copied; an entry that is not a name and a tensor is refused, naming the file."""
     out = {}
     for key, value in sd.items():
         if not isinstance(key, str) or not isinstance(value, torch.Tensor):
             raise CheckpointError(f"{path}: state dict entry {key!r} is a {type(value).__name__}, expected a tensor")
-        if key.startswith(COMPILED_PREFIX):
-            key = key[len(COMPILED_PREFIX):]
         # only exact suffixes: attn.c_attn.bias / attn.c_proj.bias are real weights when bias=True
-        if key.endswith(MASK_SUFFIXES):
-            continue
-        out[key] = value
+        if not key.endswith(MASK_SUFFIXES):
+            out[rename(key)] = value
     return out
 
 

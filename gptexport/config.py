@@ -125,7 +125,6 @@ def io_spec(config: GPTConfig, dtype: str = "fp32") -> IOSpec:
     return IOSpec(tuple(inputs), tuple(outputs), config.n_layer, cache)
 
 
-
 def numpy_dtype(name: str) -> np.dtype:
     """numpy dtype of a spec dtype name (float32, int64, ...); bfloat16 comes from ml_dtypes."""
     if name == "bfloat16":
@@ -133,6 +132,7 @@ def numpy_dtype(name: str) -> np.dtype:
 
         return np.dtype(ml_dtypes.bfloat16)
     return np.dtype(name)
+
 
 @dataclass(frozen=True)
 class DimRange:

@@ -40,7 +40,6 @@ def engine_io_problems(spec: IOSpec, io: dict[str, tuple[str, str]]) -> list[str
     return problems
 
 
-
 @dataclass(frozen=True)
 class DeviceInfo:
     name: str

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import (MASK_SUFFIXES, Checkpoint, _first_line, check_state_dict, config_from_model_args,
-                         empty_model, file_stamp, precision_of, torch_load)
+from .checkpoint import (Checkpoint, _first_line, check_state_dict, config_from_model_args, empty_model,
+                         file_stamp, precision_of, renamed_weights, torch_load)
 from .config import GPTConfig
 from .errors import CheckpointError
 
@@ -183,16 +183,12 @@ def _check_dtypes(sd: dict, declared: torch.dtype | None, file: Path) -> None:
 
 def hf_to_nanogpt(sd: dict, file: Path) -> dict[str, torch.Tensor]:
     """HF GPT-2 names to nanoGPT's, as nanoGPT's GPT.from_pretrained does (read_weights transposed)."""
-    out = {}
-    for key, value in sd.items():
-        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
-            raise CheckpointError(f"{file}: entry {key!r} is a {type(value).__name__}, expected a tensor")
-        if key.endswith(MASK_SUFFIXES):
-            continue
-        if key.startswith("transformer."):
-            key = key[len("transformer."):]
-        out[key if key == "lm_head.weight" else "transformer." + key] = value
-    return out
+    return renamed_weights(sd, file, _nanogpt_name)
+
+
+def _nanogpt_name(key: str) -> str:
+    key = key.removeprefix("transformer.")
+    return key if key == "lm_head.weight" else "transformer." + key
 
 
 def load_hf_dir(path: Path) -> Checkpoint:

@@ -129,7 +129,7 @@ def main() -> None:
     baseline_after = in_process_baseline(args.model_dir, args.max_tokens)  # the machine may have changed
     for row in rows:
         row["x_in_process"] = row["tok_s"] / ((baseline + baseline_after) / 2)
-    print(f"| instances | clients | requests | req/s | tok/s | × in-process | TTFT p50 ms | TTFT p99 ms |")
+    print("| instances | clients | requests | req/s | tok/s | × in-process | TTFT p50 ms | TTFT p99 ms |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['instances']} | {r['clients']} | {r['requests']} | {r['req_s']:.2f} | {r['tok_s']:.0f} | "

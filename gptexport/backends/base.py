@@ -16,7 +16,7 @@ from abc import ABC, abstractmethod
 
 import numpy as np
 
-from ..config import GPTConfig, IOSpec
+from ..config import GPTConfig, IOSpec, numpy_dtype
 from ..errors import GptExportError
 
 
@@ -74,7 +74,8 @@ class Runner(ABC):
         """One forward of the graph: every input by name in, every output by name out."""
 
     def cache_dtype(self) -> np.dtype:
-        return np.dtype(np.float32)
+        """The dtype of the past/new key and value tensors, as the I/O spec gives it."""
+        return numpy_dtype(self.spec.cache_dtype)
 
     def new_cache(self, batch: int, capacity: int) -> HostCache:
         """An empty cache for `batch` sequences of up to `capacity` positions."""

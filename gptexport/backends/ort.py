@@ -30,7 +30,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..config import numpy_dtype
 from ..errors import BackendUnavailable, GptExportError, ModelDirError, UsageError
 from ..modeldir import ModelDir
 from .base import HostCache, Runner, notice
@@ -132,9 +131,6 @@ class OrtRunner(Runner):
             self.memory = None
 
     # ---- caches and forwards ----
-
-    def cache_dtype(self) -> np.dtype:
-        return numpy_dtype(self.spec.cache_dtype)
 
     def new_cache(self, batch: int, capacity: int) -> "DeviceCache | OrtCache":
         self.activate()

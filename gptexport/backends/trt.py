@@ -103,9 +103,6 @@ class TrtRunner(Runner):
 
     # ---- running ----
 
-    def cache_dtype(self) -> np.dtype:
-        return numpy_dtype(self.spec.cache_dtype)
-
     def new_cache(self, batch: int, capacity: int) -> DeviceCache:
         self.activate()
         return open_cache(self.memory, self.spec, self.config, batch, capacity, self._pool)
