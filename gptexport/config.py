@@ -20,7 +20,7 @@ caller appends them in place instead of the graph copying the whole cache every 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -58,7 +58,13 @@ class TensorSpec:
         return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
 
 
-DYNAMIC_DIMS = ("batch", "sequence", "past_sequence", "num_logits")
+MAX_BATCH = 4096  # the largest batch the graph is exported for
+
+
+def dynamic_dims(config: GPTConfig) -> dict[str, tuple[int, int]]:
+    """Every dynamic dim of the I/O spec and the (min, max) the graph is exported for."""
+    T = config.block_size
+    return {"batch": (1, MAX_BATCH), "sequence": (1, T), "past_sequence": (0, T), "num_logits": (1, T)}
 
 
 @dataclass(frozen=True)
@@ -132,50 +138,3 @@ def numpy_dtype(name: str) -> np.dtype:
 
         return np.dtype(ml_dtypes.bfloat16)
     return np.dtype(name)
-
-
-@dataclass(frozen=True)
-class DimRange:
-    min: int
-    opt: int
-    max: int
-
-
-@dataclass
-class Profile:
-    """One TensorRT optimization profile: a (min, opt, max) range for every dynamic dim."""
-
-    name: str
-    dims: dict[str, DimRange] = field(default_factory=dict)
-
-    def shapes(self, spec: IOSpec) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
-        """(min, opt, max) shape of every input whose shape is not fixed."""
-        out = {}
-        for t in spec.inputs:
-            if all(isinstance(d, int) for d in t.shape):
-                continue
-            out[t.name] = tuple(
-                tuple(d if isinstance(d, int) else getattr(self.dims[d], which) for d in t.shape)
-                for which in ("min", "opt", "max")
-            )
-        return out
-
-
-def profiles(config: GPTConfig, max_batch: int = 1, opt_seq: int | None = None) -> list[Profile]:
-    """Prefill (past 0, any prompt length) and decode (one token, any cache length) profiles."""
-    T = config.block_size
-    opt_seq = min(opt_seq or min(64, T), T)
-    batch = DimRange(1, max_batch, max_batch)
-    prefill = Profile("prefill", {
-        "batch": batch,
-        "sequence": DimRange(1, opt_seq, T),
-        "past_sequence": DimRange(0, 0, 0),
-        "num_logits": DimRange(1, 1, T),
-    })
-    decode = Profile("decode", {
-        "batch": batch,
-        "sequence": DimRange(1, 1, 1),
-        "past_sequence": DimRange(1, T // 2 if T > 1 else 1, T),
-        "num_logits": DimRange(1, 1, 1),
-    })
-    return [prefill, decode]

@@ -41,3 +41,23 @@ def check_format(header: object, where: object, what: str, fmt: str, version: in
     found = header.get("format_version")
     if found != version:
         raise error(f"{where}: format_version {found!r} is not supported (this gptexport reads {version}){hint}")
+
+
+class ParameterError(UsageError):
+    """A library argument outside its valid range, named as the Python API names it (`top_k`).
+
+    The CLI and the server say the same in their own words (`--top-k`, the request input
+    `top_k`) with `worded`; str(e) is the API's wording.
+    """
+
+    def __init__(self, param: str, problem: str):
+        self.param, self.problem = param, problem
+        super().__init__(f"{param} {problem}")
+
+    def worded(self, name: str) -> str:
+        return f"{name} {self.problem}"
+
+
+def first_line(e: BaseException) -> str:
+    """The first non-blank line of an exception's message (its type's name if it has none)."""
+    return next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)

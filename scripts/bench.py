@@ -21,7 +21,8 @@ import sys
 import time
 from pathlib import Path
 
-from gptexport import bench
+from gptexport.bench import report as report_mod
+from gptexport.bench import run as bench
 from gptexport.config import GPTConfig
 
 GPT2_SMALL = dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304, bias=True, dropout=0.0)
@@ -49,7 +50,7 @@ def make_checkpoint(path: Path, model_args: dict = GPT2_SMALL) -> Path:
         return path
     import torch
 
-    from gptexport.model import GPT
+    from gptexport.convert.model import GPT
 
     torch.manual_seed(0)
     model = GPT(GPTConfig(**model_args))
@@ -79,8 +80,8 @@ def timed_convert(ckpt: Path, out: Path) -> dict:
 
 def quality(ckpt: Path, text_path: Path, work: Path) -> dict:
     """fp32 vs int8 and int4 of a trained model on the held-out end of its text."""
-    from gptexport.export import convert
-    from gptexport.quantize import compare_quality, quantize
+    from gptexport.convert.export import convert
+    from gptexport.convert.quantize import compare_quality, quantize
 
     fp32 = convert(ckpt, work / "quality-fp32", force=True, progress=lambda m: None)
     text = text_path.read_text(encoding="utf-8")
@@ -116,7 +117,7 @@ def main() -> None:
     report["convert"] = converted
     if args.quality_ckpt and args.quality_text:
         report["quality"] = quality(args.quality_ckpt, args.quality_text, work)
-    print(bench.table(report))
+    print(report_mod.table(report))
     if converted:
         print(f"\nconvert (GPT-2-small, incl. validation): {converted['seconds']:.1f} s, "
               f"peak RSS {converted['peak_rss_mb']:.0f} MB")
@@ -125,7 +126,7 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     if args.plot:
-        bench.plot(report, args.plot)
+        report_mod.plot(report, args.plot)
 
 
 if __name__ == "__main__":

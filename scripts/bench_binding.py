@@ -19,8 +19,8 @@ import time
 
 import numpy as np
 
-from gptexport.backends.ort import OrtRunner
-from gptexport.modeldir import load_model_dir
+from gptexport.artifacts.modeldir import load_model_dir
+from gptexport.runtime.backends.ort import OrtRunner
 
 
 def step_ms(runner: OrtRunner, batch: int, steps: int) -> float:

@@ -31,7 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import make_checkpoint, timed_convert  # noqa: E402  (scripts/bench.py)
 
-from gptexport import bench  # noqa: E402
+from gptexport.bench import run as bench  # noqa: E402
 
 GB = 1e9
 SHAPES = {  # nanoGPT's GPT-2 configurations (model.py from_pretrained), its padded vocabulary
@@ -48,8 +48,8 @@ def model_args(size: str) -> dict:
 
 def fp32_weight_bytes(args: dict) -> int:
     """4 bytes per parameter, the tied embedding counted once."""
-    from gptexport.checkpoint import empty_model  # torch, in this process only for this
     from gptexport.config import GPTConfig
+    from gptexport.convert.checkpoint import empty_model  # torch, in this process only for this
 
     return empty_model(GPTConfig(**args)).get_num_params(non_embedding=False) * 4
 

@@ -103,7 +103,7 @@ def environment(chk: GpuCheck) -> dict:
     except ImportError:
         env["onnxruntime"] = None
     try:
-        from gptexport.backends.device import current_device, import_cudart
+        from gptexport.runtime.backends.device import current_device, import_cudart
 
         device = current_device(import_cudart())
         env["gpu"] = f"{device.name} (compute capability {device.compute_capability})"
@@ -135,7 +135,7 @@ def write_checkpoint(path: Path, args: dict, seed: int = 0) -> Path:
     import torch
 
     from gptexport.config import GPTConfig
-    from gptexport.model import GPT
+    from gptexport.convert.model import GPT
 
     torch.manual_seed(seed)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -173,8 +173,8 @@ def parity(chk: GpuCheck, model: str, ckpt: Path, out: Path, dtype: str, backend
 def speed(chk: GpuCheck, env: dict, model: str, ckpt: Path, out: Path, dtype: str, decode_tokens: int) -> dict:
     """Decode ms/token, batch 1: our backend with and without CUDA graphs, transformers on the same
     device, each in a bench worker process, one after another in this run."""
-    from gptexport.bench import run_worker
-    from gptexport.modeldir import load_model_dir
+    from gptexport.artifacts.modeldir import load_model_dir
+    from gptexport.bench.run import run_worker
 
     backend = "gptexport-ort" if chk.dry_run else "gptexport-ort-cuda"
     device = "cpu" if chk.dry_run else "cuda"

@@ -29,7 +29,7 @@ def write_checkpoint(path: Path, seed: int = 0) -> Path:
     import torch
 
     from gptexport.config import GPTConfig
-    from gptexport.model import GPT
+    from gptexport.convert.model import GPT
 
     torch.manual_seed(seed)
     model = GPT(GPTConfig(**GPT2_SMALL))
@@ -52,7 +52,7 @@ def main() -> int:
         write_checkpoint(ckpt)
         print(f"wrote {ckpt} ({time.perf_counter() - t0:.0f}s)", flush=True)
     if not out.exists():
-        from gptexport.export import convert
+        from gptexport.convert.export import convert
 
         convert(ckpt, out)
     t1 = time.perf_counter()

@@ -27,13 +27,13 @@ from pathlib import Path
 
 import numpy as np
 
-from gptexport.backends import open_runner
-from gptexport.generate import generate
-from gptexport.modeldir import load_model_dir
-from gptexport.sampling import SamplingParams
+from gptexport.artifacts.modeldir import load_model_dir
+from gptexport.runtime.backends import open_runner
+from gptexport.runtime.loop import generate
+from gptexport.runtime.sampling import SamplingParams
+from gptexport.serve.model import cpu_threads
 from gptexport.serve.repository import write_repository
 from gptexport.serve.server import TritonServer
-from gptexport.serve.session import cpu_threads
 
 PROMPT = "ROMEO:"
 

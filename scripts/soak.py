@@ -19,10 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
-from gptexport.backends import open_runner
-from gptexport.generate import TextStream, generate
-from gptexport.modeldir import load_model_dir
-from gptexport.sampling import SamplingParams
+from gptexport.artifacts.modeldir import load_model_dir
+from gptexport.runtime.backends import open_runner
+from gptexport.runtime.loop import generate
+from gptexport.runtime.sampling import SamplingParams
+from gptexport.runtime.textstream import TextStream
 
 
 def rss_mb() -> float:

@@ -2,7 +2,7 @@
 
 A CPU-sized take on nanoGPT's `config/train_shakespeare_char.py`: same data preparation as
 nanoGPT's data/shakespeare_char/prepare.py (sorted character vocabulary, 90/10 train/val split),
-same model (gptexport.model.GPT), AdamW with linear warmup and cosine decay, weight decay on 2-D
+same model (gptexport.convert.model.GPT), AdamW with linear warmup and cosine decay, weight decay on 2-D
 parameters only, gradient clipping. Writes, atomically, into --out-dir:
 
   ckpt.pt   nanoGPT train.py checkpoint format ('model', 'model_args', 'optimizer' (None, to keep
@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from gptexport.config import GPTConfig
-from gptexport.model import GPT
+from gptexport.convert.model import GPT
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"

@@ -57,7 +57,7 @@ def write_tiny_checkpoint(path: Path, seed: int = 0, meta: bool = True, **overri
     import torch
 
     from gptexport.config import GPTConfig
-    from gptexport.model import GPT
+    from gptexport.convert.model import GPT
 
     args = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, bias=True, vocab_size=len(TINY_CHARS), dropout=0.0)
     args.update(overrides)
@@ -80,7 +80,7 @@ def tiny_ckpt(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tiny_ckpt, tmp_path_factory) -> Path:
-    from gptexport.export import convert
+    from gptexport.convert.export import convert
 
     out = tmp_path_factory.mktemp("export") / "tiny"
     return convert(tiny_ckpt, out, progress=lambda msg: None)

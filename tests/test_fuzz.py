@@ -17,14 +17,15 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from conftest import TINY_CHARS
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import TINY_CHARS
+from gptexport.artifacts.modeldir import MANIFEST, load_model_dir
+from gptexport.artifacts.tokenizer import (CharTokenizer, TokenizerError, check_token_ids, gpt2_default_dir,
+                                           load_meta_pkl)
+from gptexport.cli.inputs import parse_token_ids
 from gptexport.errors import GptExportError
-from gptexport.modeldir import MANIFEST, load_model_dir
-from gptexport.tokenizer import (CharTokenizer, TokenizerError, check_token_ids, gpt2_default_dir, load_meta_pkl,
-                                 parse_token_ids)
 
 FUZZ = settings(max_examples=int(os.environ.get("GPTEXPORT_FUZZ_EXAMPLES", 200)), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -93,7 +94,7 @@ def ckpt_bytes(tiny_ckpt) -> tuple[bytes, bytes]:
 
 
 def _load_ckpt_and_model(path: Path) -> None:
-    from gptexport.checkpoint import load_checkpoint, load_model
+    from gptexport.convert.loader import load_checkpoint, load_model
 
     load_model(load_checkpoint(path))
 
@@ -238,7 +239,7 @@ def test_char_unknown_characters_named(text, extra):
 @settings(max_examples=200, deadline=None)
 @given(st.text(max_size=100))
 def test_gpt2_roundtrip_property(text):
-    from gptexport.tokenizer import GPT2Tokenizer
+    from gptexport.artifacts.tokenizer import GPT2Tokenizer
 
     tok = GPT2Tokenizer.default()
     ids = tok.encode(text)

@@ -25,8 +25,8 @@ import pytest
 from click.testing import CliRunner
 from conftest import assert_error, assert_nothing_written, cli, staging_leftovers
 
+from gptexport.artifacts.modeldir import MANIFEST, file_records, load_model_dir
 from gptexport.cli import main
-from gptexport.modeldir import MANIFEST, file_records, load_model_dir
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -266,9 +266,10 @@ def test_resealed_garbage_onnx(model_copy):
 ], ids=["other-tensorrt", "other-gpu"])
 def test_engine_from_another_tensorrt_or_gpu(model_copy, trt_version, gpu, words):
     """An engine runs only where it was built: checked from engine_record.json before TensorRT sees it."""
-    from gptexport import engine_record
+    from gptexport.artifacts import engine_record
+    from gptexport.artifacts.files import sha256_file
+    from gptexport.artifacts.modeldir import add_files_to_manifest
     from gptexport.errors import ModelDirError
-    from gptexport.modeldir import add_files_to_manifest, sha256_file
 
     (model_copy / engine_record.ENGINE_FILE).write_bytes(b"serialized engine")
     md = load_model_dir(model_copy)
@@ -300,7 +301,7 @@ GENERATE_CASES = [
     (["--prompt", "a", "--prompt-tokens", "1"], 2, "--prompt", "only one of"),
     (["--temperature", "-0.5"], 2, "--temperature", ">= 0"),
     (["--temperature", "nan"], 2, "--temperature", "finite"),
-    (["--top-k", "0"], 2, "--top-k", ">= 1"),
+    (["--top-k", "-1"], 2, "--top-k", ">= 0"),
     (["--top-p", "0"], 2, "--top-p", "(0, 1]"),
     (["--top-p", "1.5"], 2, "--top-p", "(0, 1]"),
     (["--max-new-tokens", "-1"], 2, "--max-new-tokens", ">= 0"),
@@ -351,7 +352,7 @@ def test_nan_logits(model_copy):
 
 
 def test_debug_shows_the_traceback(tiny_model_dir):
-    result = CliRunner().invoke(main, ["--debug", "generate", str(tiny_model_dir), "--top-k", "0"])
+    result = CliRunner().invoke(main, ["--debug", "generate", str(tiny_model_dir), "--top-k", "-1"])
     assert result.exit_code == 2
     assert "Traceback" in result.stderr and result.stderr.rstrip().splitlines()[-1].startswith("error: --top-k")
 
@@ -372,9 +373,9 @@ def fake_export(tiny_model_dir: Path):
 
 @pytest.fixture
 def quick_export(monkeypatch, tiny_model_dir):
-    import gptexport.export
+    import gptexport.convert.export
 
-    monkeypatch.setattr(gptexport.export, "export_onnx", fake_export(tiny_model_dir))
+    monkeypatch.setattr(gptexport.convert.export, "export_onnx", fake_export(tiny_model_dir))
 
 
 def test_missing_parents_are_created_and_removed_on_failure(tiny_ckpt, tmp_path, quick_export, file_size_limit):
@@ -396,7 +397,7 @@ def test_existing_outdir_refused_untouched(tiny_ckpt, tiny_model_dir):
 @pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "two-renames"])
 def test_force_replaces_atomically(tiny_ckpt, tmp_path, quick_export, monkeypatch, exchange):
     if not exchange:  # systems without renameat2(RENAME_EXCHANGE)
-        monkeypatch.setattr("gptexport.modeldir._exchange", lambda a, b: False)
+        monkeypatch.setattr("gptexport.artifacts.files._exchange", lambda a, b: False)
     out = tmp_path / "out"
     out.mkdir()
     (out / "old.txt").write_text("old")
@@ -508,7 +509,7 @@ def test_nan_weights_fail_validation(tiny_ckpt, tmp_path, quick_export):
 
 
 def test_only_dead_processes_staging_dirs_are_removed(tmp_path):
-    from gptexport.modeldir import remove_stale_staging
+    from gptexport.artifacts.files import remove_stale_staging
 
     out = tmp_path / "out"
     live = tmp_path / f".out.partial-{os.getpid()}-abc"  # a concurrent convert's: left alone
@@ -539,9 +540,9 @@ def test_killed_mid_convert(tiny_ckpt, tmp_path, quick_export):
 
 
 def test_threads_sharing_a_runner_match_sequential(tiny_model_dir):
-    from gptexport.backends.ort import OrtRunner
-    from gptexport.generate import generate
-    from gptexport.sampling import SamplingParams
+    from gptexport.runtime.backends.ort import OrtRunner
+    from gptexport.runtime.loop import generate
+    from gptexport.runtime.sampling import SamplingParams
 
     params = SamplingParams(0.9, top_k=20)
     prompts = [np.array([[i % 60, (3 * i) % 60]]) for i in range(6)]

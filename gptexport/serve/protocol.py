@@ -13,14 +13,13 @@ response and goes on serving.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import TokenizerError, UsageError
-from ..generate import GenerationRequest
-from ..sampling import SamplingParams
+from ..errors import ParameterError, TokenizerError, UsageError
+from ..runtime.sampling import DEFAULT_MAX_NEW_TOKENS, DEFAULT_SAMPLING, DEFAULT_SEED, SamplingParams
+from ..runtime.session import GenerationParams
 
 
 @dataclass(frozen=True)
@@ -49,7 +48,8 @@ OUTPUTS = (
     TensorSpec("num_input_tokens", "TYPE_INT32", (1,)),
     TensorSpec("num_output_tokens", "TYPE_INT32", (1,)),
 )
-CLI_DEFAULTS = GenerationRequest()  # max_new_tokens, temperature, top_k, top_p, seed of `gptexport generate`
+# the library's parameter -> the request input that sets it, where the names differ
+INPUT_NAMES = {"max_new_tokens": "max_tokens"}
 
 
 def tensors(specs: tuple[TensorSpec, ...], with_text: bool) -> tuple[TensorSpec, ...]:
@@ -60,12 +60,13 @@ def tensors(specs: tuple[TensorSpec, ...], with_text: bool) -> tuple[TensorSpec,
 class ServeRequest:
     prompt_ids: list[int]
     prompt_text: str | None  # text_input as given; a non-streamed text_output starts with it
-    max_tokens: int
-    sampling: SamplingParams
-    seed: int
+    params: GenerationParams  # max_tokens, the sampling inputs, seed, stop_words
     stream: bool = False
-    stop_words: tuple[str, ...] = ()
     exclude_input: bool = False
+
+    @property
+    def max_tokens(self) -> int:
+        return self.params.max_new_tokens
 
 
 def parse_request(inputs: dict[str, np.ndarray], parameters: dict, tokenizer, vocab_size: int,
@@ -82,25 +83,20 @@ def parse_request(inputs: dict[str, np.ndarray], parameters: dict, tokenizer, vo
                          else "give input_ids: this model has no tokenizer")
     prompt_ids = _encode(text, tokenizer) if text is not None else _token_ids(ids, vocab_size)
 
-    max_tokens = _scalar(inputs, "max_tokens", int, min(CLI_DEFAULTS.max_new_tokens, max_tokens_limit))
+    max_tokens = _scalar(inputs, "max_tokens", int, min(DEFAULT_MAX_NEW_TOKENS, max_tokens_limit))
     if not 1 <= max_tokens <= max_tokens_limit:
         raise UsageError(f"max_tokens must be in 1..{max_tokens_limit} (this model's limit), got {max_tokens}")
-    temperature = _scalar(inputs, "temperature", float, CLI_DEFAULTS.temperature)
-    if not (math.isfinite(temperature) and temperature >= 0):
-        raise UsageError(f"temperature must be a finite number >= 0 (0 is greedy), got {temperature}")
-    top_k = _scalar(inputs, "top_k", int, CLI_DEFAULTS.top_k)
-    if top_k is not None and top_k < 0:
-        raise UsageError(f"top_k must be an integer >= 0 (0: no top-k), got {top_k}")
-    top_p = _scalar(inputs, "top_p", float, CLI_DEFAULTS.top_p)
-    if top_p is not None and not 0 < top_p <= 1:
-        raise UsageError(f"top_p must be in (0, 1], got {top_p}")
-    stop_words = tuple(w for w in (_strings(inputs, "stop_words") or []) if w)
-    return ServeRequest(
-        prompt_ids=prompt_ids, prompt_text=text, max_tokens=max_tokens,
-        sampling=SamplingParams(temperature, top_k or None, top_p),
-        seed=_scalar(inputs, "seed", int, CLI_DEFAULTS.seed),
-        stream=_scalar(inputs, "stream", bool, False), stop_words=stop_words,
-        exclude_input=_scalar(inputs, "exclude_input_in_output", bool, False))
+    d = DEFAULT_SAMPLING
+    try:
+        sampling = SamplingParams(_scalar(inputs, "temperature", float, d.temperature),
+                                  _scalar(inputs, "top_k", int, d.top_k), _scalar(inputs, "top_p", float, d.top_p))
+        params = GenerationParams(max_tokens, sampling, _scalar(inputs, "seed", int, DEFAULT_SEED),
+                                  tuple(w for w in (_strings(inputs, "stop_words") or []) if w))
+    except ParameterError as e:  # the library's wording, with the request's names
+        raise UsageError(e.worded(INPUT_NAMES.get(e.param, e.param))) from None
+    return ServeRequest(prompt_ids=prompt_ids, prompt_text=text, params=params,
+                        stream=_scalar(inputs, "stream", bool, False),
+                        exclude_input=_scalar(inputs, "exclude_input_in_output", bool, False))
 
 
 def response_tensors(ids: list[int], text: str | None, num_input: int, num_output: int) -> dict[str, np.ndarray]:
@@ -156,7 +152,7 @@ def _encode(text: str, tokenizer) -> list[int]:
 
 
 def _token_ids(ids: np.ndarray, vocab_size: int) -> list[int]:
-    from ..tokenizer import check_token_ids
+    from ..artifacts.tokenizer import check_token_ids
 
     values = [int(i) for i in ids.reshape(-1)]
     if not values:

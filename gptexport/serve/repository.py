@@ -19,8 +19,9 @@ import shutil
 from pathlib import Path
 
 from .. import __version__
+from ..artifacts.files import staging_dir
+from ..artifacts.modeldir import MANIFEST, ModelDir, load_model_dir
 from ..errors import ModelDirError, UsageError
-from ..modeldir import MANIFEST, ModelDir, load_model_dir, staging_dir
 from .protocol import INPUTS, OUTPUTS, TensorSpec, tensors
 
 # --backend -> (the runner the model opens, Triton's instance kind)

@@ -40,8 +40,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from ..artifacts.modeldir import MANIFEST
 from ..errors import BackendUnavailable, GptExportError, UsageError
-from ..modeldir import MANIFEST
 
 PYTRITON = "nvidia-pytriton"
 PYTRITON_VERSION = "0.7.0"  # its tritonserver is Triton 2.51 (container release 24.10)

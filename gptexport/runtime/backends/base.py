@@ -1,0 +1,101 @@
+"""The one small contract every backend follows, after Polygraphy's runners.
+
+A Runner runs the exported graph (see config.py for its I/O):
+- `infer(feeds)`: one forward with numpy arrays in and out, every output (for parity).
+- `new_cache(batch, capacity)` and `forward(input_ids, cache)`: what the generation loop uses; the
+  cache lives wherever the backend keeps it (host arrays here, device memory for TensorRT) and
+  only the logits come back.
+Runners are context managers: `activate` loads the heavy parts, `deactivate` frees them.
+A loaded runner may be shared by threads: all per-generation state is in the cache object.
+"""
+
+from __future__ import annotations
+
+import sys
+from abc import ABC, abstractmethod
+
+import numpy as np
+
+from ...config import GPTConfig, IOSpec, numpy_dtype
+from ...errors import GptExportError
+
+
+class HostCache:
+    """Pre-allocated key/value buffers in host memory, (B, nh, capacity, hs) per past input.
+
+    The graph reads the whole buffer and masks the slots at and beyond `length`; each forward's
+    new keys/values are written into the next slots, so nothing is copied as the context grows.
+    """
+
+    def __init__(self, spec: IOSpec, config: GPTConfig, batch: int, capacity: int, dtype=np.float32):
+        shape = (batch, config.n_head, capacity, config.head_dim)
+        self.buffers = {name: np.zeros(shape, dtype=dtype) for name in spec.past_names}
+        self.batch, self.capacity, self.length = batch, capacity, 0
+
+    def reset(self) -> None:
+        self.length = 0
+
+    def past_feeds(self) -> dict[str, np.ndarray]:
+        # a zero-length past (prefill) is given as such, so the graph does no masked work
+        end = self.capacity if self.length else 0
+        return {name: buf[:, :, :end] for name, buf in self.buffers.items()}
+
+    def append(self, new: dict[str, np.ndarray], steps: int) -> None:
+        start, end = self.length, self.length + steps
+        if end > self.capacity:
+            raise GptExportError(f"KV cache overflow: {end} positions, capacity {self.capacity}")
+        for name, buf in self.buffers.items():
+            buf[:, :, start:end] = new[name.replace("past_", "new_", 1)]
+        self.length = end
+
+
+class Runner(ABC):
+    """A backend that runs one exported model."""
+
+    name: str = "runner"
+    config: GPTConfig
+    spec: IOSpec
+
+    def activate(self) -> None:
+        """Load what the backend needs (sessions, engines, device memory)."""
+
+    def deactivate(self) -> None:
+        """Free what `activate` loaded."""
+
+    def __enter__(self) -> "Runner":
+        self.activate()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.deactivate()
+
+    @abstractmethod
+    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One forward of the graph: every input by name in, every output by name out."""
+
+    def cache_dtype(self) -> np.dtype:
+        """The dtype of the past/new key and value tensors, as the I/O spec gives it."""
+        return numpy_dtype(self.spec.cache_dtype)
+
+    def new_cache(self, batch: int, capacity: int) -> HostCache:
+        """An empty cache for `batch` sequences of up to `capacity` positions."""
+        return HostCache(self.spec, self.config, batch, capacity, self.cache_dtype())
+
+    def forward(self, input_ids: np.ndarray, cache: HostCache, all_logits: bool = False) -> np.ndarray:
+        """Run (B, T) new tokens after the cached ones; logits (B, V) of the last, or (B, T, V)."""
+        T = input_ids.shape[1]
+        feeds = {
+            "input_ids": np.ascontiguousarray(input_ids, dtype=np.int64),
+            "past_length": np.array([cache.length], dtype=np.int64),
+            "logit_positions": np.arange(T, dtype=np.int64) if all_logits else np.array([T - 1], np.int64),
+            **cache.past_feeds(),
+        }
+        out = self.infer(feeds)
+        cache.append(out, T)
+        logits = out["logits"]
+        return logits if all_logits else logits[:, -1, :]
+
+
+def notice(message: str) -> None:
+    """A runner's `notice:` line on stderr: something worth knowing that does not stop the run."""
+    print(f"notice: {message}", file=sys.stderr)

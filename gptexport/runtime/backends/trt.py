@@ -1,0 +1,202 @@
+"""TensorRT backend: runs OUTDIR/model.engine on the CUDA memory core (device.py), no PyTorch.
+
+The KV cache, the step buffers and every copy are the memory core's and kvcache.py's, the same code
+the ONNX Runtime backend runs (and the test suite runs on host memory); this module is the thin part
+that calls TensorRT, written to the TensorRT 10.x/11.x Python API: deserialize the engine, one
+execution context per optimization profile, `set_input_shape` / `set_tensor_address` /
+`execute_async_v3(stream)` on the core's stream.
+
+Decode steps are captured in a CUDA graph, as trtexec's --useCudaGraph does it: the step is first
+enqueued plainly (TensorRT does its shape-dependent set-up on that first enqueue, outside the
+capture), then the next step's `execute_async_v3` is recorded between cudaStreamBeginCapture and
+cudaStreamEndCapture, instantiated, and launched; later steps only launch it. A graph replays the
+addresses and shapes it was recorded with, so it belongs to one cache slot (pooled by batch and
+capacity) and is replayed only while the decode context was last set up by that slot; if another
+slot used the context in between, the step is enqueued plainly again and recaptured. If TensorRT or
+CUDA refuses the capture, a notice says so and decode continues with plain enqueues.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ...artifacts.engine_record import check_compatible, engine_io_problems, import_tensorrt, load_record
+from ...artifacts.modeldir import ModelDir
+from ...config import numpy_dtype
+from ...errors import GptExportError, ModelDirError, UsageError
+from ...profiles import describe_profiles, output_shapes, select_profile
+from .base import Runner, notice
+from .device import CudaMemory, current_device
+from .kvcache import DeviceCache, ScratchBuffers, Slot, SlotPool, open_cache
+
+
+class TrtRunner(Runner):
+    """Runs a model directory's TensorRT engine (see `gptexport build`)."""
+
+    name = "tensorrt"
+
+    def __init__(self, model_dir: ModelDir, cuda_graphs: bool | None = None):
+        self.model_dir, self.config, self.spec = model_dir, model_dir.config, model_dir.spec
+        self.record = load_record(model_dir)  # before any import: "no engine built" needs no TensorRT
+        self.cuda_graphs = cuda_graphs is not False
+        self.engine = self.memory = None
+        self.contexts: list = []
+        self._last: dict[int, Slot | None] = {}  # profile -> the slot whose decode step last set its context up
+        self._pool: SlotPool | None = None
+
+    # ---- loading ----
+
+    def activate(self) -> None:
+        if self.engine is not None:
+            return
+        trt = import_tensorrt()
+        memory = CudaMemory()
+        try:
+            check_compatible(self.record, self.model_dir, trt.__version__, current_device(memory.rt))
+            self.trt, self.memory = trt, memory
+            plan = (self.model_dir.path / self.record.engine).read_bytes()
+            self._logger = trt.Logger(trt.Logger.WARNING)
+            self._runtime = trt.Runtime(self._logger)
+            engine = self._runtime.deserialize_cuda_engine(plan)
+            if engine is None:
+                raise ModelDirError(f"{self.model_dir.path / self.record.engine}: TensorRT cannot deserialize it")
+            self._check_io(engine)
+            self.contexts = [self._context(engine, i) for i in range(engine.num_optimization_profiles)]
+        except BaseException:
+            self.contexts, self.memory = [], None
+            memory.close()
+            raise
+        self.engine, self._last = engine, {}
+        self._pool = SlotPool() if self.cuda_graphs else None
+
+    def _check_io(self, engine) -> None:
+        trt = self.trt
+        io = {}
+        for i in range(engine.num_io_tensors):
+            name = engine.get_tensor_name(i)
+            mode = "INPUT" if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT else "OUTPUT"
+            io[name] = (mode, engine.get_tensor_dtype(name).name)
+            if getattr(engine, "is_shape_inference_io", lambda n: False)(name):  # host memory; none in our graph
+                raise ModelDirError(f"{self.record.engine}: {name} is a shape tensor, which this runner does not bind")
+        problems = engine_io_problems(self.spec, io)
+        if problems:
+            raise ModelDirError(f"{self.model_dir.path / self.record.engine}: engine I/O differs from the "
+                                f"manifest's I/O spec: {'; '.join(problems)}")
+
+    def _context(self, engine, profile: int):
+        """An execution context bound to one profile, with memory for that profile only."""
+        strategy = getattr(self.trt, "ExecutionContextAllocationStrategy", None)
+        context = (engine.create_execution_context(strategy.ON_PROFILE_CHANGE) if strategy is not None
+                   else engine.create_execution_context())
+        if context is None:
+            raise GptExportError("TensorRT could not create an execution context (out of device memory?)")
+        if not context.set_optimization_profile_async(profile, self.memory.stream_handle):
+            raise GptExportError(f"TensorRT refused optimization profile {profile}")
+        return context
+
+    def deactivate(self) -> None:
+        if self._pool is not None:
+            self._pool.close()  # destroys the captured graphs before their memory goes
+        if self.memory is not None:
+            self.memory.close()
+        self.contexts, self.engine, self.memory, self._pool, self._last = [], None, None, None, {}
+
+    # ---- running ----
+
+    def new_cache(self, batch: int, capacity: int) -> DeviceCache:
+        self.activate()
+        return open_cache(self.memory, self.spec, self.config, batch, capacity, self._pool)
+
+    def forward(self, input_ids: np.ndarray, cache: DeviceCache, all_logits: bool = False) -> np.ndarray:
+        """(B, T) new tokens after the cached ones; the cache stays on the device, only logits return."""
+        self.activate()
+        if not isinstance(cache, DeviceCache) or cache.slot.memory is not self.memory:
+            raise GptExportError("this KV cache is not one of this TensorRT runner's open caches; make a new one")
+        if input_ids.shape[1] == 1 and not all_logits:
+            return cache.decode(input_ids, self._decode)
+        return cache.run(input_ids, all_logits, self._execute)
+
+    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One forward from host arrays to host arrays, every output (for parity)."""
+        self.activate()
+        host = {t.name: np.ascontiguousarray(feeds[t.name], dtype=numpy_dtype(t.dtype)) for t in self.spec.inputs}
+        B, T = host["input_ids"].shape
+        outputs = output_shapes(self.spec, B, T, host["logit_positions"].shape[0])
+        result = {t.name: np.empty(outputs[t.name], dtype=numpy_dtype(t.dtype)) for t in self.spec.outputs}
+        scratch = ScratchBuffers(self.memory)
+        try:
+            with self.memory.lock:
+                addresses = {name: scratch.get(name, a.nbytes) for name, a in {**host, **result}.items()}
+                for name, array in host.items():
+                    self.memory.upload(addresses[name], array)
+                self._enqueue({name: a.shape for name, a in host.items()}, addresses)
+                for name, array in result.items():
+                    self.memory.download(array, addresses[name])
+                self.memory.synchronize()
+        finally:
+            scratch.free()
+        return result
+
+    def _execute(self, slot: Slot, ins: dict, outs: dict, addresses: dict) -> None:
+        self._enqueue(ins, addresses)
+
+    def _decode(self, slot: Slot) -> None:
+        """Launch the slot's captured decode step, or enqueue it plainly (capturing it next time)."""
+        d = slot.decode_buffers()
+        profile = self._profile(d.input_shapes)
+        graph = slot.backend_state
+        if graph is not None and self._last.get(profile) is slot:
+            self.memory.launch(graph)
+            return
+        if graph is not None:  # another slot set the context up since: record again after a plain step
+            self.memory.destroy_graph(graph)
+            slot.backend_state = None
+        if self.cuda_graphs and self._last.get(profile) is slot:  # the previous step was the warm-up
+            graph = self._capture(self.contexts[profile])
+            if graph is not None:
+                slot.backend_state, slot.release_state = graph, self.memory.destroy_graph
+                self.memory.launch(graph)  # capturing recorded the step without running it
+                return
+        self._enqueue(d.input_shapes, d.addresses)
+        self._last[profile] = slot
+
+    def _capture(self, context):
+        """The context's next enqueue recorded as an executable CUDA graph, or None (with a notice)."""
+        self.memory.begin_capture()
+        recorded = False
+        try:
+            recorded = bool(context.execute_async_v3(self.memory.stream_handle))
+        finally:
+            graph = self.memory.end_capture(recorded)
+        if graph is None:
+            notice("TensorRT's decode step could not be captured in a CUDA graph; it runs with plain launches")
+            self.cuda_graphs = False
+        return graph
+
+    def _profile(self, shapes: dict[str, tuple]) -> int:
+        profile = select_profile(self.record.profiles, shapes)
+        if profile is None:
+            raise UsageError(f"input shapes {_describe(shapes)} are in no profile of {self.record.engine}: "
+                             f"{describe_profiles(self.record.profiles)}; rebuild with other --max-batch")
+        return profile
+
+    def _enqueue(self, shapes: dict[str, tuple], addresses: dict[str, int]) -> None:
+        """Pick the profile holding these shapes, set shapes and addresses, enqueue on the stream."""
+        profile = self._profile(shapes)
+        context = self.contexts[profile]
+        for name, shape in shapes.items():
+            if not context.set_input_shape(name, shape):
+                raise GptExportError(f"TensorRT refused shape {shape} for {name}")
+        for name, ptr in addresses.items():
+            context.set_tensor_address(name, ptr)
+        self._last[profile] = None  # set up for this call: no captured graph matches it now
+        if not context.execute_async_v3(self.memory.stream_handle):
+            raise GptExportError("TensorRT execute_async_v3 failed (its log above says why)")
+
+
+def _describe(shapes: dict[str, tuple]) -> str:
+    ids = shapes.get("input_ids", ())
+    past = next((s for n, s in shapes.items() if n.startswith("past_")), None)
+    text = f"batch {ids[0]}, sequence {ids[1]}" if len(ids) == 2 else str(shapes)
+    return text + (f", past_sequence {past[2]}" if past else "")
+

@@ -1,0 +1,309 @@
+"""A real tritonserver, started by `gptexport serve` on a repository from `gptexport triton`.
+
+One server for the module (a tiny model, 2 instances), on 127.0.0.1 and ports chosen here; it is
+stopped with SIGINT as Ctrl-C would, killed if it does not stop, and every process of it (serve,
+tritonserver, the Python stubs) must be gone afterwards. Every client loop is bounded in count
+and time. Without a tritonserver these tests skip, unless GPTEXPORT_TEST_STRICT=1 (CI) makes them
+fail.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import skip_unless_strict
+
+from gptexport.errors import BackendUnavailable
+from gptexport.runtime.session import generate_samples
+
+pytestmark = pytest.mark.triton
+MODEL = "tiny"
+LIMIT = 4096  # the repository's max_tokens: long enough that a cancelled request would still be running
+
+
+def require_server() -> None:
+    from gptexport.serve.server import find_tritonserver
+
+    try:
+        find_tritonserver()
+        import tritonclient.grpc  # noqa: F401
+    except (BackendUnavailable, ImportError) as e:
+        skip_unless_strict(f"no tritonserver to test against: {e}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def children(pid: int) -> list[int]:
+    out = []
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(d.name))
+        except (OSError, ValueError, IndexError):
+            pass
+    return out
+
+
+def alive(pids: list[int]) -> list[int]:
+    return [p for p in pids if Path(f"/proc/{p}").exists() and "Z" not in _state(p)]
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "Z"
+
+
+class Serve:
+    """`gptexport serve PATH` in a subprocess, its output in a log file."""
+
+    def __init__(self, path: Path, log: Path):
+        self.http, self.grpc, self.log = free_port(), free_port(), log
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gptexport", "serve", str(path), "--http-port", str(self.http),
+             "--grpc-port", str(self.grpc), "--verbose"],
+            stdout=open(log, "wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self.pids = [self.proc.pid]
+
+    def wait_ready(self, timeout: float = 90) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            if "Ctrl-C to stop" in self.text():
+                triton = children(self.proc.pid)
+                self.pids += triton + [c for t in triton for c in children(t)]
+                return True
+            time.sleep(0.2)
+        return False
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self) -> int:
+        """SIGINT, as Ctrl-C; SIGKILL after 30 s. Returns the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def assert_all_gone(self) -> None:
+        deadline = time.monotonic() + 20
+        while alive(self.pids) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        left = alive(self.pids)
+        for pid in left:  # never leave a process behind, even when failing
+            os.kill(pid, signal.SIGKILL)
+        assert not left, f"still running after stop: {left}"
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir, tmp_path_factory):
+    require_server()
+    tmp = tmp_path_factory.mktemp("triton")
+    repo = tmp / "repo"
+    subprocess.run([sys.executable, "-m", "gptexport", "triton", str(tiny_model_dir), "-o", str(repo), "--name", MODEL,
+                    "--instances", "2", "--max-tokens", str(LIMIT)], check=True, timeout=60)
+    serve = Serve(repo, tmp / "serve.log")
+    try:
+        assert serve.wait_ready(), serve.text()[-3000:]
+        assert len(serve.pids) >= 4, serve.pids  # serve, tritonserver, one stub per instance
+        yield serve
+    finally:
+        code = serve.stop()
+        serve.assert_all_gone()
+    assert code == 0, serve.text()[-2000:]
+
+
+def expected(tiny_model_dir, prompt: str, n: int, **settings) -> dict:
+    return generate_samples(tiny_model_dir, prompt, max_new_tokens=n, **settings)[0].to_dict()
+
+
+# ---- clients ----
+
+def http_post(server: Serve, endpoint: str, body: dict, timeout: float = 60, model: str = MODEL) -> tuple[int, list[dict]]:
+    """POST to generate / generate_stream: the status and the JSON objects (one per SSE event)."""
+    req = urllib.request.Request(f"http://127.0.0.1:{server.http}/v2/models/{model}/{endpoint}",
+                                 data=json.dumps(body).encode(), method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            status, raw = r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        status, raw = e.code, e.read().decode()
+    if endpoint == "generate_stream" and raw.startswith("data: "):
+        return status, [json.loads(line[6:]) for line in raw.splitlines() if line.startswith("data: ")]
+    return status, [json.loads(raw)]
+
+
+def grpc_inputs(prompt: str, max_tokens: int, seed: int, **more):
+    import tritonclient.grpc as grpcclient
+
+    values = {"text_input": (np.array([[prompt]], dtype=np.object_), "BYTES"),
+              "max_tokens": (np.array([[max_tokens]], dtype=np.int32), "INT32"),
+              "seed": (np.array([[seed]], dtype=np.uint64), "UINT64"),
+              "stream": (np.array([[True]]), "BOOL"), **more}
+    inputs = []
+    for name, (array, dtype) in values.items():
+        t = grpcclient.InferInput(name, list(array.shape), dtype)
+        t.set_data_from_numpy(array)
+        inputs.append(t)
+    return inputs
+
+
+def grpc_stream(server: Serve, inputs, max_responses: int, cancel_after: int | None = None, timeout: float = 60):
+    """Stream one request over gRPC; the responses' output_ids and texts, and the error if any."""
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{server.grpc}")
+    results: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: results.put((result, error)))
+    ids, texts, error = [], [], None
+    try:
+        client.async_stream_infer(MODEL, inputs, request_id="r", enable_empty_final_response=True)
+        for _ in range(max_responses):
+            result, error = results.get(timeout=timeout)
+            if error is not None:
+                break
+            if result.get_response().parameters["triton_final_response"].bool_param:
+                break
+            ids += result.as_numpy("output_ids").reshape(-1).tolist()
+            texts.append(result.as_numpy("text_output").reshape(-1)[0].decode())
+            if cancel_after is not None and len(texts) == cancel_after:
+                client.stop_stream(cancel_requests=True)
+                break
+    finally:
+        client.stop_stream()
+        client.close()
+    return ids, texts, error
+
+
+# ---- tests ----
+
+def test_grpc_stream_gives_the_tokens_of_gptexport_generate(server, tiny_model_dir):
+    want = expected(tiny_model_dir, "To be", 30, seed=7)
+    ids, texts, error = grpc_stream(server, grpc_inputs("To be", 30, seed=7), max_responses=40)
+    assert error is None and ids == want["tokens"]
+    assert len(texts) == 30 and "".join(texts) == want["text"]  # one response per token
+
+
+def test_http_generate_stream_gives_the_tokens_of_gptexport_generate(server, tiny_model_dir):
+    want = expected(tiny_model_dir, "To be", 25, seed=11, temperature=1.1, top_k=20)
+    status, events = http_post(server, "generate_stream", {"text_input": "To be", "max_tokens": 25, "seed": 11,
+                                                           "temperature": 1.1, "top_k": 20, "stream": True})
+    assert status == 200 and len(events) == 25
+    assert [e["output_ids"] for e in events] == want["tokens"]  # a one-element list comes back as a scalar
+    assert "".join(e["text_output"] for e in events) == want["text"]
+    assert [e["num_output_tokens"] for e in events] == list(range(1, 26))
+    assert {e["num_input_tokens"] for e in events} == {5}
+
+
+def test_generate_returns_the_whole_text(server, tiny_model_dir):
+    want = expected(tiny_model_dir, "To be", 40)
+    status, (body,) = http_post(server, "generate", {"text_input": "To be", "max_tokens": 40})
+    assert status == 200, body
+    assert body["text_output"] == "To be" + want["text"] and body["output_ids"] == want["tokens"]
+    assert body["num_output_tokens"] == 40
+    _, (body,) = http_post(server, "generate", {"text_input": "To be", "max_tokens": 40,
+                                                "exclude_input_in_output": True})
+    assert body["text_output"] == want["text"]
+
+
+def test_a_cancelled_stream_stops_generating(server):
+    ids, texts, error = grpc_stream(server, grpc_inputs("To be", LIMIT, seed=1), max_responses=10, cancel_after=3)
+    assert error is None and len(texts) == 3
+    deadline = time.monotonic() + 30
+    while "cancelled by the client" not in server.text() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    line = next(ln for ln in server.text().splitlines() if "cancelled by the client" in ln)
+    done = int(line.split("after ")[1].split(" of ")[0])
+    assert 3 <= done < LIMIT, line
+    status, (body,) = http_post(server, "generate", {"text_input": "To be", "max_tokens": 5})
+    assert status == 200 and body["num_output_tokens"] == 5
+
+
+def test_eight_concurrent_clients_get_their_own_seeds_tokens(server, tiny_model_dir):
+    seeds = list(range(100, 108))
+    got: dict[int, list] = {}
+
+    def client(seed: int) -> None:
+        _, events = http_post(server, "generate_stream", {"text_input": "To be", "max_tokens": 20, "seed": seed,
+                                                          "stream": True})
+        got[seed] = [e.get("output_ids") for e in events]
+
+    threads = [threading.Thread(target=client, args=(s,)) for s in seeds]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not any(t.is_alive() for t in threads)
+    for seed in seeds:
+        assert got[seed] == expected(tiny_model_dir, "To be", 20, seed=seed)["tokens"], seed
+
+
+def test_bad_requests_get_errors_and_the_server_keeps_serving(server):
+    status, (body,) = http_post(server, "generate", {"text_input": "To be", "temperature": -1})
+    assert status == 400 and "temperature must be a finite number >= 0 (0 is greedy), got -1.0" in body["error"]
+    status, events = http_post(server, "generate_stream", {"text_input": "To be", "top_p": 2, "stream": True})
+    assert "top_p must be in (0, 1], got 2.0" in events[-1]["error"]
+    status, (body,) = http_post(server, "generate", {"text_input": "To be", "max_new_tokens": 5})
+    assert status == 400 and "unknown request parameter(s) 'max_new_tokens'; valid inputs:" in body["error"]
+    _, _, error = grpc_stream(server, grpc_inputs("To be", LIMIT + 1, seed=1), max_responses=3)
+    assert error is not None and f"max_tokens must be in 1..{LIMIT}" in str(error)
+    _, _, error = grpc_stream(server, grpc_inputs("To bé", 5, seed=1), max_responses=3)
+    assert "characters not in the model's vocabulary: 'é'" in str(error)
+    status, (body,) = http_post(server, "generate", {"text_input": "To be", "max_tokens": 6})
+    assert status == 200 and body["num_output_tokens"] == 6
+
+
+def test_a_tampered_model_is_refused_at_load(tiny_model_dir, tmp_path):
+    require_server()
+    repo = tmp_path / "repo"
+    subprocess.run([sys.executable, "-m", "gptexport", "triton", str(tiny_model_dir), "-o", str(repo)],
+                   check=True, timeout=60)
+    onnx = repo / tiny_model_dir.name / "1" / "model.onnx"
+    data = bytearray(onnx.read_bytes())
+    data[200] ^= 0xFF
+    onnx.write_bytes(bytes(data))
+    serve = Serve(repo, tmp_path / "serve.log")
+    try:
+        serve.proc.wait(90)
+    finally:
+        serve.stop()
+        serve.assert_all_gone()
+    last = serve.text().strip().splitlines()[-1]
+    assert serve.proc.returncode == 1, serve.text()[-2000:]
+    assert last.startswith("error: ") and "model.onnx: sha256 does not match gptexport.json (file modified after export)" in last
+
+
+def test_serve_a_model_directory_directly(tiny_model_dir, tmp_path):
+    require_server()
+    serve = Serve(tiny_model_dir, tmp_path / "serve.log")
+    try:
+        assert serve.wait_ready(), serve.text()[-3000:]
+        status, (body,) = http_post(serve, "generate", {"text_input": "To be", "max_tokens": 3},
+                                    model=tiny_model_dir.name)
+        assert status == 200 and body["num_output_tokens"] == 3
+    finally:
+        code = serve.stop()
+        serve.assert_all_gone()
+    assert code == 0
