@@ -5,7 +5,7 @@ written into gptexport.json), so the names and the cache layout cannot drift apa
 
 The graph (one graph for prefill and decode):
   inputs   input_ids        int64  [batch, sequence]
-           past_length      int64  [1]                 number of valid positions in each past buffer
+           past_length      int64  [batch]             each sequence's valid positions in its past buffer
            logit_positions  int64  [num_logits]        positions of input_ids whose logits to return
            past_key.{i}     dtype  [batch, n_head, past_sequence, head_dim]   for each layer i
            past_value.{i}   dtype  [batch, n_head, past_sequence, head_dim]
@@ -121,7 +121,7 @@ def io_spec(config: GPTConfig, dtype: str = "fp32") -> IOSpec:
     kv_new = ("batch", config.n_head, "sequence", config.head_dim)
     inputs = [
         TensorSpec("input_ids", "int64", ("batch", "sequence")),
-        TensorSpec("past_length", "int64", (1,)),
+        TensorSpec("past_length", "int64", ("batch",)),
         TensorSpec("logit_positions", "int64", ("num_logits",)),
     ]
     outputs = [TensorSpec("logits", "float32", ("batch", "num_logits", config.vocab_size))]

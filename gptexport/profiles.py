@@ -84,7 +84,7 @@ class ProfileShapes:
         """Whether every given input shape lies within this profile's range."""
         for name, shape in shapes.items():
             if name not in self.shapes:
-                continue  # a fixed-shape input (past_length)
+                continue  # a fixed-shape input
             lo, _, hi = self.shapes[name]
             if len(shape) != len(lo) or any(not a <= s <= b for a, s, b in zip(lo, shape, hi)):
                 return False
@@ -143,6 +143,9 @@ def _consistency_problems(config: GPTConfig, spec: IOSpec, p: ProfileShapes) -> 
         problems.append(f"{p.name}: the past_key/past_value inputs have different ranges")
     if past and any(ids[k][0] != past[0][k][0] for k in range(3)):
         problems.append(f"{p.name}: input_ids and the cache inputs have different batch ranges")
+    lengths = p.shapes.get("past_length")
+    if lengths and any(ids[k][0] != lengths[k][0] for k in range(3)):
+        problems.append(f"{p.name}: input_ids and past_length have different batch ranges")
     if ids[0][0] < 1:
         problems.append(f"{p.name}: batch must be >= 1")
     if ids[0][1] < 1 or pos[0][0] < 1:

@@ -16,6 +16,8 @@ Steps, each one row of the table printed at the end and one entry of WORK/gpu_ch
                atol/rtol TF32 needed, which is what the preset should be set from
   speed        GPT-2-small, batch 1, greedy decode ms/token: ort-cuda with CUDA graphs, without, and
                transformers' eager generate on the same GPU, in one run (gptexport's bench workers)
+               and the scheduler's batched decode: tokens/s with 1, 4 and 16 sequences in flight, with
+               and without CUDA graphs (one graph per power-of-two bucket of rows)
   targets      fp16 with CUDA graphs <= 2.0 ms/token, and >= 3x transformers fp16
   tensorrt     when TensorRT imports: check, build, parity --backends tensorrt, decode speed
 It exits 0 only if every step passed. Each GPU step runs in a subprocess with a time limit, so a
@@ -43,6 +45,7 @@ GPT2_PROMPTS = ["464,3616,286,1204,318", "50256"]  # token ids: the random model
 TARGET_MS_PER_TOKEN = 2.0  # GPT-2-small fp16, batch 1, CUDA graphs
 TARGET_VS_TRANSFORMERS = 3.0
 STEP_TIMEOUT_S = 300
+BATCHED_ROWS = (1, 4, 16)  # sequences in flight in the scheduler's batched decode rows
 
 
 @dataclass
@@ -196,6 +199,18 @@ def speed(chk: GpuCheck, env: dict, model: str, ckpt: Path, out: Path, dtype: st
                          f"{m['ms_per_token']:.3f} ms/token decode, TTFT {m['ttft_ms']:.1f} ms", m))
         except Exception as e:  # the worker failed (its last line is in the message)
             chk.add(Step(f"speed {name}", model, dtype, False, round(time.perf_counter() - t, 1), str(e)))
+    for rows in BATCHED_ROWS:  # the scheduler: B sequences in one forward per step, CUDA graphs per bucket
+        for graphs in (True, False):
+            name = f"batched B={rows}{'' if graphs else ' no graphs'}"
+            job = {**base, "runtime": backend, "cuda_graphs": graphs, "scheduler": True, "batch": rows}
+            t = time.perf_counter()
+            try:
+                m = run_worker(job)
+                chk.add(Step(f"speed {name}", model, dtype, True, round(time.perf_counter() - t, 1),
+                             f"{m['decode_tok_s']:.0f} tok/s decode ({rows} sequences), "
+                             f"{m['ms_per_token']:.3f} ms/step", m))
+            except Exception as e:
+                chk.add(Step(f"speed {name}", model, dtype, False, round(time.perf_counter() - t, 1), str(e)))
     if "transformers" not in jobs:
         chk.add(Step("speed transformers", model, dtype, None if chk.dry_run else False,
                      figure="not run: transformers, or torch with CUDA, is not installed here"))

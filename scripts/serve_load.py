@@ -1,12 +1,15 @@
-"""Load on a real tritonserver: requests/s, tokens/s and time to first token under concurrent streams.
+"""Load on a real tritonserver: requests/s, tokens/s, time to first token and inter-token latency.
 
-    python scripts/serve_load.py out/shakespeare --instances 1 2 --concurrency 1 4 16
+    python scripts/serve_load.py out/shakespeare --max-batch 1 16 --concurrency 1 4 16
+    python scripts/serve_load.py GPT2_DIR --prompt-tokens 64 --max-batch 1 16 --concurrency 1 4 16
 
-For each --instances value it writes a repository (`gptexport triton`), starts a tritonserver on
-127.0.0.1 (`gptexport serve`'s TritonServer), warms it up, then for each --concurrency value runs
-that many clients, each streaming --requests requests back to back over HTTP generate_stream
-(different seeds, --max-tokens tokens each, no stop word, so every request makes exactly that
-many tokens). TTFT is from sending the request to its first SSE event. The baseline, measured in
+For each (--instances, --max-batch) it writes a repository (`gptexport triton`), starts a
+tritonserver on 127.0.0.1 (`gptexport serve`'s TritonServer), warms it up, then for each
+--concurrency value runs that many clients, each streaming --requests requests back to back over
+HTTP generate_stream (different seeds, --max-tokens tokens each, no stop word, so every request
+makes exactly that many tokens). The prompt is PROMPT's text, or with --prompt-tokens N that many
+random token ids (`input_ids`). TTFT is from sending the request to its first SSE event;
+inter-token latency is the time between one request's consecutive events. The baseline, measured in
 the same run, is one in-process `generate()` on this machine (the work of `gptexport generate`):
 the ratios say what the server layer costs or gains. The load average is printed before and
 after: other processes on the machine move every number.
@@ -38,32 +41,37 @@ from gptexport.serve.server import TritonServer
 PROMPT = "ROMEO:"
 
 
-def stream_once(port: int, model: str, max_tokens: int, seed: int) -> tuple[float, int, float]:
-    """One streamed request: (ttft s, tokens, total s)."""
-    body = json.dumps({"text_input": PROMPT, "max_tokens": max_tokens, "seed": seed, "stream": True})
+def stream_once(port: int, model: str, max_tokens: int, seed: int, prompt_tokens: int, vocab: int
+                ) -> tuple[float, int, float, list[float]]:
+    """One streamed request: (ttft s, tokens, total s, the gaps between its events in s)."""
+    prompt = ({"input_ids": np.random.default_rng(seed).integers(0, vocab, prompt_tokens).tolist()} if prompt_tokens
+              else {"text_input": PROMPT})
+    body = json.dumps({**prompt, "max_tokens": max_tokens, "seed": seed, "stream": True})
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
     start = time.perf_counter()
     conn.request("POST", f"/v2/models/{model}/generate_stream", body)
     resp = conn.getresponse()
-    ttft, tokens = None, 0
+    ttft, tokens, stamps = None, 0, []
     while line := resp.readline():
         if line.startswith(b"data: "):
             event = json.loads(line[6:])
             if "error" in event:
                 raise RuntimeError(event["error"])
-            ttft = ttft if ttft is not None else time.perf_counter() - start
+            stamps.append(time.perf_counter())
+            ttft = ttft if ttft is not None else stamps[0] - start
             tokens = event["num_output_tokens"]
     conn.close()
-    return ttft, tokens, time.perf_counter() - start
+    return ttft, tokens, time.perf_counter() - start, list(np.diff(stamps))
 
 
-def run_clients(port: int, model: str, clients: int, requests: int, max_tokens: int) -> dict:
+def run_clients(port: int, model: str, clients: int, requests: int, max_tokens: int, prompt_tokens: int = 0,
+                vocab: int = 0) -> dict:
     results, errors = [], []
 
     def client(i: int) -> None:
         try:
             for r in range(requests):
-                results.append(stream_once(port, model, max_tokens, seed=1000 * i + r))
+                results.append(stream_once(port, model, max_tokens, 1000 * i + r, prompt_tokens, vocab))
         except Exception as e:  # reported below; a load run must not hang on one failure
             errors.append(e)
 
@@ -77,17 +85,20 @@ def run_clients(port: int, model: str, clients: int, requests: int, max_tokens: 
     if errors or any(t.is_alive() for t in threads):
         raise SystemExit(f"load run failed: {errors[:1] or 'a client did not finish'}")
     ttfts = sorted(r[0] for r in results)
+    gaps = [g for r in results for g in r[3]] or [float("nan")]
     return {"requests": len(results), "tokens": sum(r[1] for r in results), "wall_s": wall,
             "req_s": len(results) / wall, "tok_s": sum(r[1] for r in results) / wall,
             "ttft_p50_ms": 1000 * statistics.median(ttfts),
-            "ttft_p99_ms": 1000 * float(np.percentile(ttfts, 99))}
+            "ttft_p99_ms": 1000 * float(np.percentile(ttfts, 99)),
+            "itl_p50_ms": 1000 * float(np.percentile(gaps, 50)), "itl_p99_ms": 1000 * float(np.percentile(gaps, 99))}
 
 
 def in_process_baseline(model_dir: Path, max_tokens: int, repeats: int = 15) -> float:
     """Tokens/s of one generate() in this process with the runner of one served instance (its
     threads), the sampling of a request's defaults: what a request costs without the server."""
     md = load_model_dir(model_dir)
-    prompt = np.array([md.tokenizer().encode(PROMPT)])
+    tok = md.tokenizer()
+    prompt = np.array([tok.encode(PROMPT) if tok else [0]])
     params = SamplingParams(0.8, 200, None)
     with open_runner("onnxruntime", md, threads=cpu_threads(1)) as runner:
         generate(runner, prompt, max_tokens, params, np.random.default_rng(0))  # warm-up
@@ -102,7 +113,10 @@ def in_process_baseline(model_dir: Path, max_tokens: int, repeats: int = 15) -> 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model_dir", type=Path)
-    ap.add_argument("--instances", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--instances", type=int, nargs="+", default=[1])
+    ap.add_argument("--max-batch", type=int, nargs="+", default=[1, 16], help="the repositories' --max-batch")
+    ap.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads per instance (0: the server's default)")
+    ap.add_argument("--prompt-tokens", type=int, default=0, help="random prompts of this many tokens (0: PROMPT)")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--requests", type=int, default=4, help="requests per client")
     ap.add_argument("--max-tokens", type=int, default=128)
@@ -113,27 +127,40 @@ def main() -> None:
     baseline = in_process_baseline(args.model_dir, args.max_tokens)
     print(f"load average before: {load_before[0]:.2f} (1 min), {len(os.sched_getaffinity(0))} cores; "
           f"in-process generate(): {baseline:.0f} tok/s", file=sys.stderr)
-    rows = []
+    rows, vocab = [], load_model_dir(args.model_dir, verify=False).config.vocab_size
     for instances in args.instances:
-        with tempfile.TemporaryDirectory(prefix="serve-load-") as tmp:
-            repo = write_repository(args.model_dir, Path(tmp) / "repo", name="m", instances=instances)
-            with TritonServer(repo, http_port=18700, grpc_port=18701) as server:
-                run_clients(server.http_port, "m", instances, 1, args.max_tokens)  # warm-up
-                for clients in args.concurrency:
-                    row = {"instances": instances, "clients": clients,
-                           **run_clients(server.http_port, "m", clients, args.requests, args.max_tokens)}
-                    rows.append(row)
-                    print(f"instances {instances} clients {clients}: {row['req_s']:.2f} req/s, "
-                          f"{row['tok_s']:.0f} tok/s", file=sys.stderr)
+        for max_batch in args.max_batch:
+            with tempfile.TemporaryDirectory(prefix="serve-load-") as tmp:
+                repo = write_repository(args.model_dir, Path(tmp) / "repo", name="m", instances=instances,
+                                        max_batch=max_batch)
+                if args.threads:
+                    config = repo / "m" / "config.pbtxt"
+                    config.write_text(config.read_text().replace('key: "threads" value: { string_value: "0" }',
+                                                                  f'key: "threads" value: {{ string_value: "{args.threads}" }}'))
+                with TritonServer(repo, http_port=18700, grpc_port=18701) as server:
+                    run_clients(server.http_port, "m", instances, 1, args.max_tokens, args.prompt_tokens, vocab)  # warm-up
+                    for clients in args.concurrency:
+                        row = {"instances": instances, "max_batch": max_batch, "clients": clients,
+                               **run_clients(server.http_port, "m", clients, args.requests, args.max_tokens,
+                                             args.prompt_tokens, vocab)}
+                        rows.append(row)
+                        print(f"instances {instances} max-batch {max_batch} clients {clients}: {row['req_s']:.2f} "
+                              f"req/s, {row['tok_s']:.0f} tok/s, TTFT p50 {row['ttft_p50_ms']:.0f} ms",
+                              file=sys.stderr)
     load_after = os.getloadavg()
     baseline_after = in_process_baseline(args.model_dir, args.max_tokens)  # the machine may have changed
     for row in rows:
         row["x_in_process"] = row["tok_s"] / ((baseline + baseline_after) / 2)
-    print("| instances | clients | requests | req/s | tok/s | × in-process | TTFT p50 ms | TTFT p99 ms |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| instances | max-batch | clients | requests | req/s | tok/s | × max-batch 1 | × in-process | "
+          "TTFT p50 / p99 ms | ITL p50 / p99 ms |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['instances']} | {r['clients']} | {r['requests']} | {r['req_s']:.2f} | {r['tok_s']:.0f} | "
-              f"{r['x_in_process']:.2f}× | {r['ttft_p50_ms']:.1f} | {r['ttft_p99_ms']:.1f} |")
+        one = next((o for o in rows if o["max_batch"] == 1 and o["clients"] == r["clients"]
+                    and o["instances"] == r["instances"]), None)
+        vs_one = f"{r['tok_s'] / one['tok_s']:.2f}×" if one else "–"
+        print(f"| {r['instances']} | {r['max_batch']} | {r['clients']} | {r['requests']} | {r['req_s']:.2f} | "
+              f"{r['tok_s']:.0f} | {vs_one} | {r['x_in_process']:.2f}× | {r['ttft_p50_ms']:.0f} / "
+              f"{r['ttft_p99_ms']:.0f} | {r['itl_p50_ms']:.1f} / {r['itl_p99_ms']:.1f} |")
     print(f"\nbaseline: in-process generate() {baseline:.0f} tok/s before, {baseline_after:.0f} after "
           f"({args.max_tokens} tokens, prompt {PROMPT!r}, {cpu_threads(1)} thread(s)); "
           f"load average 1 min: {load_before[0]:.2f} before, {load_after[0]:.2f} after")

@@ -207,7 +207,7 @@ MODEL_DIR_CASES = {
     "missing gptexport.json": (lambda m: (m / MANIFEST).unlink() or m / MANIFEST, "missing"),
     "manifest not JSON": (lambda m: _overwrite(m / MANIFEST, b"{oops"), "not valid JSON"),
     "unknown format version": (lambda m: edit_manifest(m, format_version=99) / MANIFEST,
-                               "format_version 99 is not supported (this gptexport reads 1)"),
+                               "format_version 99 is not supported (this gptexport reads 2)"),
     "tampered onnx": (lambda m: _flip_byte(m / "model.onnx") or m / "model.onnx", "sha256 does not match"),
     "truncated onnx": (lambda m: _truncate(m / "model.onnx") or m / "model.onnx", "truncated or replaced"),
     "manifest config edited": (lambda m: edit_manifest(m, config={**json.loads((m / MANIFEST).read_text())["config"],

@@ -16,7 +16,9 @@ from .files import read_json, sha256_file, write_json_atomic
 
 MANIFEST = "gptexport.json"
 FORMAT = "gptexport-model"
-FORMAT_VERSION = 1
+# 2: past_length is one value per sequence ([batch]), so sequences at different lengths share a
+# step (in-flight batching). A version-1 graph has one past_length for the batch: re-convert it.
+FORMAT_VERSION = 2
 ONNX_FILE = "model.onnx"
 
 
@@ -57,7 +59,11 @@ def load_model_dir(path: str | Path | ModelDir, verify: bool = True) -> ModelDir
     if not mpath.is_file():
         raise ModelDirError(f"{mpath}: missing; {path} is not a gptexport model directory")
     manifest = read_json(mpath, "manifest", ModelDirError)
-    check_format(manifest, mpath, "manifest", FORMAT, FORMAT_VERSION, ModelDirError)
+    hint = ""
+    if isinstance(manifest, dict) and manifest.get("format_version") == 1:
+        hint = (f"; it was written by an older gptexport whose graph has one past_length for the whole batch: "
+                f"re-run `gptexport convert CKPT -o {path} --force`")
+    check_format(manifest, mpath, "manifest", FORMAT, FORMAT_VERSION, ModelDirError, hint)
     try:
         config = GPTConfig(**manifest["config"])
         spec = IOSpec.from_dict(manifest["io_spec"])

@@ -7,7 +7,8 @@ time to first token (prefill), then the mean time per token of the rest (decode)
 Runtimes:
   gptexport-ort, gptexport-ort-cuda, gptexport-ort-tensorrt, gptexport-tensorrt
                  the model directory on that backend (`cuda_graphs` false: decode without CUDA graphs;
-                 `binding` "pointer": the CPU provider through the memory core, see backends/ort.py)
+                 `binding` "pointer": the CPU provider through the memory core, see backends/ort.py;
+                 `scheduler` true: the batch's rows as sequences of the scheduler, not one batch)
   nanoGPT        gptexport.convert.model.GPT.generate: nanoGPT's loop, a full forward per new token (CPU)
   transformers   GPT2LMHeadModel.generate with its KV cache, on the job's `device` ("cpu" or "cuda",
                  there in the model directory's dtype: fp32 or fp16), in PyTorch's eager mode
@@ -48,7 +49,24 @@ def gptexport_generator(job: dict) -> Generator:
                          cuda_graphs=job.get("cuda_graphs"), binding=job.get("binding"))
     runner.activate()
     greedy, rng = SamplingParams(0.0), np.random.default_rng(0)
+    if job.get("scheduler"):
+        return scheduler_generator(runner)
     return lambda prompt, n, stamp: generate(runner, prompt, n, greedy, rng, on_token=lambda t: stamp())
+
+
+def scheduler_generator(runner) -> Generator:
+    """The rows of the prompt as sequences of the scheduler (in-flight batching, what the server and
+    `generate --prompts` run), greedy; stamped as the first row samples each token."""
+    from ..runtime.sampling import SamplingParams
+    from ..runtime.scheduler import GenerationParams, Scheduler
+
+    def gen(prompt: np.ndarray, n: int, stamp: Callable[[], None]) -> None:
+        s = Scheduler(runner, None, max_batch=len(prompt))
+        params = GenerationParams(n, SamplingParams(0.0), 0)
+        for i, row in enumerate(prompt):
+            s.submit(row.tolist(), params, on_delta=(lambda ids, text: stamp()) if i == 0 else None)
+        s.run()
+    return gen
 
 
 def nanogpt_generator(job: dict) -> Generator:

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import click
 
-from ..errors import GptExportError
+from ..errors import GptExportError, ParameterError, UsageError
 from ..runtime.sampling import DEFAULT_MAX_NEW_TOKENS, DEFAULT_SAMPLING, DEFAULT_SEED
+from ..runtime.session import DEFAULT_MAX_BATCH
 from . import inputs
 from .app import main
 
@@ -36,6 +37,10 @@ def convert(ckpt: Path, out_dir: Path, dtype: str, tokenizer: Path | None, force
 @click.option("--prompt-file", type=click.Path(path_type=Path), default=None,
               help="Read the prompt from a file (- reads standard input).")
 @click.option("--prompt-tokens", default=None, help="Prompt as comma-separated token ids, e.g. 1,2,3.")
+@click.option("--prompts", "prompts_file", type=click.Path(path_type=Path), default=None,
+              help="Many prompts: one per line, or JSON Lines with per-prompt settings; results as JSON Lines.")
+@click.option("--max-batch", type=click.IntRange(min=1), default=DEFAULT_MAX_BATCH, show_default=True,
+              help="With --prompts: sequences generated at once, in one forward per step.")
 @click.option("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS, show_default=True)
 @click.option("--temperature", type=float, default=DEFAULT_SAMPLING.temperature, show_default=True, help="0 is greedy.")
 @click.option("--top-k", type=int, default=DEFAULT_SAMPLING.top_k, show_default=True, help="0: no top-k.")
@@ -49,21 +54,60 @@ def convert(ckpt: Path, out_dir: Path, dtype: str, tokenizer: Path | None, force
 @click.option("--no-cuda-graphs", is_flag=True, help="ort-cuda, tensorrt: run decode steps without CUDA graphs.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of streaming text.")
 def generate(model_dir: Path, prompt: str | None, prompt_file: Path | None, prompt_tokens: str | None,
-             max_new_tokens: int, temperature: float, top_k: int, top_p: float | None, seed: int,
-             num_samples: int, backend: str, threads: int | None, tf32: bool, no_cuda_graphs: bool,
-             as_json: bool) -> None:
-    """Sample text from a model directory, streaming it as it is produced."""
+             prompts_file: Path | None, max_batch: int, max_new_tokens: int, temperature: float, top_k: int,
+             top_p: float | None, seed: int, num_samples: int, backend: str, threads: int | None, tf32: bool,
+             no_cuda_graphs: bool, as_json: bool) -> None:
+    """Sample text from a model directory, streaming it as it is produced (or many prompts at once)."""
     from ..artifacts.modeldir import load_model_dir
     from ..runtime.session import generate_samples
 
+    options = dict(backend=backend, threads=threads, tf32=tf32, cuda_graphs=False if no_cuda_graphs else None)
+    if prompts_file is not None:
+        from ..runtime.batch import BatchItem
+
+        if any(x is not None for x in (prompt, prompt_file, prompt_tokens)) or num_samples != 1:
+            raise UsageError("--prompts: give the prompts in the file, without --prompt, --prompt-file, "
+                             "--prompt-tokens or --num-samples")
+        defaults = BatchItem(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                             seed=seed)
+        return generate_many(model_dir, prompts_file, defaults, max_batch, options)
     md = load_model_dir(model_dir)
     ids = inputs.prompt_ids(prompt, prompt_file, prompt_tokens, md.tokenizer(), md.config.vocab_size)
     stream = None if as_json else (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
     samples = generate_samples(md, prompt_ids=ids, max_new_tokens=max_new_tokens, temperature=temperature,
-                               top_k=top_k, top_p=top_p, seed=seed, num_samples=num_samples, backend=backend,
-                               threads=threads, stream=stream, tf32=tf32, cuda_graphs=False if no_cuda_graphs else None)
+                               top_k=top_k, top_p=top_p, seed=seed, num_samples=num_samples,
+                               stream=stream, **options)
     if as_json:
         click.echo(json.dumps({"samples": [s.to_dict() for s in samples]}, ensure_ascii=False))
+
+
+def generate_many(model_dir: Path, prompts_file: Path, defaults, max_batch: int, options: dict) -> None:
+    """`generate --prompts FILE`: every line through the scheduler; JSON Lines in input order on
+    stdout as they complete, a progress line on stderr."""
+    from ..runtime.batch import generate_batch
+
+    items, line_numbers = inputs.read_batch_file(prompts_file, defaults)
+    tty = sys.stderr.isatty()
+
+    def write(i: int, sample) -> None:
+        click.echo(json.dumps({"index": i, "line": line_numbers[i], **sample.to_dict(), "finish": sample.finish},
+                              ensure_ascii=False))
+
+    def progress(p) -> None:
+        if tty:
+            bar = "#" * (30 * p.done // p.total)
+            click.echo(f"\r[{bar:<30}] {p.done}/{p.total} sequences, {p.tokens} tokens, "
+                       f"{p.tokens / max(p.seconds, 1e-9):.0f} tok/s", err=True, nl=False)
+
+    try:
+        samples = generate_batch(model_dir, items, max_batch=max_batch, on_result=write, progress=progress, **options)
+    except ParameterError as e:
+        if not e.param.startswith("items["):
+            raise
+        index, _, param = e.param[len("items["):].partition("].")
+        raise GptExportError(f"{prompts_file} line {line_numbers[int(index)]}: {param} {e.problem}") from None
+    tokens = sum(len(s.tokens) for s in samples)
+    click.echo(("\n" if tty else "") + f"notice: generated {len(samples)} sequences, {tokens} tokens", err=True)
 
 
 @main.command()
@@ -256,14 +300,16 @@ def bench(model_dir: Path, ckpt: Path | None, backends: tuple[str, ...], cuda_gr
               help="Model repository to write.")
 @click.option("--name", default=None, help="Model name in the repository [default: OUTDIR's folder name].")
 @click.option("--instances", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Model instances: requests served at once (the rest queue).")
+              help="Model instances (processes), each with its own runner and scheduler.")
+@click.option("--max-batch", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Sequences in flight per instance, all in one forward per step (1: one request at a time).")
 @click.option("--backend", type=click.Choice(["onnxruntime", "ort-cuda", "tensorrt"]), default="onnxruntime",
               show_default=True, help="Runner of each instance; ort-cuda and tensorrt run on GPU instances.")
 @click.option("--max-tokens", type=click.IntRange(min=1), default=1024, show_default=True,
               help="The largest max_tokens a request may ask for.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
-def triton(model_dir: Path, out_dir: Path, name: str | None, instances: int, backend: str, max_tokens: int,
-           force: bool) -> None:
+def triton(model_dir: Path, out_dir: Path, name: str | None, instances: int, max_batch: int, backend: str,
+           max_tokens: int, force: bool) -> None:
     """Write a Triton Inference Server model repository that serves OUTDIR (streaming, decoupled).
 
     The model is a Python-backend model running gptexport's own runtime, with TensorRT-LLM's
@@ -272,7 +318,7 @@ def triton(model_dir: Path, out_dir: Path, name: str | None, instances: int, bac
     """
     from ..serve.repository import write_repository
 
-    write_repository(model_dir, out_dir, name, instances, backend, max_tokens, force)
+    write_repository(model_dir, out_dir, name, instances, backend, max_tokens, force, max_batch)
     click.echo(f"wrote {out_dir}: start it with `gptexport serve {out_dir}`")
 
 

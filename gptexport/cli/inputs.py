@@ -126,3 +126,44 @@ def read_eval_text(path: Path) -> str:
         return path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise UsageError(f"{path}: cannot read --eval-text ({getattr(e, 'strerror', None) or e})") from None
+
+
+# ---- gptexport generate --prompts FILE ------------------------------------------------------------
+
+def read_batch_file(path: Path, defaults):
+    """--prompts FILE as BatchItems: one prompt per line (blank lines skipped, a literal \\n is a
+    newline), or JSON Lines, when every non-blank line is a JSON object: {"prompt": ... or
+    "prompt_tokens": [...], and any of "max_new_tokens", "temperature", "top_k", "top_p", "seed",
+    "stop_words"}. What a line does not set, the command's flags (`defaults`) do. Errors name the
+    file and line."""
+    import json
+
+    from ..runtime.batch import BatchItem
+
+    lines = [(n, line) for n, line in enumerate(read_text_file(Path(path), "prompts file").splitlines(), 1)
+             if line.strip()]
+    if not lines:
+        raise GptExportError(f"{path}: prompts file has no prompts (one per line, or JSON Lines)")
+    records = []
+    for n, line in lines:
+        try:
+            record = json.loads(line) if line.lstrip().startswith("{") else None
+        except json.JSONDecodeError:
+            record = None
+        records.append(record if isinstance(record, dict) else None)
+    if all(r is not None for r in records):  # JSON Lines
+        items = []
+        for (n, _), record in zip(lines, records):
+            try:
+                items.append(BatchItem.from_dict(record, defaults))
+            except ParameterError as e:
+                raise GptExportError(f"{path} line {n}: {e}") from None
+            except TypeError as e:
+                raise GptExportError(f"{path} line {n}: {e}") from None
+        return items, [n for n, _ in lines]
+    if any(r is not None for r in records):
+        n = next(n for (n, _), r in zip(lines, records) if r is None)
+        raise GptExportError(f"{path} line {n}: not a JSON object, but other lines are: give JSON Lines or "
+                             f"plain prompts, one per line")
+    return [BatchItem.from_dict({"prompt": line.replace("\\n", "\n")}, defaults) for _, line in lines], \
+        [n for n, _ in lines]

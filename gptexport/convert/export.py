@@ -41,8 +41,10 @@ EXTERNAL_DATA_BYTES = 64 * 1024**2
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Max |ORT - PyTorch| allowed on logits right after export, per dtype (logits are O(10)).
 VALIDATION_ATOL = {"fp32": 1e-4, "fp16": 5e-2, "bf16": 2.5e-1}
-# (batch, sequence, past_length, capacity): prefill, decode, past 0 with batch > 1, a padded cache
-VALIDATION_SHAPES = [(1, 1, 0, 0), (3, 5, 0, 0), (2, 1, 6, 6), (2, 3, 4, 9)]
+# (batch, sequence, past_length of each row, capacity): prefill, decode, past 0 with batch > 1, a
+# padded cache, and sequences at different lengths in one step (one of them with no past at all)
+VALIDATION_SHAPES = [(1, 1, (0,), 0), (3, 5, (0, 0, 0), 0), (2, 1, (6, 6), 6), (2, 3, (4, 4), 9),
+                     (3, 1, (7, 0, 3), 8)]
 
 
 def _progress(msg: str) -> None:
@@ -102,7 +104,7 @@ def export_onnx(model: GPT, spec: IOSpec, path: Path) -> None:
     batch, seq, past, n_logits = 2, min(3, c.block_size), min(4, c.block_size), 2
     param = next(model.parameters())
     past_shape = (batch, c.n_head, past, c.head_dim)
-    args = (torch.zeros(batch, seq, dtype=torch.long), torch.tensor([past]), torch.arange(n_logits),
+    args = (torch.zeros(batch, seq, dtype=torch.long), torch.full((batch,), past), torch.arange(n_logits),
             *[torch.zeros(past_shape, dtype=param.dtype) for _ in spec.past_names])
     # the spec names each input's dynamic dims; config.dynamic_dims gives their bounds
     dims = {name: Dim(name, min=lo, max=hi) for name, (lo, hi) in dynamic_dims(c).items()}
@@ -178,17 +180,19 @@ def _dims_match(got: tuple, want: tuple) -> bool:
     return all(isinstance(g, str) and g != "" if isinstance(w, str) else g == w for g, w in zip(got, want))
 
 
-def validation_feeds(config: GPTConfig, spec: IOSpec, batch: int, seq: int, past: int, capacity: int,
-                     rng: np.random.Generator, cache_dtype=np.float32) -> dict[str, np.ndarray]:
-    """Random but valid feeds: tokens, a past of `past` valid positions in a `capacity` buffer."""
+def validation_feeds(config: GPTConfig, spec: IOSpec, batch: int, seq: int, past: int | tuple[int, ...],
+                     capacity: int, rng: np.random.Generator, cache_dtype=np.float32) -> dict[str, np.ndarray]:
+    """Random but valid feeds: tokens, and row b's past of past[b] valid positions (`past` for every
+    row if one number) in a `capacity` buffer; the slots beyond are random too, as a shared cache's
+    are (another row's, or a finished sequence's): the mask must hide them."""
+    lengths = np.broadcast_to(np.asarray(past, dtype=np.int64), (batch,)).copy()
     feeds = {
         "input_ids": rng.integers(0, config.vocab_size, (batch, seq), dtype=np.int64),
-        "past_length": np.array([past], dtype=np.int64),
+        "past_length": lengths,
         "logit_positions": np.arange(seq, dtype=np.int64),
     }
     for name in spec.past_names:
-        buf = np.zeros((batch, config.n_head, capacity, config.head_dim), dtype=np.float32)
-        buf[:, :, :past] = rng.standard_normal((batch, config.n_head, past, config.head_dim))
+        buf = rng.standard_normal((batch, config.n_head, capacity, config.head_dim)).astype(np.float32)
         feeds[name] = buf.astype(cache_dtype)
     return feeds
 
@@ -236,7 +240,7 @@ def torch_cases(model: GPT, spec: IOSpec) -> list[ValidationCase]:
     param = next(model.parameters())
     cases = []
     for batch, seq, past, capacity in VALIDATION_SHAPES:
-        seq = min(seq, model.config.block_size - past)
+        seq = min(seq, model.config.block_size - max(past))
         feeds = validation_feeds(model.config, spec, batch, seq, past, capacity, rng)
         with torch.no_grad():
             t = {k: torch.from_numpy(v) for k, v in feeds.items()}

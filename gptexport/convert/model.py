@@ -34,25 +34,34 @@ class LayerNorm(nn.Module):
         return F.layer_norm(x.float(), self.weight.shape, self.weight.float(), bias, 1e-5).to(x.dtype)
 
 
+def attention_masks(past_length: torch.Tensor, P: int, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which keys each query sees, computed once per forward for every block.
+
+    Each sequence (row b) has its own past_length[b]: key j of its past buffer is visible when
+    j < past_length[b] (the slots beyond are unused cache: another row's longer history, or room
+    to grow); new key t is visible to new query i when t <= i, the same for every row. Returns
+    (past (B, 1, 1, P), new (1, 1, T, T)) boolean masks, broadcast over heads and queries.
+    """
+    past = torch.arange(P, device=past_length.device)[None, :] < past_length[:, None]  # (B, P)
+    new = torch.ones(T, T, dtype=torch.bool, device=past_length.device).tril()  # (T, T): t <= i
+    return past[:, None, None, :], new[None, None]
+
+
 def attend(q: torch.Tensor, k_past: torch.Tensor, v_past: torch.Tensor, k_new: torch.Tensor,
-           v_new: torch.Tensor, past_length: torch.Tensor) -> torch.Tensor:
+           v_new: torch.Tensor, masks: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """Causal attention over [past buffer | new positions], as an explicit mask graph.
 
-    Key j of the past buffer is visible when j < past_length (slots beyond it are unused cache);
-    new key t is visible to new query i when t <= i, i.e. key position <= past_length + i.
-    Scores against the past and the new keys are concatenated rather than the keys themselves,
-    so the cache is only read, never copied.
+    Scores against the past and the new keys are masked (attention_masks) and concatenated,
+    rather than the keys themselves, so the cache is only read, never copied.
     """
-    T, P, hs = q.size(2), k_past.size(2), q.size(3)
+    hs = q.size(3)
     scale = 1.0 / math.sqrt(hs)
-    scores = torch.cat([q @ k_past.transpose(-2, -1), q @ k_new.transpose(-2, -1)], dim=-1)  # (B, nh, T, P+T)
-    scores = scores.float() * scale
-    query_pos = past_length + torch.arange(T, device=q.device)  # (T,)
-    key_pos = torch.cat([torch.arange(P, device=q.device), query_pos])  # (P+T,)
-    key_valid = torch.cat([torch.arange(P, device=q.device) < past_length,
-                           torch.ones(T, dtype=torch.bool, device=q.device)])
-    visible = key_valid[None, :] & (key_pos[None, :] <= query_pos[:, None])  # (T, P+T)
-    scores = scores.masked_fill(~visible, float("-inf"))
+    past_visible, new_visible = masks
+    P = k_past.size(2)
+    past_scores = (q @ k_past.transpose(-2, -1)).float() * scale  # (B, nh, T, P)
+    new_scores = (q @ k_new.transpose(-2, -1)).float() * scale  # (B, nh, T, T)
+    scores = torch.cat([past_scores.masked_fill(~past_visible, float("-inf")),
+                        new_scores.masked_fill(~new_visible, float("-inf"))], dim=-1)  # (B, nh, T, P+T)
     probs = F.softmax(scores, dim=-1).to(v_new.dtype)
     return probs[..., :P] @ v_past + probs[..., P:] @ v_new  # (B, nh, T, hs)
 
@@ -84,10 +93,10 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble all head outputs side by side
         return self.resid_dropout(self.c_proj(y))
 
-    def forward_cached(self, x, k_past, v_past, past_length):
+    def forward_cached(self, x, k_past, v_past, masks):
         B, T, C = x.size()
         q, k, v = self.qkv(x)
-        y = attend(q, k_past, v_past, k, v, past_length)
+        y = attend(q, k_past, v_past, k, v, masks)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.c_proj(y), k, v
 
@@ -116,8 +125,8 @@ class Block(nn.Module):
         x = x + self.attn(self.ln_1(x))
         return x + self.mlp(self.ln_2(x))
 
-    def forward_cached(self, x, k_past, v_past, past_length):
-        a, k, v = self.attn.forward_cached(self.ln_1(x), k_past, v_past, past_length)
+    def forward_cached(self, x, k_past, v_past, masks):
+        a, k, v = self.attn.forward_cached(self.ln_1(x), k_past, v_past, masks)
         x = x + a
         return x + self.mlp(self.ln_2(x)), k, v
 
@@ -178,13 +187,18 @@ class GPT(nn.Module):
 
     def forward_cached(self, input_ids: torch.Tensor, past_length: torch.Tensor,
                        logit_positions: torch.Tensor, past: list[torch.Tensor]):
-        """The exported graph (see config.py): returns (logits, [new_key.0, new_value.0, ...])."""
+        """The exported graph (see config.py): returns (logits, [new_key.0, new_value.0, ...]).
+
+        past_length (B,): each sequence's own count of cached positions, so sequences at different
+        lengths share one forward; row b's new tokens sit at positions past_length[b] + 0..T-1.
+        """
         T = input_ids.size(1)
-        pos = past_length + torch.arange(T, device=input_ids.device)
+        pos = past_length[:, None] + torch.arange(T, device=input_ids.device)  # (B, T)
         x = self.transformer.wte(input_ids) + self.transformer.wpe(pos)
+        masks = attention_masks(past_length, past[0].size(2), T)
         new = []
         for i, block in enumerate(self.transformer.h):
-            x, k, v = block.forward_cached(x, past[2 * i], past[2 * i + 1], past_length)
+            x, k, v = block.forward_cached(x, past[2 * i], past[2 * i + 1], masks)
             new += [k, v]
         x = self.transformer.ln_f(x.index_select(1, logit_positions))  # ln_f is per position: select first
         logits = self.lm_head(x).float()  # (B, num_logits, vocab)

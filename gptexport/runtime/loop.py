@@ -39,7 +39,7 @@ def generate(runner: Runner, prompt: np.ndarray, max_new_tokens: int, params: Sa
         raise ParameterError("max_new_tokens", f"must be an integer >= 0, got {max_new_tokens}")
     block_size = runner.config.block_size
     if prompt.shape[1] > block_size:
-        (notice or _stderr)(crop_notice(prompt.shape[1], block_size))
+        (notice or to_stderr)(crop_notice(prompt.shape[1], block_size))
     B = prompt.shape[0]
     out = np.empty((B, max_new_tokens), dtype=np.int64)
     if max_new_tokens == 0:
@@ -65,5 +65,5 @@ def generate(runner: Runner, prompt: np.ndarray, max_new_tokens: int, params: Sa
     return out
 
 
-def _stderr(msg: str) -> None:
+def to_stderr(msg: str) -> None:
     print(msg, file=sys.stderr)

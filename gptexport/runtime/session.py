@@ -1,8 +1,9 @@
 """The generation session: one model loaded for generating, and sequences generated on it.
 
-`gptexport generate`, the Python API and the Triton model all generate through here.
-A GenerationSession holds what every sequence of one model directory shares: the activated
-runner and the tokenizer. `session.generate(prompt_ids, params, on_delta)` runs one sequence:
+`gptexport generate` (one prompt or a file of them), the Python API and the Triton model all
+generate through here. A GenerationSession holds what every sequence of one model directory
+shares: the activated runner, the tokenizer, and the scheduler (scheduler.py) that runs every
+sequence in flight in one forward per step. Each sequence has
 - its own numpy.random.Generator, seeded from `params.seed` (or handed on from the previous
   sample, as nanoGPT's sample.py draws all its samples from one seed), consumed exactly as the
   generation loop consumes it, so the same seed gives the same tokens whoever asks;
@@ -22,31 +23,14 @@ from typing import Callable
 import numpy as np
 
 from ..artifacts.modeldir import ModelDir, load_model_dir
-from ..errors import ParameterError, TokenizerError, UsageError
+from ..errors import ParameterError, TokenizerError
 from .backends import open_runner
 from .backends.base import Runner
-from .loop import generate
 from .sampling import DEFAULT_MAX_NEW_TOKENS, DEFAULT_SAMPLING, DEFAULT_SEED, SamplingParams
+from .scheduler import GenerationParams, OnDelta, Scheduler, Sequence
 from .textstream import TextStream
 
-# on_delta(ids, text): the tokens of one delta and their text (None for a model without a tokenizer)
-OnDelta = Callable[[list[int], "str | None"], None]
-
-
-@dataclass(frozen=True)
-class GenerationParams:
-    """What one sequence asks for, besides its prompt; the defaults are `gptexport generate`'s."""
-
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
-    sampling: SamplingParams = DEFAULT_SAMPLING
-    seed: int = DEFAULT_SEED
-    stop_words: tuple[str, ...] = ()
-
-    def __post_init__(self) -> None:
-        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
-            raise ParameterError("max_new_tokens", f"must be an integer >= 0, got {self.max_new_tokens}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ParameterError("seed", f"must be an integer >= 0, got {self.seed}")
+DEFAULT_MAX_BATCH = 16  # sequences in flight at once (see docs/serving.md for how it was chosen)
 
 
 @dataclass
@@ -69,15 +53,19 @@ class Sample:
 
 @dataclass
 class GenerationSession:
-    """A model directory's runner (activated) and tokenizer, shared by every sequence generated on it."""
+    """A model directory's runner (activated), tokenizer and scheduler, shared by every sequence."""
 
     runner: Runner
     tokenizer: object = None
     model_dir: ModelDir | None = field(default=None, repr=False)
+    max_batch: int = DEFAULT_MAX_BATCH
+
+    def __post_init__(self) -> None:
+        self.scheduler = Scheduler(self.runner, self.tokenizer, self.max_batch)
 
     @classmethod
     def open(cls, model_dir: str | Path | ModelDir, backend: str = "onnxruntime", threads: int | None = None,
-             **runner_options) -> "GenerationSession":
+             max_batch: int = DEFAULT_MAX_BATCH, **runner_options) -> "GenerationSession":
         """Load a model directory (every hash checked), open its runner on `backend` and activate it.
 
         `runner_options` are open_runner's: tf32, cuda_graphs, binding.
@@ -85,9 +73,14 @@ class GenerationSession:
         md = load_model_dir(model_dir)
         runner = open_runner(backend, md, threads, **runner_options)
         runner.activate()
-        return cls(runner, md.tokenizer(), md)
+        try:
+            return cls(runner, md.tokenizer(), md, max_batch)
+        except BaseException:
+            runner.deactivate()
+            raise
 
     def close(self) -> None:
+        self.scheduler.close()
         self.runner.deactivate()
 
     def __enter__(self) -> "GenerationSession":
@@ -111,65 +104,27 @@ class GenerationSession:
         except TokenizerError as e:
             raise ParameterError(param, f"cannot be encoded: {e}") from None
 
+    def submit(self, prompt_ids: list[int], params: GenerationParams = GenerationParams(),
+               on_delta: OnDelta | None = None, cancelled: Callable[[], bool] | None = None,
+               notice: Callable[[str], None] | None = None, rng: np.random.Generator | None = None) -> Sequence:
+        """Queue one sequence; it runs when the scheduler steps (`generate`, a server's loop)."""
+        return self.scheduler.submit(prompt_ids, params, on_delta, cancelled, rng, notice)
+
     def generate(self, prompt_ids: list[int], params: GenerationParams = GenerationParams(),
                  on_delta: OnDelta | None = None, cancelled: Callable[[], bool] | None = None,
                  notice: Callable[[str], None] | None = None, rng: np.random.Generator | None = None) -> Outcome:
-        """Generate one sequence after `prompt_ids`, calling `on_delta` for every delta as soon as it is complete."""
-        from ..artifacts.tokenizer import check_token_ids
-
-        if not prompt_ids:
-            raise ParameterError("prompt_ids", "is empty: give at least one token")
-        try:
-            check_token_ids(list(prompt_ids), self.vocab_size)
-        except UsageError as e:
-            raise ParameterError("prompt_ids", f"has {e}") from None
-        rng = np.random.default_rng(params.seed) if rng is None else rng
-        sequence = _Sequence(self.tokenizer, params.stop_words, on_delta or (lambda ids, text: None),
-                             cancelled or (lambda: False))
-        if params.max_new_tokens:
-            generate(self.runner, np.array([prompt_ids]), params.max_new_tokens, params.sampling, rng,
-                     on_token=sequence.on_token, notice=notice)
-        sequence.flush()
-        return Outcome(sequence.tokens, sequence.finish)
+        """Generate one sequence after `prompt_ids`, calling `on_delta` for every delta as soon as it is
+        complete (sequences queued on this session before it step along with it)."""
+        seq = self.submit(prompt_ids, params, on_delta, cancelled, notice, rng)
+        self.scheduler.run(until=seq)
+        return outcome_of(seq)
 
 
-class _Sequence:
-    """One sequence's tokens and text as the loop samples them: deltas, stop words, cancellation."""
-
-    def __init__(self, tokenizer, stop_words: tuple[str, ...], on_delta: OnDelta, cancelled: Callable[[], bool]):
-        self.tokenizer, self.stop_words, self.on_delta, self.cancelled = tokenizer, stop_words, on_delta, cancelled
-        self.tokens: list[int] = []
-        self.pending: list[int] = []  # sampled, not yet sent: the start of an unfinished UTF-8 character
-        self.text = ""
-        self.finish = "length"
-        self.stream = TextStream(tokenizer, self._on_text)
-
-    def on_token(self, token: np.ndarray) -> bool:
-        """The loop's callback for each sampled (1,) token; True ends the sequence."""
-        if self.cancelled():
-            self.finish = "cancelled"
-            return True
-        self.tokens.append(int(token[0]))
-        self.pending.append(self.tokens[-1])
-        self.stream.write([self.tokens[-1]])
-        return self.finish == "stop"
-
-    def _on_text(self, text: str) -> None:
-        ids, self.pending = self.pending, []
-        if self.tokenizer is None:
-            self.on_delta(ids, None)
-            return
-        before = len(self.text)
-        self.text += text
-        self.on_delta(ids, text)
-        # a stop word may span deltas: look only where it could end in this one
-        if any(w in self.text[max(0, before - len(w) + 1):] for w in self.stop_words):
-            self.finish = "stop"
-
-    def flush(self) -> None:
-        if self.pending and self.finish != "cancelled":
-            ids, self.pending = self.pending, []
-            self.on_delta(ids, "")  # the bytes of a character cut off by max_new_tokens: ids, no text
+def outcome_of(seq: Sequence) -> Outcome:
+    """A finished sequence's Outcome, or its error raised (NaN logits, say)."""
+    if seq.finish == "error":
+        raise seq.error
+    return Outcome(seq.tokens, seq.finish)
 
 
 def generate_samples(model_dir: str | Path | ModelDir, prompt: str | None = None, *,

@@ -1,11 +1,14 @@
 """The Triton Python-backend model that every repository written by `gptexport triton` serves.
 
 A repository's `NAME/1/model.py` only imports TritonPythonModel from here. The model is
-decoupled (config.pbtxt: `model_transaction_policy { decoupled: true }`): `execute` sends each
-request's responses through its response sender as they are made, and always ends with the
-final flag. Each model instance is a process of its own (Triton's Python stub), holding one
-ServedModel; a request runs to its end before the instance takes the next, so `--instances N`
-serves N requests at once and queues the rest.
+decoupled (config.pbtxt: `model_transaction_policy { decoupled: true }`): `execute` checks each
+request and admits it to the instance's scheduler (runtime/scheduler.py), then returns; a thread
+of the instance steps the scheduler, every sequence in flight in one forward, and sends each
+request's responses through its response sender as they are made (Triton's Python backend lets
+a decoupled model send from any thread, after execute has returned), always ending with the
+final flag. Up to `max_batch` sequences run at once per instance (`gptexport triton
+--max-batch`); the rest wait in the scheduler's queue, first come, first served. A bad request is
+answered at once with its error and never reaches the scheduler.
 
 Only this module knows `triton_python_backend_utils`; it is imported in `initialize`, so the
 module itself imports anywhere (and never imports torch).
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -24,7 +28,8 @@ from typing import Callable
 import numpy as np
 
 from ..errors import GptExportError, UsageError
-from ..runtime.session import GenerationSession, Outcome
+from ..runtime.scheduler import Sequence
+from ..runtime.session import DEFAULT_MAX_BATCH, GenerationSession, Outcome, outcome_of
 from .protocol import ServeRequest, parse_request, response_tensors
 
 CANCEL_CHECK_S = 0.02  # is_cancelled() asks the server (IPC): once per token would cost more than a token
@@ -32,10 +37,18 @@ CANCEL_CHECK_S = 0.02  # is_cancelled() asks the server (IPC): once per token wo
 
 @dataclass
 class ServedModel:
-    """What one model instance serves: a generation session and the request limits (no Triton here)."""
+    """What one model instance serves: a generation session and the request limits (no Triton here).
+
+    With `start()` a thread of its own steps the scheduler, and requests only `submit`; without
+    it (in-process use, tests) `run` steps the scheduler itself until its sequence is done.
+    """
 
     session: GenerationSession
     max_tokens_limit: int
+
+    def __post_init__(self) -> None:
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
 
     @property
     def tokenizer(self):
@@ -48,19 +61,39 @@ class ServedModel:
     def parse(self, inputs: dict[str, np.ndarray], parameters: dict) -> ServeRequest:
         return parse_request(inputs, parameters, self.tokenizer, self.session.vocab_size, self.max_tokens_limit)
 
+    def submit(self, request: ServeRequest, emit, cancelled: Callable[[], bool] = lambda: False,
+               notice: Callable[[str], None] | None = None, on_done: Callable[[Sequence], None] | None = None) -> Sequence:
+        """Queue one request's sequence: exactly `gptexport generate`'s with the same seed and settings;
+        `emit(ids, text)` receives every delta, `on_done(seq)` the end."""
+        return self.session.scheduler.submit(request.prompt_ids, request.params, emit, cancelled, None, notice, on_done)
+
     def run(self, request: ServeRequest, emit, cancelled: Callable[[], bool] = lambda: False,
             notice: Callable[[str], None] | None = None) -> Outcome:
-        """One request's generation, exactly `gptexport generate`'s with the same seed and settings;
-        `emit(ids, text)` receives every delta."""
-        return self.session.generate(request.prompt_ids, request.params, emit, cancelled, notice)
+        """One request to its end (stepping the scheduler here unless its thread runs)."""
+        seq = self.submit(request, emit, cancelled, notice)
+        if self._thread is not None:
+            seq.done.wait()
+        else:
+            self.session.scheduler.run(until=seq)
+        return outcome_of(seq)
+
+    def start(self, on_bug: Callable[[BaseException], None] = lambda e: None) -> None:
+        """Step the scheduler in a thread of its own from now on."""
+        self._thread = threading.Thread(target=self.session.scheduler.loop, args=(self._stop, on_bug),
+                                        name="gptexport-scheduler", daemon=True)
+        self._thread.start()
 
     def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(30)
         self.session.close()
 
 
-def open_served_model(path: str | Path, backend: str, max_tokens_limit: int, threads: int | None = None) -> ServedModel:
+def open_served_model(path: str | Path, backend: str, max_tokens_limit: int, threads: int | None = None,
+                      max_batch: int = DEFAULT_MAX_BATCH) -> ServedModel:
     """Load (hashes checked: a tampered file is refused) and activate one model directory."""
-    return ServedModel(GenerationSession.open(path, backend, threads), max_tokens_limit)
+    return ServedModel(GenerationSession.open(path, backend, threads, max_batch), max_tokens_limit)
 
 
 def cpu_threads(instances: int) -> int:
@@ -99,66 +132,80 @@ class TritonPythonModel:
         if args.get("model_instance_kind") == "GPU":  # one process per instance: pin it to its GPU
             os.environ["CUDA_VISIBLE_DEVICES"] = args["model_instance_device_id"]
         threads = int(params.get("threads") or 0) or cpu_threads(instances)
+        max_batch = int(params.get("max_batch") or DEFAULT_MAX_BATCH)
         version_dir = Path(args["model_repository"]) / args["model_version"]
+        self.log = pb_utils.Logger
         try:
             self.model: ServedModel = open_served_model(
-                version_dir, params.get("backend", "onnxruntime"), int(params.get("max_tokens", "1024")), threads)
+                version_dir, params.get("backend", "onnxruntime"), int(params.get("max_tokens", "1024")), threads,
+                max_batch)
         except GptExportError as e:  # a tampered file, a missing backend: the model does not load
             raise pb_utils.TritonModelException(f"error: {e}") from None
-        self.log = pb_utils.Logger
+        self.model.start(on_bug=lambda e: self.log.log_error(f"gptexport: {traceback.format_exc()}"))
         self.log.log_info(f"gptexport: {args['model_name']} instance {args.get('model_instance_name')}: "
-                          f"{version_dir} on {self.model.runner.name}, {threads} thread(s)")
+                          f"{version_dir} on {self.model.runner.name}, {threads} thread(s), "
+                          f"up to {max_batch} sequences in flight")
 
     def execute(self, requests: list) -> None:
+        """Admit each request to the scheduler and return (decoupled: its thread sends the responses)."""
         for request in requests:
             sender = request.get_response_sender()
-            final = self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
             try:
-                if not self._serve(request, sender):
-                    sender.send(flags=final)
+                self._admit(request, sender)
             except UsageError as e:  # a bad value in the request: say what is valid, keep serving
-                sender.send(self._error(str(e), self.pb.TritonError.INVALID_ARG), flags=final)
-            except GptExportError as e:  # e.g. NaN logits: this request fails, the next may not
-                sender.send(self._error(str(e), self.pb.TritonError.INTERNAL), flags=final)
+                self._final(sender, self._error(str(e), self.pb.TritonError.INVALID_ARG))
+            except GptExportError as e:
+                self._final(sender, self._error(str(e), self.pb.TritonError.INTERNAL))
             except Exception as e:  # a bug: the client still gets an answer and the final flag
                 self.log.log_error(f"gptexport: {traceback.format_exc()}")
-                sender.send(self._error(f"internal error: {type(e).__name__}: {e}", self.pb.TritonError.INTERNAL),
-                            flags=final)
+                self._final(sender, self._error(f"internal error: {type(e).__name__}: {e}", self.pb.TritonError.INTERNAL))
         return None
 
     def finalize(self) -> None:
         self.model.close()
 
-    def _serve(self, request, sender) -> bool:
-        """Run one request; True if its final response was already sent."""
+    def _admit(self, request, sender) -> None:
         inputs = {t.name(): t.as_numpy() for t in request.inputs()}
         req = self.model.parse(inputs, json.loads(request.parameters() or "{}"))
-        n_in = len(req.prompt_ids)
-        sent = [0]
+        n_in, sent, request_id = len(req.prompt_ids), [0], request.request_id()
 
         def emit(ids: list[int], text: str | None) -> None:
             sent[0] += len(ids)
             if req.stream:
                 sender.send(self._response(response_tensors(ids, text, n_in, sent[0])))
 
-        outcome = self.model.run(req, emit, cancelled=_at_most_every(CANCEL_CHECK_S, sender.is_cancelled),
-                                 notice=lambda msg: self.log.log_info(f"gptexport: {msg}"))
-        if outcome.finish == "cancelled":
-            self.log.log_info(f"gptexport: request {request.request_id()!r} cancelled by the client after "
-                              f"{len(outcome.tokens)} of {req.max_tokens} tokens")
-            return False
-        if req.stream:
-            return False
-        tokenizer = self.model.tokenizer
-        text = None
+        def done(seq: Sequence) -> None:  # on the scheduler's thread: never raise into it
+            try:
+                self._finish(req, seq, sender, request_id)
+            except Exception:
+                self.log.log_error(f"gptexport: {traceback.format_exc()}")
+
+        self.model.submit(req, emit, cancelled=_at_most_every(CANCEL_CHECK_S, sender.is_cancelled),
+                          notice=lambda msg: self.log.log_info(f"gptexport: {msg}"), on_done=done)
+
+    def _finish(self, req: ServeRequest, seq: Sequence, sender, request_id: str) -> None:
+        """The request's last response: its error, the final flag of a stream, or the whole output."""
+        if seq.finish == "error":
+            return self._final(sender, self._error(str(seq.error), self.pb.TritonError.INTERNAL))
+        if seq.finish == "cancelled":
+            self.log.log_info(f"gptexport: request {request_id!r} cancelled by the client after "
+                              f"{len(seq.tokens)} of {req.max_tokens} tokens")
+        if seq.finish == "cancelled" or req.stream:
+            return self._final(sender, None)
+        tokenizer, text = self.model.tokenizer, None
         if tokenizer is not None:
-            text = tokenizer.decode(outcome.tokens)
+            text = tokenizer.decode(seq.tokens)
             if not req.exclude_input:  # as TensorRT-LLM: a whole (non-streamed) output starts with the prompt
                 prompt = req.prompt_text if req.prompt_text is not None else tokenizer.decode(req.prompt_ids)
                 text = prompt + text
-        sender.send(self._response(response_tensors(outcome.tokens, text, n_in, len(outcome.tokens))),
-                    flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-        return True
+        self._final(sender, self._response(response_tensors(seq.tokens, text, len(req.prompt_ids), len(seq.tokens))))
+
+    def _final(self, sender, response) -> None:
+        flags = self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        if response is None:
+            sender.send(flags=flags)
+        else:
+            sender.send(response, flags=flags)
 
     def _response(self, arrays: dict[str, np.ndarray]):
         return self.pb.InferenceResponse(output_tensors=[self.pb.Tensor(k, v) for k, v in arrays.items()])

@@ -22,6 +22,7 @@ from .. import __version__
 from ..artifacts.files import staging_dir
 from ..artifacts.modeldir import MANIFEST, ModelDir, load_model_dir
 from ..errors import ModelDirError, UsageError
+from ..runtime.session import DEFAULT_MAX_BATCH
 from .protocol import INPUTS, OUTPUTS, TensorSpec, tensors
 
 # --backend -> (the runner the model opens, Triton's instance kind)
@@ -41,7 +42,8 @@ except ImportError as e:
 
 
 def write_repository(model_dir: str | Path, out: str | Path, name: str | None = None, instances: int = 1,
-                     backend: str = "onnxruntime", max_tokens: int = DEFAULT_MAX_TOKENS, force: bool = False) -> Path:
+                     backend: str = "onnxruntime", max_tokens: int = DEFAULT_MAX_TOKENS, force: bool = False,
+                     max_batch: int = DEFAULT_MAX_BATCH) -> Path:
     """Write a Triton model repository serving `model_dir` at `out`; returns `out`."""
     out = Path(out)
     if backend not in BACKENDS:
@@ -50,6 +52,8 @@ def write_repository(model_dir: str | Path, out: str | Path, name: str | None = 
         raise UsageError(f"--instances must be >= 1, got {instances}")
     if max_tokens < 1:
         raise UsageError(f"--max-tokens must be >= 1, got {max_tokens}")
+    if max_batch < 1:
+        raise UsageError(f"--max-batch must be >= 1, got {max_batch}")
     md = load_model_dir(model_dir)  # every hash checked: a tampered model is not copied
     name = name if name is not None else default_name(md.path)
     if not _NAME_RE.fullmatch(name):
@@ -64,8 +68,8 @@ def write_repository(model_dir: str | Path, out: str | Path, name: str | None = 
             (version_dir / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(md.path / f, version_dir / f)
         (version_dir / "model.py").write_text(SHIM.replace("{version}", __version__))
-        (tmp / name / "config.pbtxt").write_text(model_config(md, name, instances, backend, max_tokens))
-        (tmp / "README.md").write_text(readme(md, out, name, instances, backend))
+        (tmp / name / "config.pbtxt").write_text(model_config(md, name, instances, backend, max_tokens, max_batch))
+        (tmp / "README.md").write_text(readme(md, out, name, instances, backend, max_batch))
     return out
 
 
@@ -75,7 +79,8 @@ def default_name(model_dir: Path) -> str:
     return name or "gptexport"
 
 
-def model_config(md: ModelDir, name: str, instances: int, backend: str, max_tokens: int) -> str:
+def model_config(md: ModelDir, name: str, instances: int, backend: str, max_tokens: int,
+                 max_batch: int = DEFAULT_MAX_BATCH) -> str:
     with_text = md.manifest.get("tokenizer") is not None
 
     def block(specs: tuple[TensorSpec, ...], optional: bool) -> str:
@@ -87,7 +92,7 @@ def model_config(md: ModelDir, name: str, instances: int, backend: str, max_toke
 # TensorRT-LLM's tensor names; see docs/serving.md. gptexport's own settings are the parameters.
 name: "{name}"
 backend: "python"
-max_batch_size: 1  # each instance runs one sequence: the graph's one past_length keeps sequences apart
+max_batch_size: 1  # Triton hands each request on alone; the instance's own scheduler batches them in flight
 model_transaction_policy {{ decoupled: true }}
 input [
 {block(INPUTS, optional=True)}
@@ -98,17 +103,19 @@ output [
 instance_group [ {{ count: {instances} kind: {BACKENDS[backend]} }} ]
 parameters {{ key: "backend" value: {{ string_value: "{backend}" }} }}
 parameters {{ key: "max_tokens" value: {{ string_value: "{max_tokens}" }} }}  # the most a request may ask for
+parameters {{ key: "max_batch" value: {{ string_value: "{max_batch}" }} }}  # sequences in flight per instance; more queue
 parameters {{ key: "threads" value: {{ string_value: "0" }} }}  # per instance; 0: the cores less one, shared among instances
 '''
 
 
-def readme(md: ModelDir, out: Path, name: str, instances: int, backend: str) -> str:
+def readme(md: ModelDir, out: Path, name: str, instances: int, backend: str, max_batch: int = DEFAULT_MAX_BATCH) -> str:
     with_text = md.manifest.get("tokenizer") is not None
     prompt = '"text_input": "ROMEO:"' if with_text else '"input_ids": [0, 1, 2]'
     return f"""# Triton model repository for `{name}`
 
 Written by gptexport {__version__} from `{md.path.resolve()}`: one Python-backend model, decoupled
-(streaming), {instances} instance(s) on `{backend}`. `{name}/1/` holds the model directory's files,
+(streaming), {instances} instance(s) on `{backend}`, each running up to {max_batch} sequences in one
+forward per step (in-flight batching; more requests wait in its queue). `{name}/1/` holds the model directory's files,
 checked against their sha256 when the model loads, and a `model.py` that imports gptexport's.
 
 ## Start it

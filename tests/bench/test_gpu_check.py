@@ -32,6 +32,9 @@ def test_dry_run_writes_one_table_and_one_json(tmp_path):
     assert parity["data"]["needed_atol"] is not None and parity["figure"].startswith("max|d| ")
     assert report["steps"][3]["data"]["tolerance"]["name"] == "tf32"
     assert report["steps"][4]["data"]["ms_per_token"] > 0
+    batched = {s["step"]: s for s in report["steps"] if s["step"].startswith("speed batched")}
+    assert sorted(batched) == sorted(f"speed batched B={b}{g}" for b in (1, 4, 16) for g in ("", " no graphs"))
+    assert all(s["ok"] and s["data"]["decode_tok_s"] > 0 for s in batched.values())
     table = proc.stdout[proc.stdout.index("=== gpu_check: OK"):]
     assert "result  step" in table and "parity onnxruntime  tiny" in table
 

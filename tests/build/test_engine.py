@@ -74,7 +74,7 @@ def test_profiles_cover_prefill_and_decode(model_dir):
     assert prefill.shapes["logit_positions"] == ((1,), (1,), (16,))
     assert decode.shapes["input_ids"] == ((1, 1), (4, 1), (4, 1))
     assert decode.shapes["past_value.1"] == ((1, 2, 1, 16), (4, 2, 8, 16), (4, 2, 16, 16))
-    assert "past_length" not in prefill.shapes  # fixed [1]: no range to give
+    assert prefill.shapes["past_length"] == ((1,), (4,), (4,))  # one length per sequence: the batch's range
     for p in (prefill, decode):  # every cache input consistent with the others
         assert len({p.shapes[n] for n in model_dir.spec.past_names}) == 1
     assert profile_problems(c, model_dir.spec, [prefill, decode]) == []
@@ -138,7 +138,8 @@ def test_onnxruntime_tensorrt_provider_gets_one_profile_spanning_both(model_dir)
     assert union.shapes["past_key.0"] == ((1, 2, 0, 16), (1, 2, 8, 16), (8, 2, 16, 16))
     assert union.shapes["input_ids"] == ((1, 1), (1, 1), (8, 16))
     opts = ort_profile_options(union)
-    assert opts["trt_profile_min_shapes"].startswith("input_ids:1x1,logit_positions:1,past_key.0:1x2x0x16,")
+    assert opts["trt_profile_min_shapes"].startswith("input_ids:1x1,past_length:1,logit_positions:1,past_key.0:1x2x0x16,")
+    assert "past_length:8" in opts["trt_profile_max_shapes"]  # one length per sequence
     assert opts["trt_profile_max_shapes"].split(",")[0] == "input_ids:8x16"
     got = provider_options("tensorrt", model_dir)
     assert got["trt_fp16_enable"] is False and got["trt_engine_cache_enable"] is True

@@ -15,7 +15,7 @@ from gptexport.verify.reference import TorchRunner
 
 def test_model_dir_describes_itself(tiny_model_dir):
     manifest = json.loads((tiny_model_dir / MANIFEST).read_text())
-    assert manifest["format_version"] == 1 and manifest["opset"] == 18 and manifest["dtype"] == "fp32"
+    assert manifest["format_version"] == 2 and manifest["opset"] == 18 and manifest["dtype"] == "fp32"
     assert set(manifest["files"]) == {"model.onnx"}
     assert manifest["tokenizer"]["type"] == "char"
     assert manifest["versions"]["torch"] == torch.__version__

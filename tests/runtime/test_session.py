@@ -86,3 +86,42 @@ def test_prompt_ids_are_checked(tiny_model_dir):
             session.generate([1, 999])
         with pytest.raises(ParameterError, match="prompt_ids is empty"):
             session.generate([])
+
+
+def test_generate_prompts_writes_one_result_per_line_as_generate_alone(tiny_model_dir, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("To be\n\nor not\\nto be\nthat\n")
+    result = cli("generate", tiny_model_dir, "--prompts", prompts, "--max-new-tokens", "12", "--max-batch", "2")
+    assert result.exit_code == 0, result.stderr
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["index"] for r in lines] == [0, 1, 2] and [r["line"] for r in lines] == [1, 3, 4]
+    for r, prompt in zip(lines, ["To be", "or not\nto be", "that"]):
+        assert r["tokens"] == gptexport.generate(tiny_model_dir, prompt, max_new_tokens=12)[0].tokens
+    assert "generated 3 sequences" in result.stderr
+
+
+def test_generate_prompts_json_lines_set_each_prompts_own_settings(tiny_model_dir, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    rows = [{"prompt": "To be", "seed": 5, "temperature": 1.2}, {"prompt_tokens": [3, 4], "max_new_tokens": 4},
+            {"prompt": "or", "top_k": 0, "stop_words": ["e"]}]
+    prompts.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    result = cli("generate", tiny_model_dir, "--prompts", prompts, "--max-new-tokens", "9")
+    assert result.exit_code == 0, result.stderr
+    got = [json.loads(line) for line in result.stdout.splitlines()]
+    assert got[0]["tokens"] == gptexport.generate(tiny_model_dir, "To be", max_new_tokens=9, seed=5,
+                                                  temperature=1.2)[0].tokens
+    assert got[1]["tokens"] == gptexport.generate(tiny_model_dir, prompt_ids=[3, 4], max_new_tokens=4)[0].tokens
+    third = gptexport.generate(tiny_model_dir, "or", max_new_tokens=9, top_k=0, stop_words=("e",))[0]
+    assert got[2]["tokens"] == third.tokens and got[2]["finish"] == third.finish
+
+
+@pytest.mark.parametrize("text,words", [
+    ('{"prompt": "To be", "tmp": 1}\n', ["line 1", "tmp is not a setting"]),
+    ('{"prompt": "To be"}\n{"prompt": "a", "temperature": -1}\n', ["line 2", "temperature must be"]),
+    ('{"prompt": "To be"}\nplain\n', ["line 2", "not a JSON object"]),
+    ('\n\n', ["has no prompts"]),
+])
+def test_a_bad_prompts_file_names_its_line(tiny_model_dir, tmp_path, text, words):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(text)
+    assert_error(cli("generate", tiny_model_dir, "--prompts", prompts), 1, prompts, *words)

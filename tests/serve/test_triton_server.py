@@ -260,6 +260,36 @@ def test_eight_concurrent_clients_get_their_own_seeds_tokens(server, tiny_model_
         assert got[seed] == expected(tiny_model_dir, "To be", 20, seed=seed)["tokens"], seed
 
 
+def test_sixteen_clients_one_in_ten_malformed_none_lost(server, tiny_model_dir):
+    """In-flight batching under load: every good request streams its own tokens (those of
+    `gptexport generate` with its seed), every bad one gets its error, and nothing is lost."""
+    bad = {3: ({"temperature": -2}, "temperature must be a finite number >= 0"),
+           13: ({"top_k": -1}, "top_k must be an integer >= 0"),
+           27: ({"max_tokens": LIMIT + 1}, f"max_tokens must be in 1..{LIMIT}")}
+    got: dict[int, tuple[int, list[dict]]] = {}
+
+    def client(worker: int) -> None:
+        for i in range(worker, 30, 16):  # 30 requests over 16 concurrent clients
+            body = {"text_input": "To be", "max_tokens": 10 + i % 7, "seed": 500 + i, "stream": True,
+                    **bad.get(i, ({}, ""))[0]}
+            got[i] = http_post(server, "generate_stream", body, timeout=120)
+
+    threads = [threading.Thread(target=client, args=(w,)) for w in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    assert not any(t.is_alive() for t in threads) and sorted(got) == list(range(30))
+    for i, (status, events) in got.items():
+        if i in bad:
+            assert "error" in events[-1] and bad[i][1] in events[-1]["error"], (i, events)
+        else:
+            want = expected(tiny_model_dir, "To be", 10 + i % 7, seed=500 + i)["tokens"]
+            assert status == 200 and [e["output_ids"] for e in events] == want, i  # one token per event
+    status, (body,) = http_post(server, "generate", {"text_input": "To be", "max_tokens": 4})
+    assert status == 200 and body["num_output_tokens"] == 4  # and it keeps serving
+
+
 def test_bad_requests_get_errors_and_the_server_keeps_serving(server):
     status, (body,) = http_post(server, "generate", {"text_input": "To be", "temperature": -1})
     assert status == 400 and "temperature must be a finite number >= 0 (0 is greedy), got -1.0" in body["error"]

@@ -5,6 +5,9 @@ A Runner runs the exported graph (see config.py for its I/O):
 - `new_cache(batch, capacity)` and `forward(input_ids, cache)`: what the generation loop uses; the
   cache lives wherever the backend keeps it (host arrays here, device memory for TensorRT) and
   only the logits come back.
+- `new_batch_cache(rows, capacity)`: the scheduler's cache (batchcache.py), sequences at their own
+  lengths in one forward. Here on host memory, running `infer`; the ONNX Runtime and TensorRT
+  runners put it in their memory core and run it through their bound (and captured) steps.
 Runners are context managers: `activate` loads the heavy parts, `deactivate` frees them.
 A loaded runner may be shared by threads: all per-generation state is in the cache object.
 """
@@ -18,6 +21,8 @@ import numpy as np
 
 from ...config import GPTConfig, IOSpec, numpy_dtype
 from ...errors import GptExportError
+from .batchcache import BatchCache
+from .device import HostMemory
 
 
 class HostCache:
@@ -81,12 +86,28 @@ class Runner(ABC):
         """An empty cache for `batch` sequences of up to `capacity` positions."""
         return HostCache(self.spec, self.config, batch, capacity, self.cache_dtype())
 
+    def new_batch_cache(self, rows: int, capacity: int) -> BatchCache:
+        """A cache for up to `rows` sequences at their own lengths, `capacity` positions each (it grows)."""
+        memory = HostMemory()
+
+        def run(_, ins: dict, outs: dict, addresses: dict) -> None:
+            view = lambda t, shapes: memory.view(addresses[t.name], shapes[t.name], numpy_dtype(t.dtype))
+            out = self.infer({t.name: view(t, ins) for t in self.spec.inputs})
+            for t in self.spec.outputs:
+                view(t, outs)[...] = out[t.name]
+
+        def run_bucket(bucket) -> None:
+            d = bucket.decode_buffers()
+            run(None, d.input_shapes, d.output_shapes, d.addresses)
+
+        return BatchCache(memory, self.spec, self.config, rows, capacity, run, run_bucket)
+
     def forward(self, input_ids: np.ndarray, cache: HostCache, all_logits: bool = False) -> np.ndarray:
         """Run (B, T) new tokens after the cached ones; logits (B, V) of the last, or (B, T, V)."""
         T = input_ids.shape[1]
         feeds = {
             "input_ids": np.ascontiguousarray(input_ids, dtype=np.int64),
-            "past_length": np.array([cache.length], dtype=np.int64),
+            "past_length": np.full(input_ids.shape[0], cache.length, dtype=np.int64),  # every row alike
             "logit_positions": np.arange(T, dtype=np.int64) if all_logits else np.array([T - 1], np.int64),
             **cache.past_feeds(),
         }

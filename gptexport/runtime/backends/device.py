@@ -1,8 +1,8 @@
 """The device-memory core both GPU runners stand on, with a host twin that runs the same code in CI.
 
 A `DeviceMemory` owns buffers and one stream: allocate, zero, upload (host -> buffer), download
-(buffer -> host), copy2d (the strided copy that appends new keys/values to the cache), synchronize,
-free. `HostMemory` implements it on host memory (numpy-owned bytes, ctypes.memmove, strided numpy
+(buffer -> host), copy2d and copy3d (the strided copies that append new keys/values to a cache: one
+per step for a generation's cache, one per sequence for the scheduler's), synchronize, free. `HostMemory` implements it on host memory (numpy-owned bytes, ctypes.memmove, strided numpy
 copies) and `CudaMemory` with cuda-python's runtime API on one CUDA stream. Everything above this
 seam (kvcache.py, the ONNX Runtime and TensorRT runners) is the same code for both, so what a GPU
 runs is what the test suite ran on the CPU; only the methods of `CudaMemory` touch CUDA.
@@ -14,13 +14,18 @@ device memory.
 
 What CudaMemory relies on (CUDA Runtime API, as exposed by cuda-python's `cuda.bindings.runtime`):
 - every call returns (cudaError_t, *values); `cuda_call` unwraps it and raises on an error;
-- cudaMemcpyAsync / cudaMemcpy2DAsync / cudaMemsetAsync are ordered on the stream they are given,
+- cudaMemcpyAsync / cudaMemcpy2DAsync / cudaMemcpy3DAsync / cudaMemsetAsync are ordered on the
+  stream they are given,
   after everything queued on it before (ONNX Runtime's runs included, since it is handed the same
   stream as `user_compute_stream`, and TensorRT's `execute_async_v3(stream)`);
 - a host -> device copy from pageable memory may return before the copy has happened, so a step
   keeps its host arrays alive until its `synchronize()`; a device -> host copy is read only after
   `synchronize()` (cudaStreamSynchronize) returns;
-- cudaMalloc memory is not initialised: cache buffers are zeroed explicitly (see kvcache.py).
+- cudaMalloc memory is not initialised: cache buffers are zeroed explicitly (see kvcache.py);
+- cudaMemcpy3DAsync between linear buffers (no CUDA array): cudaPitchedPtr{ptr, pitch, xsize,
+  ysize} describes each side, a slice being `ysize` rows of `pitch` bytes; cudaExtent{width in
+  bytes, height in rows, depth in slices}; positions are left at 0 (the pointers are offset
+  instead). Written to the CUDA Runtime API documentation and run only on the host twin so far.
 """
 
 from __future__ import annotations
@@ -78,6 +83,11 @@ class DeviceMemory(ABC):
         """Both ranges already checked to lie inside allocations."""
 
     @abstractmethod
+    def _copy3d(self, dst: int, dpitch: int, dslice: int, src: int, spitch: int, sslice: int,
+                width: int, height: int, depth: int) -> None:
+        """Both ranges already checked to lie inside allocations; slices are whole rows apart."""
+
+    @abstractmethod
     def synchronize(self) -> None:
         """Wait until everything queued on the stream has finished."""
 
@@ -124,6 +134,19 @@ class DeviceMemory(ABC):
         self._check(dst, plan.dst_offset, (plan.height - 1) * plan.dpitch + plan.width)
         self._check(src, 0, (plan.height - 1) * plan.spitch + plan.width)
         self._copy2d(dst + plan.dst_offset, plan.dpitch, src, plan.spitch, plan.width, plan.height)
+
+    def copy3d(self, dst: int, src: int, plan) -> None:
+        """cudaMemcpy3D's contract between linear buffers (see batchcache.Copy3D): `plan.depth` slices
+        of `plan.height` rows of `plan.width` bytes, from src + plan.src_offset to dst + plan.dst_offset."""
+        p = plan
+        if p.depth == 0 or p.height == 0 or p.width == 0:
+            return
+        if p.dslice % p.dpitch or p.sslice % p.spitch or p.width > min(p.dpitch, p.spitch):
+            raise GptExportError(f"internal error: a 3-D copy needs whole rows per slice and rows wider than {p.width}")
+        self._check(dst, p.dst_offset, (p.depth - 1) * p.dslice + (p.height - 1) * p.dpitch + p.width)
+        self._check(src, p.src_offset, (p.depth - 1) * p.sslice + (p.height - 1) * p.spitch + p.width)
+        self._copy3d(dst + p.dst_offset, p.dpitch, p.dslice, src + p.src_offset, p.spitch, p.sslice,
+                     p.width, p.height, p.depth)
 
     def close(self) -> None:
         """Free every allocation still live."""
@@ -189,6 +212,24 @@ class HostMemory(DeviceMemory):
 
     def _copy2d(self, dst: int, dpitch: int, src: int, spitch: int, width: int, height: int) -> None:
         np.copyto(self._rows(dst, dpitch, width, height), self._rows(src, spitch, width, height))
+
+    def _copy3d(self, dst: int, dpitch: int, dslice: int, src: int, spitch: int, sslice: int,
+                width: int, height: int, depth: int) -> None:
+        # overlapping rows (a cache's row moved within its own block) never share bytes: copyto is safe
+        np.copyto(self._slices(dst, dpitch, dslice, width, height, depth),
+                  self._slices(src, spitch, sslice, width, height, depth))
+
+    def _slices(self, ptr: int, pitch: int, slice_: int, width: int, height: int, depth: int) -> np.ndarray:
+        raw, raw_address = self._owners[self.base_of(ptr)]
+        return np.ndarray((depth, height, width), np.uint8, raw, ptr - raw_address, (slice_, pitch, 1))
+
+    def view(self, ptr: int, shape: tuple, dtype) -> np.ndarray:
+        """A numpy array over the buffer at `ptr` (for runners that run the graph on host arrays)."""
+        dtype = np.dtype(dtype)
+        size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        self._check(ptr, 0, size)
+        raw, raw_address = self._owners[self.base_of(ptr)]
+        return np.ndarray(shape, dtype, raw, ptr - raw_address)
 
     def _rows(self, ptr: int, pitch: int, width: int, height: int) -> np.ndarray:
         """`height` rows of `width` bytes, `pitch` bytes apart, from `ptr`: a strided view of the
@@ -284,6 +325,23 @@ class CudaMemory(DeviceMemory):
         kind = self._kinds.cudaMemcpyDeviceToDevice
         self._call(self.rt.cudaMemcpy2DAsync(dst, dpitch, src, spitch, width, height, kind, self.stream),
                    "cudaMemcpy2DAsync")
+
+    def _copy3d(self, dst: int, dpitch: int, dslice: int, src: int, spitch: int, sslice: int,
+                width: int, height: int, depth: int) -> None:
+        rt = self.rt
+        params = rt.cudaMemcpy3DParms()
+        params.srcPtr = self._pitched(src, spitch, sslice // spitch)
+        params.dstPtr = self._pitched(dst, dpitch, dslice // dpitch)
+        extent = rt.cudaExtent()
+        extent.width, extent.height, extent.depth = width, height, depth
+        params.extent = extent
+        params.kind = self._kinds.cudaMemcpyDeviceToDevice
+        self._call(rt.cudaMemcpy3DAsync(params, self.stream), "cudaMemcpy3DAsync")
+
+    def _pitched(self, ptr: int, pitch: int, rows: int):
+        p = self.rt.cudaPitchedPtr()
+        p.ptr, p.pitch, p.xsize, p.ysize = ptr, pitch, pitch, rows
+        return p
 
     def synchronize(self) -> None:
         self._call(self.rt.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")

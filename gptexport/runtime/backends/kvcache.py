@@ -288,7 +288,7 @@ class DeviceCache:
         self._check(B, T)
         s = self.slot
         positions = np.arange(T, dtype=np.int64) if all_logits else np.array([T - 1], np.int64)
-        host = {"input_ids": ids, "past_length": np.array([self.length], np.int64), "logit_positions": positions}
+        host = {"input_ids": ids, "past_length": np.full(B, self.length, np.int64), "logit_positions": positions}
         # a zero-length past in prefill, as HostCache.past_feeds: the graph does no masked work
         ins = step_shapes(s.spec, B, T, s.capacity if self.length else 0, len(positions))
         outs = output_shapes(s.spec, B, T, len(positions))
@@ -315,7 +315,7 @@ class DeviceCache:
         if ids.shape[1] != 1:
             raise GptExportError(f"internal error: a decode step takes one token per sequence, got {ids.shape[1]}")
         s = self.slot
-        past_length = np.array([self.length], np.int64)
+        past_length = np.full(ids.shape[0], self.length, np.int64)
         with s.memory.lock:
             d = s.decode_buffers()
             s.memory.upload(d.addresses["input_ids"], ids)

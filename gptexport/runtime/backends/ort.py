@@ -33,9 +33,11 @@ import numpy as np
 from ...artifacts.modeldir import ModelDir
 from ...errors import BackendUnavailable, GptExportError, ModelDirError, UsageError
 from .base import HostCache, Runner, notice
+from .batchcache import BatchCache, graph_bucket
 from .device import DeviceMemory, HostMemory, open_memory
 from .kvcache import DeviceCache, Slot, SlotPool, open_cache
-from .ort_session import ELEMENT_TYPES, PROVIDERS, create_session, first_line, import_ort, provider_options, run_options
+from .ort_session import (ELEMENT_TYPES, ORT_TRT_MAX_BATCH, PROVIDERS, create_session, first_line, import_ort,
+                          provider_options, run_options)
 
 
 @dataclass
@@ -66,6 +68,8 @@ class OrtRunner(Runner):
         self.model_dir, self.provider, self.threads, self.tf32 = model_dir, provider, threads, tf32
         self.config, self.spec = model_dir.config, model_dir.spec
         self.name = f"onnxruntime-{provider}"
+        # the TensorRT provider's one profile ends at ORT_TRT_MAX_BATCH rows (the scheduler's limit)
+        self.max_batch = ORT_TRT_MAX_BATCH if provider == "tensorrt" else None
         # CUDA graphs on the CUDA provider only, on unless turned off (the TensorRT provider's own
         # graph mode is a different mechanism that we have never run)
         self.cuda_graphs = provider == "cuda" and cuda_graphs is not False
@@ -135,6 +139,13 @@ class OrtRunner(Runner):
         if self.binding == "ortvalue":
             return OrtCache(self, batch, capacity)
         return open_cache(self.memory, self.spec, self.config, batch, capacity, self._pool)
+
+    def new_batch_cache(self, rows: int, capacity: int) -> BatchCache:
+        """The scheduler's cache in this runner's memory core, run through the pointer binding (the
+        CPU provider's too); with CUDA graphs decode runs at power-of-two buckets of rows."""
+        self.activate()
+        bucket_of = graph_bucket if self.cuda_graphs else (lambda n: n)
+        return BatchCache(self.memory, self.spec, self.config, rows, capacity, self._execute, self._decode, bucket_of)
 
     def forward(self, input_ids: np.ndarray, cache, all_logits: bool = False) -> np.ndarray:
         """As Runner.forward; a one-token step returns a view of the cache's logits buffer, valid
@@ -222,7 +233,7 @@ class OrtCache(HostCache):
     def _bind(self) -> None:
         c, spec, B = self.runner.config, self.runner.spec, self.batch
         self.input_ids = np.zeros((B, 1), np.int64)
-        self.past_length = np.zeros(1, np.int64)
+        self.past_length = np.zeros(B, np.int64)
         self.logits = np.zeros((B, 1, c.vocab_size), np.float32)
         dtype = self.runner.cache_dtype()
         self.new = {name: np.zeros((B, c.n_head, 1, c.head_dim), dtype) for name in spec.new_names}
@@ -247,7 +258,7 @@ class OrtCache(HostCache):
             self.runner.activate()
             self._bind()
         self.input_ids[...] = input_ids
-        self.past_length[0] = self.length  # the buffers are read whole; slots from here on are masked
+        self.past_length[:] = self.length  # the buffers are read whole; slots from here on are masked
         try:
             self.session.run_with_iobinding(self.binding)
         except Exception as e:

@@ -20,7 +20,7 @@ import tempfile
 import threading
 
 from ...artifacts.modeldir import ModelDir
-from ...errors import BackendUnavailable, ModelDirError
+from ...errors import BackendUnavailable, ModelDirError, first_line
 
 PROVIDERS = {
     "cpu": "CPUExecutionProvider",
@@ -177,10 +177,6 @@ def _strip_ansi(text: str) -> str:
 
 def _squash(line: str) -> str:
     return " ".join(line.split())
-
-
-def first_line(e: BaseException) -> str:
-    return next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
 
 
 _CAPTURE_LOCK = threading.Lock()

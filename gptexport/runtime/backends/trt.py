@@ -26,6 +26,7 @@ from ...config import numpy_dtype
 from ...errors import GptExportError, ModelDirError, UsageError
 from ...profiles import describe_profiles, output_shapes, select_profile
 from .base import Runner, notice
+from .batchcache import BatchCache, graph_bucket
 from .device import CudaMemory, current_device
 from .kvcache import DeviceCache, ScratchBuffers, Slot, SlotPool, open_cache
 
@@ -38,6 +39,7 @@ class TrtRunner(Runner):
     def __init__(self, model_dir: ModelDir, cuda_graphs: bool | None = None):
         self.model_dir, self.config, self.spec = model_dir, model_dir.config, model_dir.spec
         self.record = load_record(model_dir)  # before any import: "no engine built" needs no TensorRT
+        self.max_batch = self.record.max_batch  # the engine's profiles end there (the scheduler's limit)
         self.cuda_graphs = cuda_graphs is not False
         self.engine = self.memory = None
         self.contexts: list = []
@@ -106,6 +108,12 @@ class TrtRunner(Runner):
     def new_cache(self, batch: int, capacity: int) -> DeviceCache:
         self.activate()
         return open_cache(self.memory, self.spec, self.config, batch, capacity, self._pool)
+
+    def new_batch_cache(self, rows: int, capacity: int) -> BatchCache:
+        """The scheduler's cache on the device; decode at power-of-two buckets of rows, each captured."""
+        self.activate()
+        return BatchCache(self.memory, self.spec, self.config, rows, capacity, self._execute, self._decode,
+                          graph_bucket if self.cuda_graphs else (lambda n: n))
 
     def forward(self, input_ids: np.ndarray, cache: DeviceCache, all_logits: bool = False) -> np.ndarray:
         """(B, T) new tokens after the cached ones; the cache stays on the device, only logits return."""

@@ -1,0 +1,270 @@
+"""The scheduler's KV cache: `rows` sequences, each at its own length, in one memory core (device.py).
+
+One allocation holds every past buffer, (rows, n_head, capacity, head_dim) each, back to back
+(each tensor's bytes rounded up so that tensors stay a whole number of head rows apart, which is
+what lets one 3-D copy cross every layer at once). A sequence lives in one row while it runs:
+- `prefill(row, ids)`: its prompt (or its cropped window) through the graph alone, batch 1 with an
+  empty past; the new keys/values go into its row at positions 0..T-1 (one copy).
+- `decode(ids)`: one token for each of rows 0..n-1 in ONE forward, every row at its own length
+  (the graph's past_length is per row); each row's new key/value goes to its own position: one 3-D
+  copy per row, across all layers. Rows are kept packed at 0..n-1 by the scheduler (`move`), so
+  the past inputs are a prefix of the buffers: a contiguous (n, n_head, capacity, head_dim) tensor
+  at the buffers' own addresses.
+- `ensure_capacity(c)`: the buffers hold `capacity` positions per row, the longest reach of the
+  sequences admitted so far (prompt + max tokens, at most block_size), not block_size; a longer
+  one makes them grow (one 3-D copy into a new allocation).
+
+Per decode step of n rows the memory core is asked for n + 3 copies: the token ids and the
+lengths up, one append per row, the logits down (tests/runtime/test_scheduler.py counts them on the
+host twin).
+
+A decode step's inputs and outputs sit at fixed addresses per *bucket* (a batch size the step is
+run at: n itself on the CPU; 1, 2, 4, 8, 16... with CUDA graphs, so a few graphs serve every n):
+rows n..bucket-1 of a bucket are idle (token 0, length 0); their outputs are ignored and never
+appended. A bucket duck-types kvcache.Slot (decode_buffers, backend_state, graph_id), so each
+runner's decode step (an IOBinding, a CUDA graph) binds and captures it as it does a Slot.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from ...config import GPTConfig, IOSpec, numpy_dtype
+from ...errors import GptExportError
+from ...profiles import output_shapes, step_shapes
+from .device import ALIGN, DeviceMemory
+from .kvcache import DecodeBuffers, ScratchBuffers, nbytes
+
+# run(None, input shapes, output shapes, addresses): a runner's forward of the graph at these buffers
+Run = Callable[[object, dict, dict, dict], None]
+# run_bucket(bucket): a runner's decode step at the bucket's fixed buffers (bound once, maybe captured)
+RunBucket = Callable[["Bucket"], None]
+
+# gpu_graph_id of each bucket: unique in the process, so never one a runner's SlotPool hands out
+_GRAPH_IDS = itertools.count(1_000_000)
+
+
+@dataclass(frozen=True)
+class Copy3D:
+    """A cudaMemcpy3D between linear buffers: `depth` slices of `height` rows of `width` bytes; rows
+    `spitch`/`dpitch` and slices `sslice`/`dslice` bytes apart; from src + src_offset to
+    dst + dst_offset. Every slice pitch is a whole number of row pitches (cudaPitchedPtr's ysize)."""
+
+    dst_offset: int
+    dpitch: int
+    dslice: int
+    src_offset: int
+    spitch: int
+    sslice: int
+    width: int
+    height: int
+    depth: int
+
+
+def graph_bucket(n: int) -> int:
+    """The batch a decode step of n rows runs at with CUDA graphs: the next power of two."""
+    return 1 << (n - 1).bit_length()
+
+
+def tensor_stride(rows_bytes: int, pitch: int) -> int:
+    """Bytes from one tensor to the next in a block: at least `rows_bytes`, a multiple of the row
+    pitch (so a 3-D copy can step over tensors) and of the 256-byte alignment the kernels get."""
+    unit = pitch * (ALIGN // math.gcd(pitch, ALIGN))  # the least multiple of both
+    return -(-rows_bytes // unit) * unit
+
+
+class Bucket:
+    """A decode step of `size` rows at fixed addresses: what a runner binds once (and may capture)."""
+
+    def __init__(self, cache: "BatchCache", size: int):
+        self.cache, self.size, self.graph_id = cache, size, next(_GRAPH_IDS)
+        self.decode: DecodeBuffers | None = None
+        self.backend_state = None
+        self.release_state: Callable[[object], None] | None = None
+        self.new_stride = 0
+        self.owned: list[int] = []  # the allocations this bucket made (not the cache's past buffers)
+
+    def decode_buffers(self) -> DecodeBuffers:
+        """The step's buffers, allocated on first use; the past inputs are the cache's own rows 0..size-1."""
+        if self.decode is None:
+            c, spec, m, B = self.cache, self.cache.spec, self.cache.memory, self.size
+            ins = step_shapes(spec, B, 1, c.capacity, 1)
+            outs = output_shapes(spec, B, 1, 1)
+            pitch = c.config.head_dim * c.itemsize  # one position of one head: a new output's row
+            self.new_stride = tensor_stride(B * c.config.n_head * pitch, pitch)
+            block = m.allocate(len(spec.past_names) * self.new_stride)
+            self.owned.append(block)
+            addresses = dict(c.past)
+            addresses.update({n.replace("past_", "new_", 1): block + i * self.new_stride
+                              for i, n in enumerate(spec.past_names)})
+            for t in (*spec.inputs, *spec.outputs):
+                if t.name not in addresses:
+                    shape = ins.get(t.name) or outs[t.name]
+                    addresses[t.name] = m.allocate(nbytes(shape, numpy_dtype(t.dtype)))
+                    self.owned.append(addresses[t.name])
+            positions = np.zeros(1, np.int64)  # the one new position, 0 (alive as long as the buffers)
+            m.upload(addresses["logit_positions"], positions)
+            self.decode = DecodeBuffers(addresses, ins, outs, np.empty(outs["logits"], np.float32), [], positions)
+        return self.decode
+
+    def free(self) -> None:
+        if self.backend_state is not None and self.release_state is not None:
+            self.release_state(self.backend_state)
+        self.backend_state = None
+        for ptr in self.owned:
+            if ptr in self.cache.memory.sizes:  # not already freed by the memory's close()
+                self.cache.memory.free(ptr)
+        self.owned, self.decode = [], None
+
+
+class BatchCache:
+    """The KV cache of up to `rows` sequences at their own lengths (see the module docstring)."""
+
+    def __init__(self, memory: DeviceMemory, spec: IOSpec, config: GPTConfig, rows: int, capacity: int,
+                 run: Run, run_bucket: RunBucket, bucket_of: Callable[[int], int] = lambda n: n):
+        self.memory, self.spec, self.config, self.rows = memory, spec, config, rows
+        self.run, self.run_bucket, self.bucket_of = run, run_bucket, bucket_of
+        self.itemsize = numpy_dtype(spec.cache_dtype).itemsize
+        self.lengths = np.zeros(rows, np.int64)
+        self.capacity, self.block, self.past = 0, None, {}
+        self.buckets: dict[int, Bucket] = {}
+        self.scratch = ScratchBuffers(memory)
+        self.ensure_capacity(capacity)
+
+    # ---- layout ----
+
+    @property
+    def pitch(self) -> int:
+        """Bytes of one head's row of positions, the row pitch of a past tensor."""
+        return self.capacity * self.config.head_dim * self.itemsize
+
+    @property
+    def stride(self) -> int:
+        return tensor_stride(self.rows * self.config.n_head * self.pitch, self.pitch)
+
+    @property
+    def bytes_per_row(self) -> int:
+        """What one sequence's slot costs: keys and values of every layer at this capacity."""
+        return len(self.spec.past_names) * self.config.n_head * self.pitch
+
+    def _allocate(self, capacity: int) -> tuple[int, dict[str, int]]:
+        self.capacity = capacity
+        # zeroed: a NaN in a masked slot still poisons the output (0 * NaN = NaN in probs @ v_past);
+        # on the host twin calloc's lazy zero pages cost nothing until a position is written
+        block = self.memory.allocate_zeroed(len(self.spec.past_names) * self.stride)
+        return block, {name: block + i * self.stride for i, name in enumerate(self.spec.past_names)}
+
+    def ensure_capacity(self, capacity: int) -> None:
+        """Room for `capacity` positions per row; growing copies every row into a new allocation
+        (and drops the buckets, whose bindings and graphs name the old addresses)."""
+        if capacity <= self.capacity:
+            return
+        if capacity > self.config.block_size:
+            raise GptExportError(f"internal error: cache capacity {capacity} > block_size {self.config.block_size}")
+        old = self.block
+        old_pitch, old_stride = (self.pitch, self.stride) if old is not None else (0, 0)
+        self.block, self.past = self._allocate(capacity)
+        if old is not None:
+            self.memory.copy3d(self.block, old, Copy3D(0, self.pitch, self.stride, 0, old_pitch, old_stride,
+                                                       old_pitch, self.rows * self.config.n_head,
+                                                       len(self.spec.past_names)))
+            self._drop_buckets()
+            self.memory.synchronize()  # the copy reads the old allocation
+            self.memory.free(old)
+
+    def _drop_buckets(self) -> None:
+        for bucket in self.buckets.values():
+            bucket.free()
+        self.buckets = {}
+
+    def close(self) -> None:
+        self._drop_buckets()
+        self.scratch.free()
+        if self.block is not None and self.block in self.memory.sizes:
+            self.memory.free(self.block)
+        self.block, self.past = None, {}
+
+    # ---- copies ----
+
+    def _append_plan(self, row: int, position: int, src_row: int, steps: int, new_stride: int) -> Copy3D:
+        """new keys/values of `steps` positions (row `src_row` of the new outputs) -> row `row` at
+        `position`, in every layer tensor at once: depth = tensors, height = heads."""
+        nh, head = self.config.n_head, self.config.head_dim * self.itemsize
+        if position < 0 or position + steps > self.capacity:
+            raise GptExportError(f"KV cache overflow: positions {position}..{position + steps} of {self.capacity}")
+        spitch = steps * head
+        return Copy3D(dst_offset=row * nh * self.pitch + position * head, dpitch=self.pitch, dslice=self.stride,
+                      src_offset=src_row * nh * spitch, spitch=spitch, sslice=new_stride,
+                      width=steps * head, height=nh, depth=len(self.spec.past_names))
+
+    def move(self, src: int, dst: int) -> None:
+        """Row `src`'s cache and length into row `dst` (the scheduler packs its rows)."""
+        if src == dst:
+            return
+        nh = self.config.n_head
+        self.memory.copy3d(self.block, self.block, Copy3D(dst * nh * self.pitch, self.pitch, self.stride,
+                                                          src * nh * self.pitch, self.pitch, self.stride,
+                                                          self.pitch, nh, len(self.spec.past_names)))
+        self.lengths[dst], self.lengths[src] = self.lengths[src], 0
+
+    # ---- forwards ----
+
+    def prefill(self, row: int, ids: np.ndarray) -> np.ndarray:
+        """Row `row` starts afresh with `ids` (T,): one forward of batch 1; the last position's (V,) logits."""
+        ids = np.ascontiguousarray(ids, dtype=np.int64)[None]
+        T = ids.shape[1]
+        if T > self.capacity:
+            raise GptExportError(f"internal error: a prefill of {T} tokens in a cache of {self.capacity}")
+        m, spec = self.memory, self.spec
+        host = {"input_ids": ids, "past_length": np.zeros(1, np.int64), "logit_positions": np.array([T - 1])}
+        ins, outs = step_shapes(spec, 1, T, 0, 1), output_shapes(spec, 1, T, 1)
+        pitch = T * self.config.head_dim * self.itemsize
+        new_stride = tensor_stride(self.config.n_head * pitch, pitch)
+        logits = np.empty(outs["logits"], np.float32)
+        with m.lock:
+            addresses = {name: self.scratch.get(name, a.nbytes) for name, a in host.items()}
+            for name, array in host.items():
+                m.upload(addresses[name], array)
+            addresses.update(self.past)  # an empty past (shape (1, nh, 0, hs)): any valid address
+            new = self.scratch.get("new", len(spec.past_names) * new_stride)
+            addresses.update({n.replace("past_", "new_", 1): new + i * new_stride for i, n in enumerate(spec.past_names)})
+            addresses["logits"] = self.scratch.get("logits", nbytes(outs["logits"], np.float32))
+            self.run(None, ins, outs, addresses)
+            m.copy3d(self.block, new, self._append_plan(row, 0, 0, T, new_stride))
+            m.download(logits, addresses["logits"])
+            m.synchronize()
+        self.lengths[row] = T
+        return logits[0, 0]
+
+    def decode(self, ids: np.ndarray) -> np.ndarray:
+        """One token for each of rows 0..n-1 (ids (n,)), each at its own length; (n, V) logits, a view
+        of the bucket's buffer valid until its next step."""
+        n = len(ids)
+        lengths = self.lengths[:n]
+        if not 1 <= n <= self.rows or (lengths < 1).any() or (lengths >= self.capacity).any():
+            raise GptExportError(f"internal error: decode of {n} rows at lengths {lengths.tolist()}, "
+                                 f"capacity {self.capacity}")
+        size = self.bucket_of(n)
+        bucket = self.buckets.get(size) or self.buckets.setdefault(size, Bucket(self, size))
+        m = self.memory
+        with m.lock:
+            d = bucket.decode_buffers()
+            step_ids = np.zeros((size, 1), np.int64)
+            step_ids[:n, 0] = ids
+            step_lengths = np.zeros(size, np.int64)  # idle rows: no past, token 0, outputs ignored
+            step_lengths[:n] = lengths
+            m.upload(d.addresses["input_ids"], step_ids)
+            m.upload(d.addresses["past_length"], step_lengths)
+            self.run_bucket(bucket)
+            first_new = d.addresses[self.spec.new_names[0]]
+            for r in range(n):
+                m.copy3d(self.block, first_new, self._append_plan(r, int(lengths[r]), r, 1, bucket.new_stride))
+            m.download(d.logits, d.addresses["logits"])
+            m.synchronize()  # step_ids and step_lengths stay referenced until here
+        self.lengths[:n] += 1
+        return d.logits[:n, 0]

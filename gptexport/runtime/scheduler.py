@@ -1,0 +1,280 @@
+"""In-flight batching: every running sequence in one forward per step, each with its own settings.
+
+The scheduler admits sequences (up to `max_batch` running, the rest queued first come, first
+served), steps them (one decode forward for all of them, every row at its own length), and
+retires them (max tokens, a stop word, cancellation, an error of their own). Each sequence keeps
+its own sampling settings and its own numpy Generator, consumed exactly as the generation loop
+(loop.generate) consumes it alone, so a sequence samples the tokens `gptexport generate` samples
+with the same seed and settings; only the floating-point rounding of a batched forward may differ
+from a forward of one, which can swap two tokens whose logits tie to within it (a near-tie).
+
+One step:
+1. admit: each queued sequence (while fewer than max_batch run) is prefilled alone into the next
+   free row of the batch cache (batchcache.py) and samples its first token. One at a time between
+   decode steps rather than padded together: see docs/serving.md for the measurement.
+2. crop: a sequence whose context passed block_size recomputes its cropped window, as nanoGPT
+   does (every position shifts), alone in a free row; the other rows are untouched.
+3. decode: one forward over rows 0..n-1, the sequences whose context still fits; each samples.
+Rows stay packed: a sequence leaving the decode rows (finished, cropped) has its row taken by the
+last one (one copy). No Triton, no threads here: the server drives `step` from a thread of its own.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from ..errors import GptExportError, ParameterError
+from .backends.base import Runner
+from .loop import to_stderr, crop_notice
+from .sampling import DEFAULT_MAX_NEW_TOKENS, DEFAULT_SAMPLING, DEFAULT_SEED, SamplingParams, check_finite, next_token
+from .textstream import TextStream
+
+# on_delta(ids, text): the tokens of one delta and their text (None for a model without a tokenizer)
+OnDelta = Callable[[list[int], "str | None"], None]
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """What one sequence asks for, besides its prompt; the defaults are `gptexport generate`'s."""
+
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    sampling: SamplingParams = DEFAULT_SAMPLING
+    seed: int = DEFAULT_SEED
+    stop_words: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
+            raise ParameterError("max_new_tokens", f"must be an integer >= 0, got {self.max_new_tokens}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ParameterError("seed", f"must be an integer >= 0, got {self.seed}")
+
+
+@dataclass
+class Sequence:
+    """One sequence: its request, its own generator, and what it has produced so far."""
+
+    prompt_ids: list[int]
+    params: GenerationParams
+    rng: np.random.Generator
+    on_delta: OnDelta
+    cancelled: Callable[[], bool]
+    tokenizer: object = None
+    notice: Callable[[str], None] | None = None
+    on_done: Callable[["Sequence"], None] | None = None  # called once, when it is retired
+    tokens: list[int] = field(default_factory=list)
+    finish: str | None = None  # "length", "stop", "cancelled" or "error" once retired
+    error: Exception | None = None
+    context: list[int] = field(default_factory=list)  # the last block_size tokens: what the model sees
+    done: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self) -> None:
+        self._pending: list[int] = []  # sampled, not yet sent: the start of an unfinished UTF-8 character
+        self._text = ""
+        self._stream = TextStream(self.tokenizer, self._on_text)
+
+    @property
+    def last(self) -> int:
+        return self.tokens[-1]
+
+    def accept(self, logits: np.ndarray, source: str) -> None:
+        """Sample the next token from this sequence's (V,) logits with its own settings and generator,
+        send what it completes, and retire the sequence if it is finished."""
+        check_finite(logits[None], source)
+        if self.cancelled():  # checked before each token is sent, as the loop's callers do
+            return self.retire("cancelled")
+        token = int(next_token(logits[None], self.params.sampling, self.rng)[0])
+        self.tokens.append(token)
+        self.context.append(token)
+        self._pending.append(token)
+        self._stream.write([token])
+        if self.finish is None and len(self.tokens) == self.params.max_new_tokens:
+            self.retire("length")
+
+    def _on_text(self, text: str) -> None:
+        ids, self._pending = self._pending, []
+        if self.tokenizer is None:
+            self.on_delta(ids, None)
+            return
+        before = len(self._text)
+        self._text += text
+        self.on_delta(ids, text)
+        # a stop word may span deltas: look only where it could end in this one
+        if self.finish is None and any(w in self._text[max(0, before - len(w) + 1):] for w in self.params.stop_words):
+            self.retire("stop")
+
+    def retire(self, finish: str, error: Exception | None = None) -> None:
+        if self.finish is not None:
+            return
+        self.finish, self.error = finish, error
+        if self._pending and finish not in ("cancelled", "error"):
+            ids, self._pending = self._pending, []
+            self.on_delta(ids, "")  # the bytes of a character cut off by max_new_tokens: ids, no text
+        self.done.set()
+        if self.on_done is not None:
+            self.on_done(self)
+
+
+class Scheduler:
+    """Runs sequences on one runner, every running one in the same forward (see the module docstring)."""
+
+    def __init__(self, runner: Runner, tokenizer=None, max_batch: int = 16):
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+            raise ParameterError("max_batch", f"must be an integer >= 1, got {max_batch}")
+        limit = getattr(runner, "max_batch", None)
+        if limit is not None and max_batch > limit:
+            raise ParameterError("max_batch", f"is {max_batch}, more than {runner.name} takes ({limit})")
+        self.runner, self.tokenizer, self.max_batch = runner, tokenizer, max_batch
+        self.config = runner.config
+        self.queue: deque[Sequence] = deque()
+        self.rows: list[Sequence] = []  # decode rows 0..n-1 of the cache, packed
+        self.cropping: list[Sequence] = []  # past block_size: a window recomputed every step
+        self.cache = None
+        self.lock = threading.Lock()  # submit() may come from other threads than step()
+        self._wake = threading.Condition(self.lock)
+        self.steps = 0  # decode forwards run, for measurements
+
+    # ---- what callers use ----
+
+    def submit(self, prompt_ids: list[int], params: GenerationParams = GenerationParams(),
+               on_delta: OnDelta | None = None, cancelled: Callable[[], bool] | None = None,
+               rng: np.random.Generator | None = None, notice: Callable[[str], None] | None = None,
+               on_done: Callable[[Sequence], None] | None = None) -> Sequence:
+        """Queue a sequence; `rng` continues a generator (default: a new one seeded with params.seed);
+        `on_done(seq)` is called when it is retired (from the thread that steps)."""
+        from ..artifacts.tokenizer import check_token_ids
+        from ..errors import UsageError
+
+        if not prompt_ids:
+            raise ParameterError("prompt_ids", "is empty: give at least one token")
+        try:
+            check_token_ids(list(prompt_ids), self.config.vocab_size)
+        except UsageError as e:
+            raise ParameterError("prompt_ids", f"has {e}") from None
+        seq = Sequence(list(prompt_ids), params, np.random.default_rng(params.seed) if rng is None else rng,
+                       on_delta or (lambda ids, text: None), cancelled or (lambda: False), self.tokenizer, notice,
+                       on_done)
+        if params.max_new_tokens == 0:
+            seq.retire("length")
+            return seq
+        with self.lock:
+            self.queue.append(seq)
+            self._wake.notify()
+        return seq
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.queue or self.rows or self.cropping)
+
+    def run(self, until: Sequence | None = None) -> None:
+        """Step until every sequence (or `until`) is done."""
+        while self.busy and not (until is not None and until.done.is_set()):
+            self.step()
+
+    def loop(self, stop: threading.Event, on_bug: Callable[[BaseException], None] = lambda e: None) -> None:
+        """Step for as long as there is work, sleep while there is none, return once `stop` is set
+        (a server's thread). A bug in a step fails the sequences it held, not the loop."""
+        while not stop.is_set():
+            with self._wake:
+                while not self.busy and not stop.is_set():
+                    self._wake.wait(0.25)
+            if stop.is_set():
+                return
+            try:
+                self.step()
+            except Exception as e:
+                on_bug(e)
+                for seq in [*self.rows, *self.cropping]:
+                    seq.retire("error", GptExportError(f"internal error: {type(e).__name__}: {e}"))
+                self.rows, self.cropping = [], []
+                self.close()
+
+    def close(self) -> None:
+        if self.cache is not None:
+            self.cache.close()
+            self.cache = None
+
+    # ---- one step ----
+
+    def step(self) -> None:
+        """Admit, crop, decode: every running sequence samples one token (admitted ones two)."""
+        self._admit()
+        for seq in list(self.cropping):
+            self._prefill(seq, len(self.rows))  # a free row: the decode rows are 0..n-1
+        if self.rows:
+            self._decode()
+        if not self.busy:
+            self.close()  # an idle scheduler holds no cache: the next sequences size it afresh
+
+    def _admit(self) -> None:
+        while len(self.rows) + len(self.cropping) < self.max_batch:
+            with self.lock:
+                if not self.queue:
+                    return
+                seq = self.queue.popleft()
+            block = self.config.block_size
+            if len(seq.prompt_ids) > block:
+                (seq.notice or to_stderr)(crop_notice(len(seq.prompt_ids), block))  # as loop.generate
+            seq.context = seq.prompt_ids[-block:]
+            self._prefill(seq, len(self.rows), reach=min(block, len(seq.context) + seq.params.max_new_tokens))
+
+    def _prefill(self, seq: Sequence, row: int, reach: int | None = None) -> None:
+        """The sequence's context (its prompt, or its cropped window) alone into `row`, then one token."""
+        try:
+            if len(seq.context) > self.config.block_size:  # the window slides: recompute it whole
+                del seq.context[0]
+            cache = self._cache(reach or self.config.block_size)
+            logits = cache.prefill(row, np.array(seq.context))
+            seq.accept(logits, self.runner.name)
+        except GptExportError as e:  # this sequence fails (NaN logits, say); the others go on
+            seq.retire("error", e)
+        if seq in self.cropping:
+            if seq.finish is not None:
+                self.cropping.remove(seq)
+        elif seq.finish is None:
+            (self.cropping if len(seq.context) > self.config.block_size else self.rows).append(seq)
+
+    def _decode(self) -> None:
+        n = len(self.rows)
+        try:
+            logits = self.cache.decode(np.array([s.last for s in self.rows], np.int64))
+        except GptExportError as e:  # the forward itself failed: every sequence in it fails
+            for seq in self.rows:
+                seq.retire("error", e)
+            self._pack()
+            return
+        self.steps += 1
+        for i, seq in enumerate(self.rows):
+            try:
+                seq.accept(logits[i], self.runner.name)
+            except GptExportError as e:
+                seq.retire("error", e)
+        for seq in self.rows[:n]:
+            if seq.finish is None and len(seq.context) > self.config.block_size:
+                self.cropping.append(seq)  # leaves the decode rows: from now on it recomputes its window
+        self._pack()
+
+    def _pack(self) -> None:
+        """Keep the decode rows packed at 0..n-1: the last row fills each row that leaves."""
+        self.cropping = [s for s in self.cropping if s.finish is None]
+        i = 0
+        while i < len(self.rows):
+            seq = self.rows[i]
+            if seq.finish is None and len(seq.context) <= self.config.block_size:
+                i += 1
+                continue
+            last = len(self.rows) - 1
+            if i != last:
+                self.cache.move(last, i)
+            self.rows[i] = self.rows[last]
+            self.rows.pop()
+
+    def _cache(self, reach: int):
+        if self.cache is None:
+            self.cache = self.runner.new_batch_cache(self.max_batch, reach)
+        self.cache.ensure_capacity(reach)
+        return self.cache

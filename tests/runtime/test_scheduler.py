@@ -1,0 +1,292 @@
+"""The scheduler: sequences in flight share forwards, and each keeps exactly its own tokens.
+
+Every sequence's tokens must equal the generation loop alone (loop.generate, what `gptexport
+generate` ran before the scheduler) with its seed and settings. The batched forward may round
+differently from a forward of one sequence; a divergence is accepted only where the lone run's
+logits make the choice a near-tie, and it is reported, never silent.
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from gptexport.artifacts.modeldir import load_model_dir
+from gptexport.errors import ParameterError
+from gptexport.runtime.backends.base import Runner
+from gptexport.runtime.backends.device import HostMemory
+from gptexport.runtime.backends.ort import OrtRunner
+from gptexport.runtime.loop import generate
+from gptexport.runtime.sampling import SamplingParams, logits_to_probs
+from gptexport.runtime.scheduler import GenerationParams, Scheduler
+
+NEAR_TIE = 1e-4  # logits this close can swap under a batched forward's rounding
+
+
+@pytest.fixture(scope="module")
+def runner(tiny_model_dir):
+    r = OrtRunner(load_model_dir(tiny_model_dir), threads=1)
+    r.activate()
+    yield r
+    r.deactivate()
+
+
+class Recording:
+    """The lone run's last-position logits at every step (to tell a near-tie from a bug)."""
+
+    def __init__(self, inner):
+        self.inner, self.name, self.config, self.spec, self.logits = inner, inner.name, inner.config, inner.spec, []
+
+    def new_cache(self, batch, capacity):
+        return self.inner.new_cache(batch, capacity)
+
+    def forward(self, ids, cache, all_logits=False):
+        out = self.inner.forward(ids, cache, all_logits)
+        self.logits.append(np.array(out[0], np.float64))
+        return out
+
+
+def alone(runner, prompt, params: GenerationParams, stop_at: int | None = None):
+    rec = Recording(runner)
+    n = params.max_new_tokens if stop_at is None else stop_at
+    tokens = generate(rec, np.array([prompt]), n, params.sampling, np.random.default_rng(params.seed),
+                      notice=lambda m: None)[0].tolist()
+    return tokens, rec.logits
+
+
+def near_tie(logits: np.ndarray, params: GenerationParams, rng_state, step: int) -> bool:
+    """Whether the lone run's choice at `step` could flip under rounding of ~NEAR_TIE."""
+    if params.sampling.greedy:
+        top2 = np.sort(logits)[-2:]
+        return top2[1] - top2[0] < NEAR_TIE
+    rng = np.random.default_rng(params.seed)
+    for _ in range(step):
+        rng.random(1)
+    u = rng.random(1)[0]
+    cdf = np.cumsum(logits_to_probs(logits[None], *astuple(params.sampling))[0])
+    return np.abs(cdf - u * cdf[-1]).min() < NEAR_TIE
+
+
+def astuple(p: SamplingParams):
+    return p.temperature, p.top_k, p.top_p
+
+
+def assert_same_as_alone(runner, prompt, params, got: list[int], expected_len: int | None = None):
+    want, logits = alone(runner, prompt, params)
+    if expected_len is not None:
+        want = want[:expected_len]
+    if got == want:
+        return
+    step = next(i for i, (a, b) in enumerate(zip(got, want)) if a != b)
+    assert near_tie(logits[step], params, None, step), (
+        f"sequence diverged from its lone run at step {step} without a near-tie: {got} vs {want}")
+    warnings.warn(f"near-tie divergence at step {step} (allowed): {got[step]} vs {want[step]}")
+
+
+sampling = st.sampled_from([SamplingParams(0.0), SamplingParams(0.9, 10), SamplingParams(1.3, None, 0.9),
+                            SamplingParams(0.7, 3)])
+request = st.tuples(st.lists(st.integers(0, 50), min_size=1, max_size=20),  # prompts past block_size 16 too
+                    st.integers(1, 30), sampling, st.integers(0, 2**32), st.integers(0, 3))
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(requests=st.lists(request, min_size=1, max_size=9), max_batch=st.integers(1, 4),
+       cancel_after=st.lists(st.integers(0, 12), max_size=3), data=st.data())
+def test_every_sequence_gets_its_lone_tokens_whatever_the_interleaving(runner, requests, max_batch,
+                                                                      cancel_after, data):
+    s = Scheduler(runner, None, max_batch)
+    submitted, pending = [], list(requests)
+    cancelled = {data.draw(st.integers(0, len(requests) - 1)): k for k in cancel_after}
+    step = 0
+    while pending or s.busy:
+        for _ in range(data.draw(st.integers(0 if s.busy else 1, len(pending)))):  # arrivals between steps
+            prompt, n, sp, seed, _ = pending.pop(0)
+            i = len(submitted)
+            flag = threading.Event()
+            params = GenerationParams(n, sp, seed)
+            submitted.append((prompt, params, s.submit(prompt, params, cancelled=flag.is_set), flag, i))
+        if s.busy:
+            s.step()
+        step += 1
+        for prompt, params, seq, flag, i in submitted:
+            if cancelled.get(i) == step:
+                flag.set()
+    for prompt, params, seq, flag, i in submitted:
+        assert seq.done.is_set()
+        if seq.finish == "cancelled":
+            assert flag.is_set() and len(seq.tokens) <= params.max_new_tokens
+            assert_same_as_alone(runner, prompt, params, seq.tokens, len(seq.tokens))  # a prefix of its own
+        else:
+            assert seq.finish == "length" and len(seq.tokens) == params.max_new_tokens
+            assert_same_as_alone(runner, prompt, params, seq.tokens)
+
+
+def test_stop_words_end_only_their_sequence(runner, tiny_model_dir):
+    md = load_model_dir(tiny_model_dir)
+    tok = md.tokenizer()
+    params = GenerationParams(30, SamplingParams(0.0), 1)
+    full, _ = alone(runner, tok.encode("To be"), params)
+    word = tok.decode(full)[5:7]  # a stop word the greedy text reaches at character 7
+    s = Scheduler(runner, tok, 4)
+    stopped = s.submit(tok.encode("To be"), GenerationParams(30, SamplingParams(0.0), 1, (word,)))
+    other = s.submit(tok.encode("To be"), params)
+    s.run()
+    assert stopped.finish == "stop" and word in tok.decode(stopped.tokens)
+    assert stopped.tokens == full[:len(stopped.tokens)] and len(stopped.tokens) < 30
+    assert other.finish == "length" and other.tokens == full
+
+
+class CountingMemory(HostMemory):
+    """The host twin, counting the copies the memory core is asked for."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = {"upload": 0, "download": 0, "copy2d": 0, "copy3d": 0}
+
+    def upload(self, dst, array):
+        self.calls["upload"] += 1
+        super().upload(dst, array)
+
+    def download(self, array, src):
+        self.calls["download"] += 1
+        super().download(array, src)
+
+    def copy2d(self, dst, src, plan):
+        self.calls["copy2d"] += 1
+        super().copy2d(dst, src, plan)
+
+    def copy3d(self, dst, src, plan):
+        self.calls["copy3d"] += 1
+        super().copy3d(dst, src, plan)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 5])
+def test_a_decode_step_of_n_rows_makes_n_plus_3_copies(tiny_model_dir, rows):
+    """Token ids and lengths up, one append per row (every layer at once), logits down."""
+    r = OrtRunner(load_model_dir(tiny_model_dir), threads=1, binding="pointer")
+    r.memory = memory = CountingMemory()
+    with r:
+        cache = r.new_batch_cache(rows, 12)
+        for row in range(rows):
+            cache.prefill(row, np.arange(row + 2))
+        cache.decode(np.arange(rows))  # the bucket's first step also allocates and uploads its positions
+        before = dict(memory.calls)
+        cache.decode(np.arange(rows))
+        made = {k: memory.calls[k] - before[k] for k in memory.calls}
+        assert made == {"upload": 2, "download": 1, "copy2d": 0, "copy3d": rows}
+        assert cache.lengths[:rows].tolist() == [row + 4 for row in range(rows)]
+        assert cache.bytes_per_row == 2 * 2 * 2 * 12 * 16 * 4  # (k, v) x layers x heads x capacity x head_dim x fp32
+        cache.close()
+
+
+def test_the_batch_cache_holds_what_rows_reach_and_grows(runner):
+    s = Scheduler(runner, None, 4)
+    short = s.submit([1, 2], GenerationParams(3, SamplingParams(0.0), 0))
+    s.step()
+    assert s.cache.capacity == 5  # prompt + max tokens, not block_size 16
+    long = s.submit([3], GenerationParams(12, SamplingParams(0.0), 0))
+    s.run()
+    assert short.finish == long.finish == "length" and s.cache is None  # grown to 13 on the way, freed when idle
+    assert long.tokens == alone(runner, [3], GenerationParams(12, SamplingParams(0.0), 0))[0]
+
+
+class PoisonedRunner(Runner):
+    """Returns NaN logits for the rows whose new token is POISON (a broken backend, for one sequence);
+    its batch cache is the base Runner's, on host memory through infer()."""
+
+    POISON = 7
+
+    def __init__(self, inner):
+        self.inner, self.name, self.config, self.spec = inner, "poisoned", inner.config, inner.spec
+
+    def infer(self, feeds):
+        out = self.inner.infer(feeds)
+        bad = feeds["input_ids"][:, -1] == self.POISON
+        out["logits"][bad] = np.nan
+        return out
+
+
+def test_one_sequence_failing_leaves_the_others_alone(tiny_model_dir, runner):
+    r = PoisonedRunner(runner)
+    s = Scheduler(r, None, 4)
+    good = [s.submit([1, 2, 3], GenerationParams(10, SamplingParams(0.0), 0)),
+            s.submit([4, 5], GenerationParams(10, SamplingParams(0.9, 5), 3))]
+    bad = s.submit([3, PoisonedRunner.POISON], GenerationParams(10, SamplingParams(0.0), 0))
+    s.run()
+    assert bad.finish == "error" and "NaN" in str(bad.error)
+    for seq, (prompt, params) in zip(good, [([1, 2, 3], GenerationParams(10, SamplingParams(0.0), 0)),
+                                            ([4, 5], GenerationParams(10, SamplingParams(0.9, 5), 3))]):
+        if PoisonedRunner.POISON not in seq.tokens[:-1]:
+            assert seq.finish == "length"
+            assert_same_as_alone(runner, prompt, params, seq.tokens)
+
+
+def test_max_batch_one_runs_them_one_after_another(runner):
+    s = Scheduler(runner, None, 1)
+    a = s.submit([1], GenerationParams(5, SamplingParams(0.0), 0))
+    b = s.submit([2], GenerationParams(5, SamplingParams(0.0), 0))
+    s.step()
+    assert len(s.rows) == 1 and len(s.queue) == 1
+    s.run()
+    assert a.tokens == alone(runner, [1], GenerationParams(5, SamplingParams(0.0), 0))[0] and b.finish == "length"
+
+
+def test_a_loop_thread_serves_sequences_submitted_from_other_threads(runner):
+    s = Scheduler(runner, None, 4)
+    stop = threading.Event()
+    loop = threading.Thread(target=s.loop, args=(stop,), daemon=True)
+    loop.start()
+    params = [GenerationParams(8, SamplingParams(0.8, 20), seed) for seed in range(6)]
+    seqs = [None] * 6
+
+    def submit(i):
+        seqs[i] = s.submit([1 + i, 2], params[i])
+
+    threads = [threading.Thread(target=submit, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for seq in seqs:
+        assert seq.done.wait(60)
+    stop.set()
+    loop.join(10)
+    assert not loop.is_alive()
+    for i, seq in enumerate(seqs):
+        assert_same_as_alone(runner, [1 + i, 2], params[i], seq.tokens)
+
+
+def test_bad_settings_are_refused_by_name(runner):
+    s = Scheduler(runner, None, 2)
+    with pytest.raises(ParameterError, match="prompt_ids is empty"):
+        s.submit([], GenerationParams())
+    with pytest.raises(ParameterError, match="prompt_ids has token ids out of range: 999"):
+        s.submit([999], GenerationParams())
+    with pytest.raises(ParameterError, match="max_batch must be an integer >= 1"):
+        Scheduler(runner, None, 0)
+
+
+def test_power_of_two_buckets_give_the_same_logits_as_exact_ones(tiny_model_dir):
+    """What CUDA graphs run: a decode of n rows at the next power of two, the extra rows idle."""
+    from gptexport.runtime.backends.batchcache import BatchCache, graph_bucket
+
+    r = OrtRunner(load_model_dir(tiny_model_dir), threads=1, binding="pointer")
+    with r:
+        exact = r.new_batch_cache(8, 14)
+        padded = BatchCache(r.memory, r.spec, r.config, 8, 14, r._execute, r._decode, graph_bucket)
+        for cache in (exact, padded):
+            for row in range(5):
+                cache.prefill(row, np.arange(1, row + 3))
+        for step in range(3):
+            ids = np.arange(5) + step
+            a, b = np.array(exact.decode(ids)), np.array(padded.decode(ids))
+            np.testing.assert_allclose(a, b, atol=1e-5)
+        assert sorted(padded.buckets) == [8] and sorted(exact.buckets) == [5]
+        assert [graph_bucket(n) for n in (1, 2, 3, 5, 8, 9, 16)] == [1, 2, 4, 8, 8, 16, 16]
+        exact.close()
+        padded.close()
