@@ -24,7 +24,8 @@ import numpy as np
 from gptexport.artifacts.modeldir import load_model_dir
 from gptexport.runtime.backends import open_runner
 from gptexport.runtime.sampling import SamplingParams
-from gptexport.runtime.scheduler import GenerationParams, Scheduler
+from gptexport.runtime.params import GenerationParams
+from gptexport.runtime.scheduler import Scheduler
 
 
 def requests(n: int, prompt_tokens: int, new_tokens: int, vocab: int) -> list[tuple[list[int], GenerationParams]]:

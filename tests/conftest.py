@@ -84,3 +84,13 @@ def tiny_model_dir(tiny_ckpt, tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("export") / "tiny"
     return convert(tiny_ckpt, out, progress=lambda msg: None)
+
+
+@pytest.fixture(scope="module")
+def served(tiny_model_dir):
+    """The served model in-process (tests/serve)."""
+    from gptexport.serve.model import open_served_model
+
+    model = open_served_model(tiny_model_dir, "onnxruntime", max_tokens_limit=64)
+    yield model
+    model.close()

@@ -58,7 +58,8 @@ def scheduler_generator(runner) -> Generator:
     """The rows of the prompt as sequences of the scheduler (in-flight batching, what the server and
     `generate --prompts` run), greedy; stamped as the first row samples each token."""
     from ..runtime.sampling import SamplingParams
-    from ..runtime.scheduler import GenerationParams, Scheduler
+    from ..runtime.params import GenerationParams
+    from ..runtime.scheduler import Scheduler
 
     def gen(prompt: np.ndarray, n: int, stamp: Callable[[], None]) -> None:
         s = Scheduler(runner, None, max_batch=len(prompt))

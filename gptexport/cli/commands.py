@@ -46,6 +46,18 @@ def convert(ckpt: Path, out_dir: Path, dtype: str, tokenizer: Path | None, force
 @click.option("--top-k", type=int, default=DEFAULT_SAMPLING.top_k, show_default=True, help="0: no top-k.")
 @click.option("--top-p", type=float, default=DEFAULT_SAMPLING.top_p, help="Nucleus sampling, in (0, 1].")
 @click.option("--seed", type=int, default=DEFAULT_SEED, show_default=True)
+@click.option("--repetition-penalty", type=float, default=1.0, show_default=True,
+              help="> 1 discourages every token seen (prompt included), as Hugging Face's processor.")
+@click.option("--presence-penalty", type=float, default=0.0, show_default=True,
+              help="Subtracted from each seen token's logit (after the temperature, as TensorRT-LLM).")
+@click.option("--frequency-penalty", type=float, default=0.0, show_default=True,
+              help="Times each seen token's count, subtracted from its logit.")
+@click.option("--stop-word", "stop_words", multiple=True, help="Stop after the token that completes it; repeatable.")
+@click.option("--bad-word", "bad_words", multiple=True, help="Never complete this word; repeatable.")
+@click.option("--end-id", type=int, default=None, help="Stop when this token is sampled (it is not output).")
+@click.option("--min-tokens", type=int, default=0, show_default=True,
+              help="No stop (end id, stop word) before this many tokens.")
+@click.option("--logprobs", is_flag=True, help="With --json: each token's log-probability.")
 @click.option("--num-samples", type=int, default=1, show_default=True)
 @click.option("--backend", default="onnxruntime", show_default=True,
               help="onnxruntime (CPU), ort-cuda, ort-tensorrt, or tensorrt (an engine built by `gptexport build`).")
@@ -55,7 +67,9 @@ def convert(ckpt: Path, out_dir: Path, dtype: str, tokenizer: Path | None, force
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of streaming text.")
 def generate(model_dir: Path, prompt: str | None, prompt_file: Path | None, prompt_tokens: str | None,
              prompts_file: Path | None, max_batch: int, max_new_tokens: int, temperature: float, top_k: int,
-             top_p: float | None, seed: int, num_samples: int, backend: str, threads: int | None, tf32: bool,
+             top_p: float | None, seed: int, repetition_penalty: float, presence_penalty: float,
+             frequency_penalty: float, stop_words: tuple[str, ...], bad_words: tuple[str, ...], end_id: int | None,
+             min_tokens: int, logprobs: bool, num_samples: int, backend: str, threads: int | None, tf32: bool,
              no_cuda_graphs: bool, as_json: bool) -> None:
     """Sample text from a model directory, streaming it as it is produced (or many prompts at once)."""
     from ..artifacts.modeldir import load_model_dir
@@ -69,14 +83,18 @@ def generate(model_dir: Path, prompt: str | None, prompt_file: Path | None, prom
             raise UsageError("--prompts: give the prompts in the file, without --prompt, --prompt-file, "
                              "--prompt-tokens or --num-samples")
         defaults = BatchItem(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                             seed=seed)
+                             seed=seed, stop_words=stop_words, min_tokens=min_tokens, end_id=end_id,
+                             repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+                             frequency_penalty=frequency_penalty, bad_words=bad_words)
         return generate_many(model_dir, prompts_file, defaults, max_batch, options)
     md = load_model_dir(model_dir)
     ids = inputs.prompt_ids(prompt, prompt_file, prompt_tokens, md.tokenizer(), md.config.vocab_size)
     stream = None if as_json else (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
     samples = generate_samples(md, prompt_ids=ids, max_new_tokens=max_new_tokens, temperature=temperature,
-                               top_k=top_k, top_p=top_p, seed=seed, num_samples=num_samples,
-                               stream=stream, **options)
+                               top_k=top_k, top_p=top_p, seed=seed, num_samples=num_samples, stop_words=stop_words,
+                               min_tokens=min_tokens, end_id=end_id, repetition_penalty=repetition_penalty,
+                               presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                               bad_words=bad_words, logprobs=logprobs, stream=stream, **options)
     if as_json:
         click.echo(json.dumps({"samples": [s.to_dict() for s in samples]}, ensure_ascii=False))
 

@@ -15,7 +15,8 @@ from ..errors import GptExportError, ParameterError, TokenizerError, UsageError
 
 STDIN = "-"  # a file argument that means standard input, as in Unix tools
 # API parameter -> the flag that sets it, where the flag is not simply --the-parameter
-FLAGS = {"prompt_ids": "--prompt-tokens", "max_new_tokens": "--max-new-tokens"}
+FLAGS = {"prompt_ids": "--prompt-tokens", "max_new_tokens": "--max-new-tokens", "bad_words": "--bad-word",
+         "stop_words": "--stop-word"}
 
 
 def flag_error(e: ParameterError) -> UsageError:

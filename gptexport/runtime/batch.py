@@ -17,7 +17,7 @@ from typing import Callable
 from ..artifacts.modeldir import ModelDir
 from ..errors import ParameterError
 from .sampling import DEFAULT_MAX_NEW_TOKENS, DEFAULT_SAMPLING, DEFAULT_SEED, SamplingParams
-from .scheduler import GenerationParams
+from .params import GenerationParams
 from .session import DEFAULT_MAX_BATCH, GenerationSession, Sample, outcome_of
 
 
@@ -33,6 +33,12 @@ class BatchItem:
     top_p: float | None = DEFAULT_SAMPLING.top_p
     seed: int = DEFAULT_SEED
     stop_words: tuple[str, ...] = field(default=())
+    min_tokens: int = 0
+    end_id: int | None = None
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    bad_words: tuple[str, ...] = field(default=())
 
     @classmethod
     def from_dict(cls, record: dict, defaults: "BatchItem | None" = None) -> "BatchItem":
@@ -49,11 +55,14 @@ class BatchItem:
             base["prompt"] = base["prompt_ids"] = None
         base.update(record)
         base["stop_words"] = tuple(base["stop_words"] or ())
+        base["bad_words"] = tuple(base["bad_words"] or ())
         return cls(**base)
 
-    def params(self) -> GenerationParams:
+    def params(self, session: GenerationSession) -> GenerationParams:
+        bad = tuple(tuple(session.encode(w, "bad_words")) for w in self.bad_words if w)
         return GenerationParams(self.max_new_tokens, SamplingParams(self.temperature, self.top_k, self.top_p),
-                                self.seed, self.stop_words)
+                                self.seed, self.stop_words, self.min_tokens, self.end_id, self.repetition_penalty,
+                                self.presence_penalty, self.frequency_penalty, bad)
 
     def ids(self, session: GenerationSession) -> list[int]:
         if (self.prompt is None) == (self.prompt_ids is None):
@@ -91,7 +100,7 @@ def generate_batch(model_dir: str | Path | ModelDir, items: list[BatchItem], *, 
         prepared = []
         for i, item in enumerate(items):
             try:
-                prepared.append((item.ids(session), item.params()))
+                prepared.append((item.ids(session), item.params(session)))
             except ParameterError as e:
                 raise ParameterError(f"items[{i}].{e.param}", e.problem) from None
         sequences = [session.submit(ids, params) for ids, params in prepared]

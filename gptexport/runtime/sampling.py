@@ -91,3 +91,110 @@ def next_token(logits: np.ndarray, params: SamplingParams, rng: np.random.Genera
     if params.greedy:
         return np.argmax(logits, axis=-1).astype(np.int64)
     return sample(logits_to_probs(logits, params.temperature, params.top_k, params.top_p), rng)
+
+
+# Logits processors, TensorRT-LLM's way. Its decoder runs, per step: logits + embedding_bias,
+# times 1/temperature, then repetition, presence and frequency penalties (in that order, on the
+# temperature-scaled logits), the min_tokens EOS mask, the bad-words ban, and only then top-k/top-p.
+# Which tokens have been "seen" is the caller's business: TensorRT-LLM counts the whole sequence,
+# prompt included (its prompt_ignore_length drops a prompt prefix from presence/frequency only).
+
+
+def _token_ids(ids: object, vocab: int, name: str) -> np.ndarray:
+    """Token ids as a flat int64 array, each a valid index into a vocabulary of `vocab`."""
+    ids = np.asarray(ids)
+    if ids.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    if ids.dtype.kind not in "iu":
+        raise ParameterError(name, f"must be integer token ids, got dtype {ids.dtype}")
+    ids = ids.reshape(-1).astype(np.int64)
+    if ids.min() < 0 or ids.max() >= vocab:
+        raise ParameterError(name, f"must be token ids in [0, {vocab}), got {ids.min()}..{ids.max()}")
+    return ids
+
+
+def _vector(logits: np.ndarray) -> np.ndarray:
+    logits = np.array(logits, dtype=np.float64)  # a copy: the caller's logits are never touched
+    if logits.ndim != 1:
+        raise ParameterError("logits", f"must be one position's (V,) logits, got shape {logits.shape}")
+    return logits
+
+
+def apply_penalties(logits: np.ndarray, history: np.ndarray, repetition: float = 1.0,
+                    presence: float = 0.0, frequency: float = 0.0) -> np.ndarray:
+    """(V,) logits -> new (V,) float64 logits, penalized for the tokens in `history` (may repeat).
+
+    repetition: Hugging Face's RepetitionPenaltyLogitsProcessor, once per distinct seen token
+    (positive logits divided, negative ones multiplied, so > 1 always discourages).
+    presence / frequency: OpenAI's, `- presence` once per distinct seen token, `- frequency * count`.
+    Applied in TensorRT-LLM's order: repetition, presence, frequency. TensorRT-LLM applies them to
+    logits already divided by the temperature: to match it, pass `logits / temperature` and sample
+    with temperature 1 (the repetition penalty commutes with temperature; the other two do not).
+    At 1.0 / 0 / 0 the logits come back exactly equal.
+    """
+    for name, value in (("repetition", repetition), ("presence", presence), ("frequency", frequency)):
+        if isinstance(value, bool) or not (isinstance(value, (int, float)) and math.isfinite(value)):
+            raise ParameterError(name, f"must be a finite number, got {value}")
+    if repetition <= 0:  # TensorRT-LLM's SamplingConfig checks the same
+        raise ParameterError("repetition", f"must be > 0 (1.0: no penalty), got {repetition}")
+    logits = _vector(logits)
+    seen, counts = np.unique(_token_ids(history, logits.shape[0], "history"), return_counts=True)
+    if seen.size == 0:
+        return logits
+    # each stage only when asked for, so the defaults cannot change a value (not even -0.0)
+    if repetition != 1.0:
+        picked = logits[seen]
+        logits[seen] = np.where(picked < 0, picked * repetition, picked / repetition)
+    if presence != 0.0:
+        logits[seen] -= presence
+    if frequency != 0.0:
+        logits[seen] -= frequency * counts
+    return logits
+
+
+def mask_tokens(logits: np.ndarray, token_ids: np.ndarray) -> np.ndarray:
+    """(V,) logits -> new (V,) float64 logits with `token_ids` at -inf: they can never be drawn.
+
+    For bad words: which ids to pass at this step is what banned_tokens works out.
+    """
+    logits = _vector(logits)
+    logits[_token_ids(token_ids, logits.shape[0], "token_ids")] = -np.inf
+    return logits
+
+
+def banned_tokens(history: np.ndarray, bad_words: list[list[int]]) -> np.ndarray:
+    """The token ids that `bad_words` (each a list of token ids) forbid as the next token.
+
+    TensorRT-LLM's rule (banBadWords): a one-token word is always banned; a longer word bans its
+    last token only when the sequence so far (prompt included) ends with the rest of the word, so
+    a multi-token word is stopped at its last token, never at its first. Empty words are skipped,
+    as the Triton preprocessing model drops words that encode to nothing.
+    """
+    seq = np.asarray(history).reshape(-1).tolist()
+    banned = set()
+    for word in bad_words:
+        word = [int(t) for t in word]
+        if word and len(word) - 1 <= len(seq) and seq[len(seq) - (len(word) - 1):] == word[:-1]:
+            banned.add(word[-1])
+    return np.array(sorted(banned), dtype=np.int64)
+
+
+def token_logprob(logits: np.ndarray, params: SamplingParams, token: int) -> float:
+    """log P(token) under the distribution `token` was drawn from: (V,) logits -> float.
+
+    Sampling: logits_to_probs with params (temperature, then top-k and top-p, renormalized), so a
+    token that top-k or top-p dropped has -inf. Greedy (temperature 0): the draw is a point mass on
+    the argmax, as next_token picks it, so 0.0 for that token and -inf for any other. TensorRT-LLM
+    reports the same at temperature 0: it scales the logits by 1/(0 + 1e-6), which leaves all the
+    mass on the argmax, and with its default normalize_log_probs a top-1 draw is log 1 = 0.
+    (Its sampling log-probs differ from ours: normalized over the top-k set only, ignoring top-p;
+    with normalize_log_probs false, or top-p alone, they are over the whole vocabulary.)
+    """
+    logits = _vector(logits)
+    if isinstance(token, (bool, np.bool_)) or not isinstance(token, (int, np.integer)) \
+            or not 0 <= token < logits.shape[0]:
+        raise ParameterError("token", f"must be a token id in [0, {logits.shape[0]}), got {token!r}")
+    if params.greedy:
+        return 0.0 if int(np.argmax(logits)) == token else -math.inf
+    p = logits_to_probs(logits[None, :], params.temperature, params.top_k, params.top_p)[0, token]
+    return math.log(p) if p > 0 else -math.inf

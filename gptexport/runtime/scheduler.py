@@ -30,28 +30,13 @@ import numpy as np
 
 from ..errors import GptExportError, ParameterError
 from .backends.base import Runner
-from .loop import to_stderr, crop_notice
-from .sampling import DEFAULT_MAX_NEW_TOKENS, DEFAULT_SAMPLING, DEFAULT_SEED, SamplingParams, check_finite, next_token
+from .loop import crop_notice, to_stderr
+from .params import GenerationParams, prepare
+from .sampling import check_finite, next_token, token_logprob
 from .textstream import TextStream
 
 # on_delta(ids, text): the tokens of one delta and their text (None for a model without a tokenizer)
 OnDelta = Callable[[list[int], "str | None"], None]
-
-
-@dataclass(frozen=True)
-class GenerationParams:
-    """What one sequence asks for, besides its prompt; the defaults are `gptexport generate`'s."""
-
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
-    sampling: SamplingParams = DEFAULT_SAMPLING
-    seed: int = DEFAULT_SEED
-    stop_words: tuple[str, ...] = ()
-
-    def __post_init__(self) -> None:
-        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
-            raise ParameterError("max_new_tokens", f"must be an integer >= 0, got {self.max_new_tokens}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ParameterError("seed", f"must be an integer >= 0, got {self.seed}")
 
 
 @dataclass
@@ -67,6 +52,7 @@ class Sequence:
     notice: Callable[[str], None] | None = None
     on_done: Callable[["Sequence"], None] | None = None  # called once, when it is retired
     tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)  # of each token, with params.logprobs
     finish: str | None = None  # "length", "stop", "cancelled" or "error" once retired
     error: Exception | None = None
     context: list[int] = field(default_factory=list)  # the last block_size tokens: what the model sees
@@ -87,7 +73,13 @@ class Sequence:
         check_finite(logits[None], source)
         if self.cancelled():  # checked before each token is sent, as the loop's callers do
             return self.retire("cancelled")
-        token = int(next_token(logits[None], self.params.sampling, self.rng)[0])
+        p = self.params
+        z, sampling = prepare(logits, p, self.prompt_ids + self.tokens, len(self.tokens))
+        token = int(next_token(z[None], sampling, self.rng)[0])
+        if token == p.end_id and len(self.tokens) >= p.min_tokens:
+            return self.retire("stop")  # the end token itself is not output (as TensorRT-LLM)
+        if p.logprobs:
+            self.logprobs.append(token_logprob(z, sampling, token))
         self.tokens.append(token)
         self.context.append(token)
         self._pending.append(token)
@@ -104,7 +96,8 @@ class Sequence:
         self._text += text
         self.on_delta(ids, text)
         # a stop word may span deltas: look only where it could end in this one
-        if self.finish is None and any(w in self._text[max(0, before - len(w) + 1):] for w in self.params.stop_words):
+        if self.finish is None and len(self.tokens) >= self.params.min_tokens and \
+                any(w in self._text[max(0, before - len(w) + 1):] for w in self.params.stop_words):
             self.retire("stop")
 
     def retire(self, finish: str, error: Exception | None = None) -> None:
@@ -155,6 +148,7 @@ class Scheduler:
             check_token_ids(list(prompt_ids), self.config.vocab_size)
         except UsageError as e:
             raise ParameterError("prompt_ids", f"has {e}") from None
+        params.check_vocab(self.config.vocab_size)
         seq = Sequence(list(prompt_ids), params, np.random.default_rng(params.seed) if rng is None else rng,
                        on_delta or (lambda ids, text: None), cancelled or (lambda: False), self.tokenizer, notice,
                        on_done)

@@ -27,7 +27,8 @@ from ..errors import ParameterError, TokenizerError
 from .backends import open_runner
 from .backends.base import Runner
 from .sampling import DEFAULT_MAX_NEW_TOKENS, DEFAULT_SAMPLING, DEFAULT_SEED, SamplingParams
-from .scheduler import GenerationParams, OnDelta, Scheduler, Sequence
+from .params import GenerationParams
+from .scheduler import OnDelta, Scheduler, Sequence
 from .textstream import TextStream
 
 DEFAULT_MAX_BATCH = 16  # sequences in flight at once (see docs/serving.md for how it was chosen)
@@ -36,7 +37,8 @@ DEFAULT_MAX_BATCH = 16  # sequences in flight at once (see docs/serving.md for h
 @dataclass
 class Outcome:
     tokens: list[int]  # every token sampled, in order (the prompt excluded)
-    finish: str  # "length" (max_new_tokens reached), "stop" (a stop word completed) or "cancelled"
+    finish: str  # "length" (max_new_tokens reached), "stop" (a stop word or end_id) or "cancelled"
+    logprobs: list[float] = field(default_factory=list)  # with GenerationParams.logprobs
 
 
 @dataclass
@@ -46,9 +48,11 @@ class Sample:
     tokens: list[int]
     text: str | None
     finish: str = "length"
+    logprobs: list[float] | None = None  # each token's, with logprobs=True
 
     def to_dict(self) -> dict:
-        return {"tokens": self.tokens, "text": self.text}
+        d = {"tokens": self.tokens, "text": self.text}
+        return d if self.logprobs is None else {**d, "logprobs": self.logprobs}
 
 
 @dataclass
@@ -124,29 +128,36 @@ def outcome_of(seq: Sequence) -> Outcome:
     """A finished sequence's Outcome, or its error raised (NaN logits, say)."""
     if seq.finish == "error":
         raise seq.error
-    return Outcome(seq.tokens, seq.finish)
+    return Outcome(seq.tokens, seq.finish, seq.logprobs)
 
 
 def generate_samples(model_dir: str | Path | ModelDir, prompt: str | None = None, *,
                      prompt_ids: list[int] | None = None, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
                      temperature: float = DEFAULT_SAMPLING.temperature, top_k: int | None = DEFAULT_SAMPLING.top_k,
                      top_p: float | None = DEFAULT_SAMPLING.top_p, seed: int = DEFAULT_SEED, num_samples: int = 1,
-                     stop_words: tuple[str, ...] = (), backend: str = "onnxruntime", threads: int | None = None,
-                     stream: Callable[[str], None] | None = None, separator: str = "\n---------------\n",
-                     **runner_options) -> list[Sample]:
+                     stop_words: tuple[str, ...] = (), min_tokens: int = 0, end_id: int | None = None,
+                     repetition_penalty: float = 1.0, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+                     bad_words: tuple[str, ...] = (), logprobs: bool = False, backend: str = "onnxruntime",
+                     threads: int | None = None, stream: Callable[[str], None] | None = None,
+                     separator: str = "\n---------------\n", **runner_options) -> list[Sample]:
     """Draw `num_samples` samples one after another from one seeded generator, as nanoGPT's sample.py.
 
     The prompt is text (`prompt`, default a newline as in sample.py) or `prompt_ids`. `stream`
     receives the prompt's text, then every delta, and `separator` between samples (a newline
-    after the last). `runner_options` are open_runner's (tf32, cuda_graphs, binding).
+    after the last). The TensorRT-LLM settings (min_tokens ... logprobs) are GenerationParams';
+    `bad_words` are text, encoded by the model's tokenizer. `runner_options` are open_runner's
+    (tf32, cuda_graphs, binding).
     """
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise ParameterError("num_samples", f"must be an integer >= 1, got {num_samples}")
     if prompt is not None and prompt_ids is not None:
         raise ParameterError("prompt", "and prompt_ids: give only one")
-    params = GenerationParams(max_new_tokens, SamplingParams(temperature, top_k, top_p), seed, tuple(stop_words))
     with GenerationSession.open(model_dir, backend, threads, **runner_options) as session:
         ids = list(prompt_ids) if prompt_ids is not None else session.encode("\n" if prompt is None else prompt)
+        params = GenerationParams(max_new_tokens, SamplingParams(temperature, top_k, top_p), seed, tuple(stop_words),
+                                  min_tokens, end_id, repetition_penalty, presence_penalty, frequency_penalty,
+                                  tuple(tuple(session.encode(w, "bad_words")) for w in bad_words if w),
+                                  logprobs=logprobs)
         rng = np.random.default_rng(params.seed)
         samples = []
         for i in range(num_samples):
@@ -157,7 +168,7 @@ def generate_samples(model_dir: str | Path | ModelDir, prompt: str | None = None
             if stream is not None:
                 stream(separator if i < num_samples - 1 else "\n")
             text = session.tokenizer.decode(outcome.tokens) if session.tokenizer is not None else None
-            samples.append(Sample(outcome.tokens, text, outcome.finish))
+            samples.append(Sample(outcome.tokens, text, outcome.finish, outcome.logprobs if logprobs else None))
     return samples
 
 

@@ -62,10 +62,13 @@ class ServedModel:
         return parse_request(inputs, parameters, self.tokenizer, self.session.vocab_size, self.max_tokens_limit)
 
     def submit(self, request: ServeRequest, emit, cancelled: Callable[[], bool] = lambda: False,
-               notice: Callable[[str], None] | None = None, on_done: Callable[[Sequence], None] | None = None) -> Sequence:
-        """Queue one request's sequence: exactly `gptexport generate`'s with the same seed and settings;
-        `emit(ids, text)` receives every delta, `on_done(seq)` the end."""
-        return self.session.scheduler.submit(request.prompt_ids, request.params, emit, cancelled, None, notice, on_done)
+               notice: Callable[[str], None] | None = None, on_done: Callable[[Sequence], None] | None = None,
+               params=None) -> Sequence:
+        """Queue one sequence of a request (`params`: one of request.sequence_params(), default its first):
+        exactly `gptexport generate`'s with the same seed and settings; `emit(ids, text)` receives
+        every delta, `on_done(seq)` the end."""
+        return self.session.scheduler.submit(request.prompt_ids, params or request.params, emit, cancelled, None,
+                                             notice, on_done)
 
     def run(self, request: ServeRequest, emit, cancelled: Callable[[], bool] = lambda: False,
             notice: Callable[[str], None] | None = None) -> Outcome:
@@ -167,38 +170,67 @@ class TritonPythonModel:
     def _admit(self, request, sender) -> None:
         inputs = {t.name(): t.as_numpy() for t in request.inputs()}
         req = self.model.parse(inputs, json.loads(request.parameters() or "{}"))
-        n_in, sent, request_id = len(req.prompt_ids), [0], request.request_id()
+        request_id, several = request.request_id(), req.num_return_sequences > 1
+        left = [req.num_return_sequences]  # sequences not done yet: the final flag comes after the last
+        lock = threading.Lock()
 
-        def emit(ids: list[int], text: str | None) -> None:
-            sent[0] += len(ids)
-            if req.stream:
-                sender.send(self._response(response_tensors(ids, text, n_in, sent[0])))
+        def submit(index: int, params) -> None:
+            sent, holder, ready = [0], [], threading.Event()
 
-        def done(seq: Sequence) -> None:  # on the scheduler's thread: never raise into it
-            try:
-                self._finish(req, seq, sender, request_id)
-            except Exception:
-                self.log.log_error(f"gptexport: {traceback.format_exc()}")
+            def emit(ids: list[int], text: str | None) -> None:
+                if req.stream:
+                    ready.wait()  # the scheduler's thread may step before submit() below has returned
+                    seq = holder[0]
+                    start, sent[0] = sent[0], sent[0] + len(ids)
+                    lp = seq.logprobs[start:sent[0]] if params.logprobs else None
+                    sender.send(self._response(response_tensors(
+                        ids, text, len(req.prompt_ids), sent[0], lp, sum(seq.logprobs[:sent[0]]) if lp is not None
+                        else None, index if several else None)))
+                else:
+                    sent[0] += len(ids)
 
-        self.model.submit(req, emit, cancelled=_at_most_every(CANCEL_CHECK_S, sender.is_cancelled),
-                          notice=lambda msg: self.log.log_info(f"gptexport: {msg}"), on_done=done)
+            def done(seq: Sequence) -> None:  # on the scheduler's thread: never raise into it
+                try:
+                    with lock:
+                        left[0] -= 1
+                        last = left[0] == 0
+                    self._finish(req, seq, sender, request_id, index if several else None, last)
+                except Exception:
+                    self.log.log_error(f"gptexport: {traceback.format_exc()}")
 
-    def _finish(self, req: ServeRequest, seq: Sequence, sender, request_id: str) -> None:
-        """The request's last response: its error, the final flag of a stream, or the whole output."""
+            holder.append(self.model.submit(req, emit, cancelled=_at_most_every(CANCEL_CHECK_S, sender.is_cancelled),
+                                            notice=lambda msg: self.log.log_info(f"gptexport: {msg}"),
+                                            on_done=done, params=params))
+            ready.set()
+
+        for i, params in enumerate(req.sequence_params()):
+            submit(i, params)
+
+    def _finish(self, req: ServeRequest, seq: Sequence, sender, request_id: str, index: int | None,
+                last: bool) -> None:
+        """A sequence's last response: its error, its whole output (not streamed), and after the
+        request's last sequence the final flag."""
         if seq.finish == "error":
             return self._final(sender, self._error(str(seq.error), self.pb.TritonError.INTERNAL))
         if seq.finish == "cancelled":
             self.log.log_info(f"gptexport: request {request_id!r} cancelled by the client after "
                               f"{len(seq.tokens)} of {req.max_tokens} tokens")
-        if seq.finish == "cancelled" or req.stream:
-            return self._final(sender, None)
-        tokenizer, text = self.model.tokenizer, None
-        if tokenizer is not None:
-            text = tokenizer.decode(seq.tokens)
-            if not req.exclude_input:  # as TensorRT-LLM: a whole (non-streamed) output starts with the prompt
-                prompt = req.prompt_text if req.prompt_text is not None else tokenizer.decode(req.prompt_ids)
-                text = prompt + text
-        self._final(sender, self._response(response_tensors(seq.tokens, text, len(req.prompt_ids), len(seq.tokens))))
+        response = None
+        if seq.finish != "cancelled" and not req.stream:
+            tokenizer, text = self.model.tokenizer, None
+            if tokenizer is not None:
+                text = tokenizer.decode(seq.tokens)
+                if not req.exclude_input:  # as TensorRT-LLM: a whole (non-streamed) output starts with the prompt
+                    prompt = req.prompt_text if req.prompt_text is not None else tokenizer.decode(req.prompt_ids)
+                    text = prompt + text
+            logprobs = seq.logprobs if seq.params.logprobs else None
+            response = self._response(response_tensors(seq.tokens, text, len(req.prompt_ids), len(seq.tokens),
+                                                       logprobs, sum(logprobs) if logprobs is not None else None,
+                                                       index))
+        if last:
+            self._final(sender, response)
+        elif response is not None:
+            sender.send(response)
 
     def _final(self, sender, response) -> None:
         flags = self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL

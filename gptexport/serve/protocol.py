@@ -13,13 +13,13 @@ response and goes on serving.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from ..errors import ParameterError, TokenizerError, UsageError
 from ..runtime.sampling import DEFAULT_MAX_NEW_TOKENS, DEFAULT_SAMPLING, DEFAULT_SEED, SamplingParams
-from ..runtime.session import GenerationParams
+from ..runtime.params import GenerationParams
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,7 @@ class TensorSpec:
     text_only: bool = False  # declared only for a model directory with a tokenizer
 
 
-INPUTS = (
+INPUTS = (  # every input of TensorRT-LLM's ensemble / tensorrt_llm_bls models, with their types
     TensorSpec("text_input", "TYPE_STRING", (1,), text_only=True),
     TensorSpec("input_ids", "TYPE_INT32", (-1,)),
     TensorSpec("max_tokens", "TYPE_INT32", (1,)),
@@ -38,15 +38,79 @@ INPUTS = (
     TensorSpec("top_k", "TYPE_INT32", (1,)),
     TensorSpec("top_p", "TYPE_FP32", (1,)),
     TensorSpec("seed", "TYPE_UINT64", (1,)),
+    TensorSpec("random_seed", "TYPE_UINT64", (1,)),
     TensorSpec("stream", "TYPE_BOOL", (1,)),
     TensorSpec("stop_words", "TYPE_STRING", (-1,), text_only=True),
+    TensorSpec("bad_words", "TYPE_STRING", (-1,), text_only=True),
     TensorSpec("exclude_input_in_output", "TYPE_BOOL", (1,), text_only=True),
+    TensorSpec("end_id", "TYPE_INT32", (1,)),
+    TensorSpec("pad_id", "TYPE_INT32", (1,)),
+    TensorSpec("min_length", "TYPE_INT32", (1,)),
+    TensorSpec("min_tokens", "TYPE_INT32", (1,)),
+    TensorSpec("repetition_penalty", "TYPE_FP32", (1,)),
+    TensorSpec("presence_penalty", "TYPE_FP32", (1,)),
+    TensorSpec("frequency_penalty", "TYPE_FP32", (1,)),
+    TensorSpec("embedding_bias_words", "TYPE_STRING", (-1,), text_only=True),
+    TensorSpec("embedding_bias_weights", "TYPE_FP32", (-1,), text_only=True),
+    TensorSpec("beam_width", "TYPE_INT32", (1,)),
+    TensorSpec("length_penalty", "TYPE_FP32", (1,)),
+    TensorSpec("num_return_sequences", "TYPE_INT32", (1,)),
+    TensorSpec("return_log_probs", "TYPE_BOOL", (1,)),
+    TensorSpec("return_num_input_tokens", "TYPE_BOOL", (1,)),
+    TensorSpec("return_num_output_tokens", "TYPE_BOOL", (1,)),
+    # inputs of features gptexport does not have: declared so that a client sending them gets an
+    # error naming the feature (REFUSED), not Triton's "unexpected inference input"
+    TensorSpec("return_context_logits", "TYPE_BOOL", (1,)),
+    TensorSpec("return_generation_logits", "TYPE_BOOL", (1,)),
+    TensorSpec("return_perf_metrics", "TYPE_BOOL", (1,)),
+    TensorSpec("decoder_text_input", "TYPE_STRING", (1,), text_only=True),
+    TensorSpec("prompt_embedding_table", "TYPE_FP16", (-1, -1)),
+    TensorSpec("prompt_table_extra_id", "TYPE_UINT64", (1,)),
+    TensorSpec("prompt_vocab_size", "TYPE_INT32", (1,)),
+    TensorSpec("prompt_ignore_length", "TYPE_INT32", (1,)),
+    TensorSpec("lora_task_id", "TYPE_UINT64", (1,)),
+    TensorSpec("lora_weights", "TYPE_FP16", (-1, -1)),
+    TensorSpec("lora_config", "TYPE_INT32", (-1, 3)),
+    TensorSpec("guided_decoding_guide_type", "TYPE_STRING", (1,)),
+    TensorSpec("guided_decoding_guide", "TYPE_STRING", (1,)),
+    TensorSpec("num_draft_tokens", "TYPE_INT32", (1,)),
+    TensorSpec("use_draft_logits", "TYPE_BOOL", (1,)),
+    TensorSpec("image_input", "TYPE_FP16", (-1, 3, -1, -1)),
+    TensorSpec("image_bytes_input", "TYPE_UINT8", (-1, -1, -1, -1)),
+    TensorSpec("image_url_input", "TYPE_STRING", (1,)),
+    TensorSpec("video_bytes_input", "TYPE_UINT8", (-1, -1, -1, -1)),
 )
+# input -> why it is refused (inputs whose default value changes nothing pass with that value)
+REFUSED = {
+    "return_context_logits": "returning the prompt's logits is not supported",
+    "return_generation_logits": "returning the generation logits is not supported",
+    "return_perf_metrics": "TensorRT-LLM's KV-cache and timing metrics do not exist here",
+    "decoder_text_input": "a GPT is decoder-only (no encoder-decoder input)",
+    "prompt_embedding_table": "prompt tables (p-tuning) are not supported",
+    "prompt_table_extra_id": "prompt tables (p-tuning) are not supported",
+    "prompt_vocab_size": "prompt tables (p-tuning) are not supported",
+    "prompt_ignore_length": "the penalties count the whole sequence, prompt included",
+    "lora_task_id": "LoRA adapters are not supported",
+    "lora_weights": "LoRA adapters are not supported",
+    "lora_config": "LoRA adapters are not supported",
+    "guided_decoding_guide_type": "guided decoding (JSON schema, regex, grammar) is not supported",
+    "guided_decoding_guide": "guided decoding (JSON schema, regex, grammar) is not supported",
+    "num_draft_tokens": "speculative decoding (draft tokens) is not supported",
+    "use_draft_logits": "speculative decoding (draft tokens) is not supported",
+    "image_input": "the model takes text only",
+    "image_bytes_input": "the model takes text only",
+    "image_url_input": "the model takes text only",
+    "video_bytes_input": "the model takes text only",
+}
+MAX_RETURN_SEQUENCES = 16
 OUTPUTS = (
     TensorSpec("text_output", "TYPE_STRING", (-1,), text_only=True),
     TensorSpec("output_ids", "TYPE_INT32", (-1,)),
     TensorSpec("num_input_tokens", "TYPE_INT32", (1,)),
     TensorSpec("num_output_tokens", "TYPE_INT32", (1,)),
+    TensorSpec("cum_log_probs", "TYPE_FP32", (-1,)),
+    TensorSpec("output_log_probs", "TYPE_FP32", (-1, -1)),
+    TensorSpec("sequence_index", "TYPE_INT32", (1,)),
 )
 # the library's parameter -> the request input that sets it, where the names differ
 INPUT_NAMES = {"max_new_tokens": "max_tokens"}
@@ -60,13 +124,17 @@ def tensors(specs: tuple[TensorSpec, ...], with_text: bool) -> tuple[TensorSpec,
 class ServeRequest:
     prompt_ids: list[int]
     prompt_text: str | None  # text_input as given; a non-streamed text_output starts with it
-    params: GenerationParams  # max_tokens, the sampling inputs, seed, stop_words
+    params: GenerationParams  # max_tokens, the sampling inputs, seed, stop words, penalties, ...
     stream: bool = False
     exclude_input: bool = False
+    num_return_sequences: int = 1  # sequence i is seeded with seed + i
 
     @property
     def max_tokens(self) -> int:
         return self.params.max_new_tokens
+
+    def sequence_params(self) -> list[GenerationParams]:
+        return [replace(self.params, seed=self.params.seed + i) for i in range(self.num_return_sequences)]
 
 
 def parse_request(inputs: dict[str, np.ndarray], parameters: dict, tokenizer, vocab_size: int,
@@ -76,6 +144,7 @@ def parse_request(inputs: dict[str, np.ndarray], parameters: dict, tokenizer, vo
     if parameters:  # the generate endpoint passes JSON keys that are no input as parameters
         raise UsageError(f"unknown request parameter(s) {', '.join(map(repr, sorted(parameters)))}; "
                          f"valid inputs: {', '.join(names)}")
+    _refuse_unsupported(inputs)
     text = _text(inputs, "text_input")
     ids = inputs.get("input_ids")
     if (text is None) == (ids is None):
@@ -86,26 +155,104 @@ def parse_request(inputs: dict[str, np.ndarray], parameters: dict, tokenizer, vo
     max_tokens = _scalar(inputs, "max_tokens", int, min(DEFAULT_MAX_NEW_TOKENS, max_tokens_limit))
     if not 1 <= max_tokens <= max_tokens_limit:
         raise UsageError(f"max_tokens must be in 1..{max_tokens_limit} (this model's limit), got {max_tokens}")
+    beam_width = _scalar(inputs, "beam_width", int, 1)
+    if beam_width != 1:
+        raise UsageError(f"beam_width {beam_width} is not supported: gptexport has no beam search "
+                         f"(1: greedy or sampling, as temperature says)")
+    n = _scalar(inputs, "num_return_sequences", int, 1)
+    if not 1 <= n <= MAX_RETURN_SEQUENCES:
+        raise UsageError(f"num_return_sequences must be in 1..{MAX_RETURN_SEQUENCES}, got {n}")
+    _scalar(inputs, "length_penalty", float, 0.0)  # beam search only: no effect at beam_width 1, as in TensorRT-LLM
+    pad_id = _scalar(inputs, "pad_id", int, 0)
+    if not 0 <= pad_id < vocab_size:  # outputs are never padded here; the id is still checked
+        raise UsageError(f"pad_id must be a token id 0..{vocab_size - 1}, got {pad_id}")
     d = DEFAULT_SAMPLING
     try:
         sampling = SamplingParams(_scalar(inputs, "temperature", float, d.temperature),
                                   _scalar(inputs, "top_k", int, d.top_k), _scalar(inputs, "top_p", float, d.top_p))
-        params = GenerationParams(max_tokens, sampling, _scalar(inputs, "seed", int, DEFAULT_SEED),
-                                  tuple(w for w in (_strings(inputs, "stop_words") or []) if w))
+        params = GenerationParams(
+            max_tokens, sampling, _seed(inputs), tuple(w for w in (_strings(inputs, "stop_words") or []) if w),
+            min_tokens=_min_tokens(inputs), end_id=_scalar(inputs, "end_id", int, None),
+            repetition_penalty=_scalar(inputs, "repetition_penalty", float, 1.0),
+            presence_penalty=_scalar(inputs, "presence_penalty", float, 0.0),
+            frequency_penalty=_scalar(inputs, "frequency_penalty", float, 0.0),
+            bad_words=_words(inputs, "bad_words", tokenizer), embedding_bias=_bias(inputs, tokenizer),
+            logprobs=_scalar(inputs, "return_log_probs", bool, False))
+        params.check_vocab(vocab_size)
     except ParameterError as e:  # the library's wording, with the request's names
         raise UsageError(e.worded(INPUT_NAMES.get(e.param, e.param))) from None
     return ServeRequest(prompt_ids=prompt_ids, prompt_text=text, params=params,
                         stream=_scalar(inputs, "stream", bool, False),
-                        exclude_input=_scalar(inputs, "exclude_input_in_output", bool, False))
+                        exclude_input=_scalar(inputs, "exclude_input_in_output", bool, False), num_return_sequences=n)
 
 
-def response_tensors(ids: list[int], text: str | None, num_input: int, num_output: int) -> dict[str, np.ndarray]:
-    """One response's output tensors, each with the leading batch dim of 1."""
+def _refuse_unsupported(inputs: dict[str, np.ndarray]) -> None:
+    for name, why in REFUSED.items():
+        a = inputs.get(name)
+        if a is None or (a.dtype == np.bool_ and not a.any()) or (a.dtype.kind in "iuf" and a.size and not a.any()):
+            continue  # absent, false or 0: the feature is not asked for
+        raise UsageError(f"{name} is not supported: {why}")
+
+
+def _seed(inputs: dict[str, np.ndarray]) -> int:
+    """`seed`, or `random_seed` (TensorRT-LLM's older name), not two different ones."""
+    seed, random_seed = _scalar(inputs, "seed", int, None), _scalar(inputs, "random_seed", int, None)
+    if seed is not None and random_seed is not None and seed != random_seed:
+        raise UsageError(f"seed {seed} and random_seed {random_seed} differ: give one (they are the same input)")
+    return next((v for v in (seed, random_seed) if v is not None), DEFAULT_SEED)
+
+
+def _min_tokens(inputs: dict[str, np.ndarray]) -> int:
+    """`min_tokens`, or `min_length` (TensorRT-LLM's older name, what GenAI-Perf sends)."""
+    a, b = _scalar(inputs, "min_tokens", int, None), _scalar(inputs, "min_length", int, None)
+    if a is not None and b is not None and a != b:
+        raise UsageError(f"min_tokens {a} and min_length {b} differ: give one (they are the same input)")
+    value = next((v for v in (a, b) if v is not None), 0)
+    if value < 0:
+        raise UsageError(f"{'min_tokens' if a is not None else 'min_length'} must be >= 0, got {value}")
+    return value
+
+
+def _words(inputs: dict[str, np.ndarray], name: str, tokenizer) -> tuple[tuple[int, ...], ...]:
+    """A list of words as token ids; a word that encodes to nothing is dropped (as TensorRT-LLM's
+    preprocessing drops it)."""
+    words = [w for w in (_strings(inputs, name) or []) if w]
+    try:
+        return tuple(tuple(ids) for ids in (tokenizer.encode(w) for w in words) if ids)
+    except TokenizerError as e:
+        raise UsageError(f"{name}: {e}") from None
+
+
+def _bias(inputs: dict[str, np.ndarray], tokenizer) -> tuple[tuple[int, float], ...]:
+    """embedding_bias_words / _weights: every token of each word gets its weight added to its logit."""
+    words = _strings(inputs, "embedding_bias_words") or []
+    weights = inputs.get("embedding_bias_weights")
+    weights = [] if weights is None else [float(w) for w in weights.reshape(-1)]
+    if len(words) != len(weights):
+        raise UsageError(f"embedding_bias_words has {len(words)} words and embedding_bias_weights {len(weights)} "
+                         f"weights: give one weight per word")
+    try:
+        return tuple((t, w) for word, w in zip(words, weights) if word for t in tokenizer.encode(word))
+    except TokenizerError as e:
+        raise UsageError(f"embedding_bias_words: {e}") from None
+
+
+def response_tensors(ids: list[int], text: str | None, num_input: int, num_output: int,
+                     logprobs: list[float] | None = None, cum_logprob: float | None = None,
+                     sequence_index: int | None = None) -> dict[str, np.ndarray]:
+    """One response's output tensors, each with the leading batch dim of 1, shaped as TensorRT-LLM's:
+    text_output (1,) (its clients read `as_numpy("text_output")[0]`), output_log_probs (1, 1, n)
+    and cum_log_probs (1, 1) for its one beam; sequence_index when a request asked for several."""
     out = {"output_ids": np.array([ids], dtype=np.int32).reshape(1, len(ids)),
            "num_input_tokens": np.array([[num_input]], dtype=np.int32),
            "num_output_tokens": np.array([[num_output]], dtype=np.int32)}
     if text is not None:
-        out["text_output"] = np.array([[text.encode("utf-8")]], dtype=np.object_)
+        out["text_output"] = np.array([text.encode("utf-8")], dtype=np.object_)
+    if logprobs is not None:
+        out["output_log_probs"] = np.array(logprobs, dtype=np.float32).reshape(1, 1, len(logprobs))
+        out["cum_log_probs"] = np.array([[cum_logprob]], dtype=np.float32)
+    if sequence_index is not None:
+        out["sequence_index"] = np.array([[sequence_index]], dtype=np.int32)
     return out
 
 

@@ -23,7 +23,8 @@ from gptexport.runtime.backends.device import HostMemory
 from gptexport.runtime.backends.ort import OrtRunner
 from gptexport.runtime.loop import generate
 from gptexport.runtime.sampling import SamplingParams, logits_to_probs
-from gptexport.runtime.scheduler import GenerationParams, Scheduler
+from gptexport.runtime.params import GenerationParams
+from gptexport.runtime.scheduler import Scheduler
 
 NEAR_TIE = 1e-4  # logits this close can swap under a batched forward's rounding
 

@@ -17,15 +17,7 @@ from gptexport.config import GPTConfig, io_spec
 from gptexport.errors import UsageError
 from gptexport.runtime.backends.base import Runner
 from gptexport.runtime.session import GenerationSession, generate_samples
-from gptexport.serve.model import open_served_model
 from gptexport.serve.protocol import INPUTS, parse_request, response_tensors
-
-
-@pytest.fixture(scope="module")
-def served(tiny_model_dir):
-    model = open_served_model(tiny_model_dir, "onnxruntime", max_tokens_limit=64)
-    yield model
-    model.close()
 
 
 def request_tensors(**values) -> dict[str, np.ndarray]:
@@ -127,7 +119,7 @@ def test_top_k_zero_is_no_top_k(served):
 def test_response_tensors_have_the_batch_dim():
     out = response_tensors([5, 6], "hé", 3, 7)
     assert out["output_ids"].tolist() == [[5, 6]] and out["output_ids"].dtype == np.int32
-    assert out["text_output"].tolist() == [["hé".encode()]]
+    assert out["text_output"].tolist() == ["hé".encode()]  # (1,): TensorRT-LLM clients read text_output[0]
     assert out["num_input_tokens"].tolist() == [[3]] and out["num_output_tokens"].tolist() == [[7]]
     assert response_tensors([], None, 1, 0)["output_ids"].shape == (1, 0)
 

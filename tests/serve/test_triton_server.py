@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 from conftest import skip_unless_strict
 
+import gptexport
 from gptexport.errors import BackendUnavailable
 from gptexport.runtime.session import generate_samples
 
@@ -337,3 +338,93 @@ def test_serve_a_model_directory_directly(tiny_model_dir, tmp_path):
         code = serve.stop()
         serve.assert_all_gone()
     assert code == 0
+
+
+# ---- TensorRT-LLM's clients, unchanged ----
+
+def test_the_request_of_tensorrt_llms_end_to_end_grpc_client(server, tiny_model_dir):
+    """Built as inflight_batcher_llm/client/end_to_end_grpc_client.py builds it with `-p PROMPT`: its six
+    inputs, dtypes and (1, 1) shapes, beam_width 1, through start_stream / async_stream_infer; it reads
+    `as_numpy('text_output')[0].decode('utf-8')` and checks it equals the prompt + the generated text."""
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import np_to_triton_dtype
+
+    prompt = "To be"
+    arrays = {"text_input": np.array([[prompt]]).astype(object), "max_tokens": np.array([[24]], dtype=np.int32),
+              "stream": np.array([[False]], dtype=bool), "beam_width": np.array([[1]], dtype=np.int32),
+              "temperature": np.array([[1.0]], dtype=np.float32),
+              "exclude_input_in_output": np.array([[False]], dtype=bool)}
+    inputs = []
+    for name, array in arrays.items():
+        t = grpcclient.InferInput(name, array.shape, np_to_triton_dtype(array.dtype))
+        t.set_data_from_numpy(array)
+        inputs.append(t)
+    results: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{server.grpc}")
+    client.start_stream(callback=lambda result, error: results.put((result, error)))
+    client.async_stream_infer(MODEL, inputs, outputs=[grpcclient.InferRequestedOutput("text_output")], request_id="")
+    result, error = results.get(timeout=60)
+    client.stop_stream()
+    client.close()
+    assert error is None, error
+    output = result.as_numpy("text_output")[0].decode("utf-8")
+    assert output == prompt + expected(tiny_model_dir, prompt, 24, temperature=1.0)["text"]
+
+
+@pytest.mark.parametrize("settings,api", [
+    ({"random_seed": 9}, {"seed": 9}),
+    ({"repetition_penalty": 1.6, "seed": 2}, {"repetition_penalty": 1.6, "seed": 2}),
+    ({"presence_penalty": 1.0, "frequency_penalty": 0.5, "seed": 2},
+     {"presence_penalty": 1.0, "frequency_penalty": 0.5, "seed": 2}),
+    ({"bad_words": ["e", "a"], "temperature": 0.0}, {"bad_words": ("e", "a"), "temperature": 0.0}),
+    ({"end_id": 4, "min_length": 6, "temperature": 0.0}, {"end_id": 4, "min_tokens": 6, "temperature": 0.0}),
+])
+def test_tensorrt_llm_inputs_over_http_match_gptexport_generate(server, tiny_model_dir, settings, api):
+    status, (body,) = http_post(server, "generate", {"text_input": "To be", "max_tokens": 20, **settings})
+    assert status == 200, body
+    want = expected(tiny_model_dir, "To be", 20, **api)
+    ids = body["output_ids"] if isinstance(body["output_ids"], list) else [body["output_ids"]]  # one: a scalar
+    assert ids == want["tokens"]
+
+
+def test_log_probs_come_back_per_token_and_summed(server, tiny_model_dir):
+    status, (body,) = http_post(server, "generate", {"text_input": "To be", "max_tokens": 6, "seed": 3,
+                                                     "return_log_probs": True})
+    want = gptexport.generate(tiny_model_dir, "To be", max_new_tokens=6, seed=3, logprobs=True)[0]
+    assert status == 200 and np.allclose(body["output_log_probs"], want.logprobs, atol=1e-5)
+    assert np.isclose(body["cum_log_probs"], sum(want.logprobs), atol=1e-4)
+
+
+def test_beam_search_and_lora_are_refused_and_the_server_keeps_serving(server):
+    status, (body,) = http_post(server, "generate", {"text_input": "To be", "beam_width": 2})
+    assert status == 400 and "beam_width 2 is not supported: gptexport has no beam search" in body["error"]
+    _, _, error = grpc_stream(server, grpc_inputs("To be", 5, seed=1, lora_task_id=(np.array([[7]], np.uint64),
+                                                                                 "UINT64")), max_responses=3)
+    assert error is not None and "lora_task_id is not supported: LoRA adapters are not supported" in str(error)
+    status, (body,) = http_post(server, "generate", {"text_input": "To be", "max_tokens": 3})
+    assert status == 200 and body["num_output_tokens"] == 3
+
+
+def test_dropping_an_http_stream_cancels_its_request(server):
+    """The client goes away mid-stream (closes the connection): Triton cancels the request and
+    the model stops generating (it says so in the log), long before max_tokens."""
+    import http.client
+
+    marker = "cancelled by the client after"
+    before = server.text().count(marker)
+    conn = http.client.HTTPConnection("127.0.0.1", server.http, timeout=60)
+    conn.request("POST", f"/v2/models/{MODEL}/generate_stream",
+                 json.dumps({"text_input": "To be", "max_tokens": LIMIT, "stream": True, "seed": 8}))
+    resp = conn.getresponse()
+    events = 0
+    while events < 5:
+        if resp.readline().startswith(b"data: "):
+            events += 1
+    conn.sock.close()  # drop the connection, as a killed client does
+    conn.close()
+    deadline = time.monotonic() + 30
+    while server.text().count(marker) == before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    line = [ln for ln in server.text().splitlines() if marker in ln][-1]
+    done = int(line.split("after ")[1].split(" of ")[0])
+    assert 5 <= done < LIMIT, line

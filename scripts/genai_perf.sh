@@ -1,0 +1,132 @@
+#!/usr/bin/env bash
+# genai_perf.sh -- NVIDIA GenAI-Perf (the standard LLM load client for Triton) against `gptexport serve`.
+#
+#   bash scripts/genai_perf.sh OUTDIR [--concurrency "1 4 16"] [--max-batch "1 16"] [--requests N]
+#                              [--input-tokens 64] [--output-tokens 128] [--threads N] [--peers DIR]
+#
+# For each --max-batch value it writes a Triton repository (`gptexport triton --max-batch`), starts
+# `gptexport serve` on 127.0.0.1 (free ports), and for each --concurrency value runs
+#   genai-perf profile --backend tensorrtllm --endpoint-type kserve --streaming
+#                      --output-tokens-mean-deterministic ...
+# i.e. TensorRT-LLM's request (text_input, max_tokens, min_length = max_tokens, stream) over gRPC,
+# so every request makes exactly --output-tokens tokens. It prints one markdown table (output
+# tokens/s, requests/s, time to first token p50/p99, inter-token latency p50/p99) and keeps every
+# GenAI-Perf artifact under WORK (default: a temporary directory, printed).
+#
+# The client comes from `bash scripts/prepare_peers.sh --only genai-perf` (a venv of its own with
+# genai-perf 0.0.16 and tritonclient[all] 2.51.0, whose perf_analyzer runs on this glibc with
+# Debian's libb64-0d and libcudart.so.12 from the nvidia-cuda-runtime-cu12 wheel). GenAI-Perf needs a
+# Hugging Face tokenizer to make prompts and count tokens and cannot download one here: this script
+# writes one for the model directory (GPT-2 BPE: its encoder.json / vocab.bpe as GPT2Tokenizer files;
+# a character vocabulary: a WordLevel tokenizer.json of its characters).
+set -euo pipefail
+
+usage() { sed -n '2,/^set -euo/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'; }
+CONCURRENCY="1 4 16"; MAX_BATCH="1 16"; REQUESTS=""; ISL=64; OSL=128; THREADS=0
+PEERS="${GPTEXPORT_PEERS:-$HOME/.cache/gptexport-peers}"; WORK=""; MODEL_DIR=""
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --concurrency) CONCURRENCY="$2"; shift 2 ;;
+    --max-batch) MAX_BATCH="$2"; shift 2 ;;
+    --requests) REQUESTS="$2"; shift 2 ;;
+    --input-tokens) ISL="$2"; shift 2 ;;
+    --output-tokens) OSL="$2"; shift 2 ;;
+    --threads) THREADS="$2"; shift 2 ;;
+    --peers) PEERS="$2"; shift 2 ;;
+    --work) WORK="$2"; shift 2 ;;
+    -h|--help) usage; exit 0 ;;
+    -*) echo "unknown option: $1 (see --help)" >&2; exit 2 ;;
+    *) MODEL_DIR="$1"; shift ;;
+  esac
+done
+[[ -n "$MODEL_DIR" ]] || { usage >&2; exit 2; }
+GENAI_PERF="$PEERS/bin/genai-perf"
+[[ -x "$GENAI_PERF" ]] || { echo "error: $GENAI_PERF not found: run bash scripts/prepare_peers.sh --only genai-perf" >&2; exit 1; }
+PY="$(dirname "$(readlink -f "$0")")/../.venv/bin/python"; [[ -x "$PY" ]] || PY=python3
+GP_PY="$PEERS/venvs/genai-perf/bin/python"
+WORK="${WORK:-$(mktemp -d -t gptexport-genai-perf-XXXX)}"; mkdir -p "$WORK"
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1  # nothing may be downloaded: the tokenizer is local
+
+# ---- a local tokenizer directory for the model ------------------------------------------------------
+"$GP_PY" - "$MODEL_DIR" "$WORK/tokenizer" <<'EOF'
+import json, shutil, sys
+from pathlib import Path
+model, out = Path(sys.argv[1]), Path(sys.argv[2])
+manifest = json.loads((model / "gptexport.json").read_text())
+tok = manifest.get("tokenizer") or {}
+out.mkdir(parents=True, exist_ok=True)
+if tok.get("type") == "gpt2":
+    files = tok["files"]
+    shutil.copyfile(model / files["encoder.json"], out / "vocab.json")
+    shutil.copyfile(model / files["vocab.bpe"], out / "merges.txt")
+    (out / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "GPT2Tokenizer",
+        "model_max_length": manifest["config"]["block_size"], "eos_token": "<|endoftext|>"}))
+elif tok.get("type") == "char":
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {c: i for i, c in enumerate(tok["itos"])}
+    t = Tokenizer(models.WordLevel(vocab, unk_token=tok["itos"][0]))
+    t.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), "isolated")  # one token per character
+    t.decoder = decoders.Fuse()
+    PreTrainedTokenizerFast(tokenizer_object=t, model_max_length=manifest["config"]["block_size"]).save_pretrained(out)
+else:
+    sys.exit(f"error: {model}: no tokenizer in its manifest: GenAI-Perf needs one (give a model with text)")
+print(f"tokenizer for GenAI-Perf: {out} ({tok['type']})", file=sys.stderr)
+EOF
+
+free_port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
+SERVE_PID=""
+stop_server() { [[ -z "$SERVE_PID" ]] || { kill -INT "$SERVE_PID" 2>/dev/null || true; wait "$SERVE_PID" 2>/dev/null || true; SERVE_PID=""; }; }
+trap stop_server EXIT
+
+ROWS="$WORK/rows.jsonl"; : > "$ROWS"
+for mb in $MAX_BATCH; do
+  repo="$WORK/repo-mb$mb"
+  "$PY" -m gptexport triton "$MODEL_DIR" -o "$repo" --name m --max-batch "$mb" --max-tokens "$OSL" --force >&2
+  if [[ "$THREADS" != 0 ]]; then
+    sed -i "s/key: \"threads\" value: { string_value: \"0\" }/key: \"threads\" value: { string_value: \"$THREADS\" }/" "$repo/m/config.pbtxt"
+  fi
+  http=$(free_port); grpc=$(free_port)
+  "$PY" -m gptexport serve "$repo" --http-port "$http" --grpc-port "$grpc" > "$WORK/serve-mb$mb.log" 2>&1 &
+  SERVE_PID=$!
+  for _ in $(seq 1 300); do grep -q "Ctrl-C to stop" "$WORK/serve-mb$mb.log" && break; sleep 0.5; done
+  grep -q "Ctrl-C to stop" "$WORK/serve-mb$mb.log" || { cat "$WORK/serve-mb$mb.log" >&2; echo "error: the server did not start" >&2; exit 1; }
+  for c in $CONCURRENCY; do
+    n="${REQUESTS:-$(( c * 2 > 8 ? c * 2 : 8 ))}"
+    dir="$WORK/mb$mb-c$c"
+    echo "==> max-batch $mb, concurrency $c, $n requests" >&2
+    "$GENAI_PERF" profile -m m --backend tensorrtllm --endpoint-type kserve --streaming -u "127.0.0.1:$grpc" \
+      --concurrency "$c" --request-count "$n" --warmup-request-count "$c" \
+      --synthetic-input-tokens-mean "$ISL" --synthetic-input-tokens-stddev 0 \
+      --output-tokens-mean "$OSL" --output-tokens-stddev 0 --output-tokens-mean-deterministic \
+      --tokenizer "$WORK/tokenizer" --random-seed 0 --artifact-dir "$dir" > "$dir.log" 2>&1 \
+      || { tail -30 "$dir.log" >&2; echo "error: genai-perf failed (log: $dir.log)" >&2; exit 1; }
+    "$PY" - "$dir" "$mb" "$c" >> "$ROWS" <<'EOF'
+import json, sys
+from pathlib import Path
+d, mb, c = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+r = json.loads(next(d.rglob("profile_export_genai_perf.json")).read_text())
+g = lambda k, s: r[k][s]
+print(json.dumps({"max_batch": mb, "concurrency": c, "tok_s": g("output_token_throughput", "avg"),
+                  "req_s": g("request_throughput", "avg"), "ttft_p50": g("time_to_first_token", "p50"),
+                  "ttft_p99": g("time_to_first_token", "p99"), "itl_p50": g("inter_token_latency", "p50"),
+                  "itl_p99": g("inter_token_latency", "p99"), "osl": g("output_sequence_length", "avg")}))
+EOF
+  done
+  stop_server
+done
+
+"$PY" - "$ROWS" "$MODEL_DIR" "$ISL" "$OSL" <<'EOF'
+import json, sys
+rows = [json.loads(line) for line in open(sys.argv[1])]
+print(f"GenAI-Perf 0.0.16 against gptexport serve {sys.argv[2]}: {sys.argv[3]}-token prompts, {sys.argv[4]} output "
+      f"tokens (--output-tokens-mean-deterministic), streamed over gRPC")
+print("| max-batch | clients | output tok/s | × max-batch 1 | req/s | TTFT p50 / p99 ms | ITL p50 / p99 ms | output tokens |")
+print("|---|---|---|---|---|---|---|---|")
+for r in rows:
+    one = next((o for o in rows if o["max_batch"] == 1 and o["concurrency"] == r["concurrency"]), None)
+    ratio = f"{r['tok_s'] / one['tok_s']:.2f}×" if one else "–"
+    print(f"| {r['max_batch']} | {r['concurrency']} | {r['tok_s']:.1f} | {ratio} | {r['req_s']:.2f} | "
+          f"{r['ttft_p50']:.0f} / {r['ttft_p99']:.0f} | {r['itl_p50']:.1f} / {r['itl_p99']:.1f} | {r['osl']:.0f} |")
+EOF
+echo "artifacts: $WORK" >&2
