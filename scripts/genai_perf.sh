@@ -3,13 +3,18 @@
 #
 #   bash scripts/genai_perf.sh OUTDIR [--concurrency "1 4 16"] [--max-batch "1 16"] [--requests N]
 #                              [--input-tokens 64] [--output-tokens 128] [--threads N] [--peers DIR]
+#                              [--llama-gguf FILE.gguf]
 #
 # For each --max-batch value it writes a Triton repository (`gptexport triton --max-batch`), starts
 # `gptexport serve` on 127.0.0.1 (free ports), and for each --concurrency value runs
 #   genai-perf profile --backend tensorrtllm --endpoint-type kserve --streaming
 #                      --output-tokens-mean-deterministic ...
 # i.e. TensorRT-LLM's request (text_input, max_tokens, min_length = max_tokens, stream) over gRPC,
-# so every request makes exactly --output-tokens tokens. It prints one markdown table (output
+# so every request makes exactly --output-tokens tokens. With --llama-gguf (the same weights converted by
+# llama.cpp's convert_hf_to_gguf.py, see prepare_peers.sh) the same client, in the same run, also loads
+# llama.cpp's `llama-server -np 16 -cb -t 2` through its OpenAI completions endpoint (--endpoint-type
+# completions; GenAI-Perf's deterministic mode is Triton-only, so max_tokens with ignore_eos and
+# min_tokens make every token there). It prints one markdown table (output
 # tokens/s, requests/s, time to first token p50/p99, inter-token latency p50/p99) and keeps every
 # GenAI-Perf artifact under WORK (default: a temporary directory, printed).
 #
@@ -23,7 +28,7 @@ set -euo pipefail
 
 usage() { sed -n '2,/^set -euo/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'; }
 CONCURRENCY="1 4 16"; MAX_BATCH="1 16"; REQUESTS=""; ISL=64; OSL=128; THREADS=0
-PEERS="${GPTEXPORT_PEERS:-$HOME/.cache/gptexport-peers}"; WORK=""; MODEL_DIR=""
+PEERS="${GPTEXPORT_PEERS:-$HOME/.cache/gptexport-peers}"; WORK=""; MODEL_DIR=""; GGUF=""
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --concurrency) CONCURRENCY="$2"; shift 2 ;;
@@ -34,6 +39,7 @@ while [[ $# -gt 0 ]]; do
     --threads) THREADS="$2"; shift 2 ;;
     --peers) PEERS="$2"; shift 2 ;;
     --work) WORK="$2"; shift 2 ;;
+    --llama-gguf) GGUF="$2"; shift 2 ;;
     -h|--help) usage; exit 0 ;;
     -*) echo "unknown option: $1 (see --help)" >&2; exit 2 ;;
     *) MODEL_DIR="$1"; shift ;;
@@ -80,6 +86,32 @@ stop_server() { [[ -z "$SERVE_PID" ]] || { kill -INT "$SERVE_PID" 2>/dev/null ||
 trap stop_server EXIT
 
 ROWS="$WORK/rows.jsonl"; : > "$ROWS"
+
+profile() {  # profile NAME DIR CONCURRENCY REQUESTS ARGS...: one GenAI-Perf run, its figures as a JSON row
+  local name="$1" dir="$2" c="$3" n="$4"; shift 4
+  local attempt
+  for attempt in 1 2; do  # GenAI-Perf 0.0.16 now and then reads perf_analyzer's export half-written: once more
+    echo "==> $name, concurrency $c, $n requests" >&2
+    rm -rf "$dir"
+    "$GENAI_PERF" profile --concurrency "$c" --request-count "$n" --warmup-request-count "$c" \
+      --synthetic-input-tokens-mean "$ISL" --synthetic-input-tokens-stddev 0 \
+      --output-tokens-mean "$OSL" --output-tokens-stddev 0 \
+      --tokenizer "$WORK/tokenizer" --random-seed 0 --artifact-dir "$dir" "$@" > "$dir.log" 2>&1 && break
+    tail -5 "$dir.log" >&2
+    [[ $attempt == 2 ]] && { echo "error: genai-perf failed (log: $dir.log)" >&2; exit 1; }
+  done
+  "$PY" - "$dir" "$name" "$c" >> "$ROWS" <<'PYEOF'
+import json, sys
+from pathlib import Path
+d, name, c = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+r = json.loads(next(d.rglob("profile_export_genai_perf.json")).read_text())
+g = lambda k, s: r[k][s]
+print(json.dumps({"server": name, "concurrency": c, "tok_s": g("output_token_throughput", "avg"),
+                  "req_s": g("request_throughput", "avg"), "ttft_p50": g("time_to_first_token", "p50"),
+                  "ttft_p99": g("time_to_first_token", "p99"), "itl_p50": g("inter_token_latency", "p50"),
+                  "itl_p99": g("inter_token_latency", "p99"), "osl": g("output_sequence_length", "avg")}))
+PYEOF
+}
 for mb in $MAX_BATCH; do
   repo="$WORK/repo-mb$mb"
   "$PY" -m gptexport triton "$MODEL_DIR" -o "$repo" --name m --max-batch "$mb" --max-tokens "$OSL" --force >&2
@@ -92,41 +124,41 @@ for mb in $MAX_BATCH; do
   for _ in $(seq 1 300); do grep -q "Ctrl-C to stop" "$WORK/serve-mb$mb.log" && break; sleep 0.5; done
   grep -q "Ctrl-C to stop" "$WORK/serve-mb$mb.log" || { cat "$WORK/serve-mb$mb.log" >&2; echo "error: the server did not start" >&2; exit 1; }
   for c in $CONCURRENCY; do
-    n="${REQUESTS:-$(( c * 2 > 8 ? c * 2 : 8 ))}"
-    dir="$WORK/mb$mb-c$c"
-    echo "==> max-batch $mb, concurrency $c, $n requests" >&2
-    "$GENAI_PERF" profile -m m --backend tensorrtllm --endpoint-type kserve --streaming -u "127.0.0.1:$grpc" \
-      --concurrency "$c" --request-count "$n" --warmup-request-count "$c" \
-      --synthetic-input-tokens-mean "$ISL" --synthetic-input-tokens-stddev 0 \
-      --output-tokens-mean "$OSL" --output-tokens-stddev 0 --output-tokens-mean-deterministic \
-      --tokenizer "$WORK/tokenizer" --random-seed 0 --artifact-dir "$dir" > "$dir.log" 2>&1 \
-      || { tail -30 "$dir.log" >&2; echo "error: genai-perf failed (log: $dir.log)" >&2; exit 1; }
-    "$PY" - "$dir" "$mb" "$c" >> "$ROWS" <<'EOF'
-import json, sys
-from pathlib import Path
-d, mb, c = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
-r = json.loads(next(d.rglob("profile_export_genai_perf.json")).read_text())
-g = lambda k, s: r[k][s]
-print(json.dumps({"max_batch": mb, "concurrency": c, "tok_s": g("output_token_throughput", "avg"),
-                  "req_s": g("request_throughput", "avg"), "ttft_p50": g("time_to_first_token", "p50"),
-                  "ttft_p99": g("time_to_first_token", "p99"), "itl_p50": g("inter_token_latency", "p50"),
-                  "itl_p99": g("inter_token_latency", "p99"), "osl": g("output_sequence_length", "avg")}))
-EOF
+    profile "gptexport serve --max-batch $mb" "$WORK/mb$mb-c$c" "$c" "${REQUESTS:-$(( c * 2 > 8 ? c * 2 : 8 ))}" \
+      -m m --backend tensorrtllm --endpoint-type kserve --streaming -u "127.0.0.1:$grpc" \
+      --output-tokens-mean-deterministic
   done
   stop_server
 done
+
+if [[ -n "$GGUF" ]]; then
+  port=$(free_port)
+  "$PEERS/bin/llama-server" -m "$GGUF" -np 16 -cb -t 2 -c $(( 16 * (ISL + OSL + 64) )) --host 127.0.0.1 \
+    --port "$port" > "$WORK/llama-server.log" 2>&1 &
+  SERVE_PID=$!
+  for _ in $(seq 1 240); do "$PY" -c "import urllib.request,sys; urllib.request.urlopen('http://127.0.0.1:$port/health', timeout=1)" \
+    2>/dev/null && break; sleep 0.5; done
+  for c in $CONCURRENCY; do
+    profile "llama-server -np 16" "$WORK/llama-c$c" "$c" "${REQUESTS:-$(( c * 2 > 8 ? c * 2 : 8 ))}" \
+      -m gpt2 --endpoint-type completions --streaming -u "127.0.0.1:$port" \
+      --extra-inputs ignore_eos:true --extra-inputs "min_tokens:$OSL"  # (deterministic is Triton-only in GenAI-Perf)
+  done
+  stop_server
+fi
 
 "$PY" - "$ROWS" "$MODEL_DIR" "$ISL" "$OSL" <<'EOF'
 import json, sys
 rows = [json.loads(line) for line in open(sys.argv[1])]
 print(f"GenAI-Perf 0.0.16 against gptexport serve {sys.argv[2]}: {sys.argv[3]}-token prompts, {sys.argv[4]} output "
       f"tokens (--output-tokens-mean-deterministic), streamed over gRPC")
-print("| max-batch | clients | output tok/s | × max-batch 1 | req/s | TTFT p50 / p99 ms | ITL p50 / p99 ms | output tokens |")
-print("|---|---|---|---|---|---|---|---|")
+print("| server | clients | output tok/s | × max-batch 1 | × llama-server | req/s | TTFT p50 / p99 ms | ITL p50 / p99 ms "
+      "| output tokens |")
+print("|---|---|---|---|---|---|---|---|---|")
 for r in rows:
-    one = next((o for o in rows if o["max_batch"] == 1 and o["concurrency"] == r["concurrency"]), None)
-    ratio = f"{r['tok_s'] / one['tok_s']:.2f}×" if one else "–"
-    print(f"| {r['max_batch']} | {r['concurrency']} | {r['tok_s']:.1f} | {ratio} | {r['req_s']:.2f} | "
+    same = lambda name: next((o for o in rows if o["server"] == name and o["concurrency"] == r["concurrency"]), None)
+    ratio = lambda o: f"{r['tok_s'] / o['tok_s']:.2f}×" if o else "–"
+    print(f"| {r['server']} | {r['concurrency']} | {r['tok_s']:.1f} | {ratio(same('gptexport serve --max-batch 1'))} | "
+          f"{ratio(same('llama-server -np 16'))} | {r['req_s']:.2f} | "
           f"{r['ttft_p50']:.0f} / {r['ttft_p99']:.0f} | {r['itl_p50']:.1f} / {r['itl_p99']:.1f} | {r['osl']:.0f} |")
 EOF
 echo "artifacts: $WORK" >&2

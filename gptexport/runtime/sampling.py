@@ -90,7 +90,32 @@ def next_token(logits: np.ndarray, params: SamplingParams, rng: np.random.Genera
     """(B, V) last-position logits -> (B,) next tokens."""
     if params.greedy:
         return np.argmax(logits, axis=-1).astype(np.int64)
+    if params.top_k is not None and params.top_k <= logits.shape[-1] // SPARSE_TOP_K:
+        return np.array([_sample_top_k(row, params, rng) for row in logits], dtype=np.int64)
     return sample(logits_to_probs(logits, params.temperature, params.top_k, params.top_p), rng)
+
+
+SPARSE_TOP_K = 8  # top-k of at most vocab / 8: sample among the kept tokens only
+
+
+def _sample_top_k(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
+    """One draw from one row, as logits_to_probs + sample compute it, over the kept tokens only.
+
+    The dropped tokens' probabilities are exactly 0, so the kept ones (in vocabulary order) have the
+    same cdf values and the draw picks the same token; only the normalising sum is added up in
+    another order (a last-bit difference). On GPT-2's 50k vocabulary this costs a fifth of the
+    dense computation: the partition is all that touches every logit.
+    """
+    x = np.asarray(logits, dtype=np.float64) / max(params.temperature, 1e-300)
+    V, k = x.shape[-1], params.top_k
+    kept = np.flatnonzero(x >= np.partition(x, V - k)[V - k])  # ties at the k-th largest are kept
+    probs = np.exp(x[kept] - x[kept].max())
+    probs /= probs.sum()
+    if params.top_p is not None and params.top_p < 1.0:
+        probs = _top_p(probs[None], params.top_p)[0]
+    cdf = np.cumsum(probs)
+    u = rng.random(1)[0] * cdf[-1]
+    return int(kept[min(int((cdf <= u).sum()), len(kept) - 1)])
 
 
 # Logits processors, TensorRT-LLM's way. Its decoder runs, per step: logits + embedding_bias,

@@ -9,11 +9,13 @@ with the same seed and settings; only the floating-point rounding of a batched f
 from a forward of one, which can swap two tokens whose logits tie to within it (a near-tie).
 
 One step:
-1. admit: each queued sequence (while fewer than max_batch run) is prefilled alone into the next
-   free row of the batch cache (batchcache.py) and samples its first token. One at a time between
-   decode steps rather than padded together: see docs/serving.md for the measurement.
+1. admit: the queued sequences (while fewer than max_batch run) are prefilled into the next free
+   rows of the batch cache (batchcache.py) and sample their first tokens: prompts of one length
+   together in one forward, each other length in a forward of its own (never padded: see
+   docs/serving.md for the measurement).
 2. crop: a sequence whose context passed block_size recomputes its cropped window, as nanoGPT
-   does (every position shifts), alone in a free row; the other rows are untouched.
+   does (every position shifts): all such windows (block_size tokens each) in one forward, in the
+   free rows; the decode rows are untouched.
 3. decode: one forward over rows 0..n-1, the sequences whose context still fits; each samples.
 Rows stay packed: a sequence leaving the decode rows (finished, cropped) has its row taken by the
 last one (one copy). No Triton, no threads here: the server drives `step` from a thread of its own.
@@ -67,10 +69,12 @@ class Sequence:
     def last(self) -> int:
         return self.tokens[-1]
 
-    def accept(self, logits: np.ndarray, source: str) -> None:
+    def accept(self, logits: np.ndarray, source: str, finite: bool | None = None) -> None:
         """Sample the next token from this sequence's (V,) logits with its own settings and generator,
-        send what it completes, and retire the sequence if it is finished."""
-        check_finite(logits[None], source)
+        send what it completes, and retire the sequence if it is finished. `finite`: whether the
+        logits were already found finite (the decode step checks every row at once)."""
+        if finite is None or not finite:
+            check_finite(logits[None], source)
         if self.cancelled():  # checked before each token is sent, as the loop's callers do
             return self.retire("cancelled")
         p = self.params
@@ -197,40 +201,67 @@ class Scheduler:
     def step(self) -> None:
         """Admit, crop, decode: every running sequence samples one token (admitted ones two)."""
         self._admit()
-        for seq in list(self.cropping):
-            self._prefill(seq, len(self.rows))  # a free row: the decode rows are 0..n-1
+        if self.cropping:
+            self._crop()
         if self.rows:
             self._decode()
         if not self.busy:
             self.close()  # an idle scheduler holds no cache: the next sequences size it afresh
 
     def _admit(self) -> None:
-        while len(self.rows) + len(self.cropping) < self.max_batch:
-            with self.lock:
-                if not self.queue:
-                    return
-                seq = self.queue.popleft()
-            block = self.config.block_size
+        """Queued sequences into the free rows, first come first served; prompts of one length are
+        prefilled together (one forward, a row each), other lengths one forward per length."""
+        with self.lock:
+            free = self.max_batch - len(self.rows) - len(self.cropping)
+            admitted = [self.queue.popleft() for _ in range(min(free, len(self.queue)))]
+        block = self.config.block_size
+        groups: dict[int, list[Sequence]] = {}
+        for seq in admitted:
             if len(seq.prompt_ids) > block:
                 (seq.notice or to_stderr)(crop_notice(len(seq.prompt_ids), block))  # as loop.generate
             seq.context = seq.prompt_ids[-block:]
-            self._prefill(seq, len(self.rows), reach=min(block, len(seq.context) + seq.params.max_new_tokens))
+            groups.setdefault(len(seq.context), []).append(seq)
+        for T, seqs in groups.items():
+            reach = max(min(block, T + s.params.max_new_tokens) for s in seqs)
+            self._prefill(seqs, reach)
 
-    def _prefill(self, seq: Sequence, row: int, reach: int | None = None) -> None:
-        """The sequence's context (its prompt, or its cropped window) alone into `row`, then one token."""
+    def _prefill(self, seqs: list[Sequence], reach: int) -> None:
+        """Admitted sequences with prompts of one length into the next free rows, then their first tokens."""
         try:
-            if len(seq.context) > self.config.block_size:  # the window slides: recompute it whole
-                del seq.context[0]
-            cache = self._cache(reach or self.config.block_size)
-            logits = cache.prefill(row, np.array(seq.context))
-            seq.accept(logits, self.runner.name)
-        except GptExportError as e:  # this sequence fails (NaN logits, say); the others go on
-            seq.retire("error", e)
-        if seq in self.cropping:
-            if seq.finish is not None:
-                self.cropping.remove(seq)
-        elif seq.finish is None:
-            (self.cropping if len(seq.context) > self.config.block_size else self.rows).append(seq)
+            logits = self._cache(reach).prefill(len(self.rows), np.array([s.context for s in seqs]))
+        except GptExportError as e:  # these sequences fail (a broken backend); the others go on
+            for seq in seqs:
+                seq.retire("error", e)
+            return
+        self._accept(seqs, logits)
+        self.rows += seqs
+        self.cropping += [s for s in seqs if s.finish is None and len(s.context) > self.config.block_size]
+        self._pack()
+
+    def _accept(self, seqs: list[Sequence], logits: np.ndarray) -> None:
+        """Each sequence samples from its row of (n, V) logits; a sequence's own failure is its alone."""
+        finite = np.isfinite(logits).all(axis=-1)
+        for i, seq in enumerate(seqs):
+            try:
+                seq.accept(logits[i], self.runner.name, bool(finite[i]))
+            except GptExportError as e:  # NaN logits, say
+                seq.retire("error", e)
+
+    def _crop(self) -> None:
+        """Every sequence past block_size recomputes its window (block_size tokens, the same length for
+        all): one forward over the free rows after the decode rows; the other rows are untouched."""
+        block = self.config.block_size
+        for seq in self.cropping:
+            del seq.context[0]  # the window slides: every position shifts, so recompute it whole
+        try:
+            logits = self._cache(block).prefill(len(self.rows), np.array([s.context for s in self.cropping]))
+        except GptExportError as e:
+            for seq in self.cropping:
+                seq.retire("error", e)
+            self.cropping = []
+            return
+        self._accept(self.cropping, logits)
+        self.cropping = [s for s in self.cropping if s.finish is None]
 
     def _decode(self) -> None:
         n = len(self.rows)
@@ -242,11 +273,7 @@ class Scheduler:
             self._pack()
             return
         self.steps += 1
-        for i, seq in enumerate(self.rows):
-            try:
-                seq.accept(logits[i], self.runner.name)
-            except GptExportError as e:
-                seq.retire("error", e)
+        self._accept(self.rows, logits)
         for seq in self.rows[:n]:
             if seq.finish is None and len(seq.context) > self.config.block_size:
                 self.cropping.append(seq)  # leaves the decode rows: from now on it recomputes its window

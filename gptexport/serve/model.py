@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import threading
 import time
 import traceback
@@ -100,28 +101,77 @@ def open_served_model(path: str | Path, backend: str, max_tokens_limit: int, thr
 
 
 def cpu_threads(instances: int) -> int:
-    """CPU threads for each of `instances` model instances: the cores this process may use, less one
-    for Triton's own threads (HTTP/gRPC, responses from the stubs), shared among the instances.
+    """CPU threads for each of `instances` model instances: the cores this process may use, shared.
 
-    ONNX Runtime's threads spin while they wait; given every core they starve the server: on 2
-    cores one instance with 2 threads served 16 streaming clients at 880 tok/s, with 1 thread at
-    1428 (scripts/serve_load.py, shipped model).
+    With in-flight batching one instance's scheduler runs every sequence in one forward per step,
+    so that forward should have the cores: GenAI-Perf, 16 streaming clients on 2 cores, one
+    instance at --max-batch 16: GPT-2-small shape 119 output tok/s with 1 thread, 180 with 2; the
+    shipped model 789 with 1, 2049 with 2. (One sequence at a time, before batching, it was the
+    other way round: ONNX Runtime's spinning threads starved Triton's, 880 tok/s with 2 threads
+    against 1428 with 1 on the shipped model; hence the old default of the cores less one.)
     """
-    return max(1, (len(os.sched_getaffinity(0)) - 1) // max(1, instances))
+    return max(1, len(os.sched_getaffinity(0)) // max(1, instances))
 
 
-def _at_most_every(seconds: float, check: Callable[[], bool]) -> Callable[[], bool]:
-    """`check`, called at most once per `seconds`; False in between."""
-    last = [time.monotonic()]
+class Responder:
+    """The one thread that talks to Triton for the scheduler: it sends the responses the scheduler's
+    thread queues (in order), and asks Triton whether each running request was cancelled.
 
-    def throttled() -> bool:
+    Every response_sender.send and is_cancelled is an IPC round trip to the server process; made on
+    the scheduler's thread they stalled every step for all sequences (16 streams: a send per token
+    each). Here they overlap with the next forward, and the scheduler only reads a flag.
+    """
+
+    def __init__(self, on_bug: Callable[[BaseException], None]):
+        self.queue: queue.Queue = queue.Queue()
+        self.on_bug = on_bug
+        self.watched: dict[int, tuple[object, threading.Event, list[float]]] = {}  # id -> sender, flag, last poll
+        self.thread = threading.Thread(target=self._run, name="gptexport-responder", daemon=True)
+        self.thread.start()
+
+    def watch(self, sender) -> threading.Event:
+        """A flag set once Triton says the request of `sender` was cancelled."""
+        flag = threading.Event()
+        self.queue.put(("watch", sender, flag))
+        return flag
+
+    def send(self, sender, response=None, final: int = 0, forget: bool = False) -> None:
+        self.queue.put(("send", sender, (response, final, forget)))
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join(10)
+
+    def _run(self) -> None:
+        while True:
+            try:
+                item = self.queue.get(timeout=CANCEL_CHECK_S)
+            except queue.Empty:
+                item = ()
+            if item is None:
+                return
+            try:
+                if item and item[0] == "watch":
+                    self.watched[id(item[1])] = (item[1], item[2], [time.monotonic()])
+                elif item:
+                    _, sender, (response, final, forget) = item
+                    if response is None:
+                        sender.send(flags=final)
+                    else:
+                        sender.send(response, flags=final)
+                    if forget:
+                        self.watched.pop(id(sender), None)
+                self._poll()
+            except Exception as e:  # a bug must not stop the responses of other requests
+                self.on_bug(e)
+
+    def _poll(self) -> None:
         now = time.monotonic()
-        if now - last[0] < seconds:
-            return False
-        last[0] = now
-        return check()
-
-    return throttled
+        for sender, flag, last in list(self.watched.values()):
+            if not flag.is_set() and now - last[0] >= CANCEL_CHECK_S:
+                last[0] = now
+                if sender.is_cancelled():
+                    flag.set()
 
 
 class TritonPythonModel:
@@ -144,7 +194,9 @@ class TritonPythonModel:
                 max_batch)
         except GptExportError as e:  # a tampered file, a missing backend: the model does not load
             raise pb_utils.TritonModelException(f"error: {e}") from None
-        self.model.start(on_bug=lambda e: self.log.log_error(f"gptexport: {traceback.format_exc()}"))
+        on_bug = lambda e: self.log.log_error(f"gptexport: {traceback.format_exc()}")  # noqa: E731
+        self.responder = Responder(on_bug)
+        self.model.start(on_bug=on_bug)
         self.log.log_info(f"gptexport: {args['model_name']} instance {args.get('model_instance_name')}: "
                           f"{version_dir} on {self.model.runner.name}, {threads} thread(s), "
                           f"up to {max_batch} sequences in flight")
@@ -166,6 +218,7 @@ class TritonPythonModel:
 
     def finalize(self) -> None:
         self.model.close()
+        self.responder.close()
 
     def _admit(self, request, sender) -> None:
         inputs = {t.name(): t.as_numpy() for t in request.inputs()}
@@ -183,7 +236,7 @@ class TritonPythonModel:
                     seq = holder[0]
                     start, sent[0] = sent[0], sent[0] + len(ids)
                     lp = seq.logprobs[start:sent[0]] if params.logprobs else None
-                    sender.send(self._response(response_tensors(
+                    self.responder.send(sender, self._response(response_tensors(
                         ids, text, len(req.prompt_ids), sent[0], lp, sum(seq.logprobs[:sent[0]]) if lp is not None
                         else None, index if several else None)))
                 else:
@@ -198,11 +251,12 @@ class TritonPythonModel:
                 except Exception:
                     self.log.log_error(f"gptexport: {traceback.format_exc()}")
 
-            holder.append(self.model.submit(req, emit, cancelled=_at_most_every(CANCEL_CHECK_S, sender.is_cancelled),
+            holder.append(self.model.submit(req, emit, cancelled=cancelled.is_set,
                                             notice=lambda msg: self.log.log_info(f"gptexport: {msg}"),
                                             on_done=done, params=params))
             ready.set()
 
+        cancelled = self.responder.watch(sender)
         for i, params in enumerate(req.sequence_params()):
             submit(i, params)
 
@@ -230,14 +284,11 @@ class TritonPythonModel:
         if last:
             self._final(sender, response)
         elif response is not None:
-            sender.send(response)
+            self.responder.send(sender, response)
 
     def _final(self, sender, response) -> None:
-        flags = self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-        if response is None:
-            sender.send(flags=flags)
-        else:
-            sender.send(response, flags=flags)
+        """The request's last response (or the final flag alone), after all it queued before."""
+        self.responder.send(sender, response, self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL, forget=True)
 
     def _response(self, arrays: dict[str, np.ndarray]):
         return self.pb.InferenceResponse(output_tensors=[self.pb.Tensor(k, v) for k, v in arrays.items()])

@@ -104,7 +104,7 @@ instance_group [ {{ count: {instances} kind: {BACKENDS[backend]} }} ]
 parameters {{ key: "backend" value: {{ string_value: "{backend}" }} }}
 parameters {{ key: "max_tokens" value: {{ string_value: "{max_tokens}" }} }}  # the most a request may ask for
 parameters {{ key: "max_batch" value: {{ string_value: "{max_batch}" }} }}  # sequences in flight per instance; more queue
-parameters {{ key: "threads" value: {{ string_value: "0" }} }}  # per instance; 0: the cores less one, shared among instances
+parameters {{ key: "threads" value: {{ string_value: "0" }} }}  # per instance; 0: the cores, shared among instances
 '''
 
 

@@ -80,3 +80,22 @@ def test_top_k_zero_means_no_top_k():
     assert SamplingParams(1.0, 0) == SamplingParams(1.0, None)
     logits = np.random.default_rng(1).standard_normal((3, 50))
     np.testing.assert_array_equal(logits_to_probs(logits, 1.0, SamplingParams(1.0, 0).top_k), logits_to_probs(logits))
+
+
+def test_the_sparse_top_k_draw_is_the_dense_one():
+    """next_token's fast path (sampling among the top-k only) picks what logits_to_probs + sample pick."""
+    from gptexport.runtime.sampling import SPARSE_TOP_K
+
+    draws = 0
+    for seed in range(60):
+        rng = np.random.default_rng(seed)
+        logits = (rng.standard_normal((3, 4096)) * 3).astype(np.float32)
+        if seed % 3 == 0:
+            logits = np.round(logits)  # many ties at the k-th largest
+        for params in (SamplingParams(0.8, 200), SamplingParams(1.3, 40, 0.9), SamplingParams(0.5, 4096 // SPARSE_TOP_K, 0.5)):
+            fast = next_token(logits, params, np.random.default_rng(seed + 1))
+            dense = sample(logits_to_probs(logits, params.temperature, params.top_k, params.top_p),
+                           np.random.default_rng(seed + 1))
+            assert (fast == dense).all(), (seed, params)
+            draws += 3
+    assert draws == 540

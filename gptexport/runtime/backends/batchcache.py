@@ -3,8 +3,9 @@
 One allocation holds every past buffer, (rows, n_head, capacity, head_dim) each, back to back
 (each tensor's bytes rounded up so that tensors stay a whole number of head rows apart, which is
 what lets one 3-D copy cross every layer at once). A sequence lives in one row while it runs:
-- `prefill(row, ids)`: its prompt (or its cropped window) through the graph alone, batch 1 with an
-  empty past; the new keys/values go into its row at positions 0..T-1 (one copy).
+- `prefill(row, ids)`: its prompt (or its cropped window) through the graph, batch 1 with an
+  empty past; the new keys/values go into its row at positions 0..T-1 (one copy). Windows of the
+  same length (every sequence past block_size has one of block_size) go in one forward, one row each.
 - `decode(ids)`: one token for each of rows 0..n-1 in ONE forward, every row at its own length
   (the graph's past_length is per row); each row's new key/value goes to its own position: one 3-D
   copy per row, across all layers. Rows are kept packed at 0..n-1 by the scheduler (`move`), so
@@ -215,31 +216,36 @@ class BatchCache:
     # ---- forwards ----
 
     def prefill(self, row: int, ids: np.ndarray) -> np.ndarray:
-        """Row `row` starts afresh with `ids` (T,): one forward of batch 1; the last position's (V,) logits."""
-        ids = np.ascontiguousarray(ids, dtype=np.int64)[None]
-        T = ids.shape[1]
-        if T > self.capacity:
-            raise GptExportError(f"internal error: a prefill of {T} tokens in a cache of {self.capacity}")
+        """Rows row..row+n-1 start afresh with `ids` ((T,) for one row, or (n, T) of one length), in one
+        forward with an empty past; the last position's logits, (V,) or (n, V)."""
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        one = ids.ndim == 1
+        ids = ids[None] if one else ids
+        n, T = ids.shape
+        if T > self.capacity or row + n > self.rows:
+            raise GptExportError(f"internal error: a prefill of {n} x {T} tokens at row {row} in a cache of "
+                                 f"{self.rows} x {self.capacity}")
         m, spec = self.memory, self.spec
-        host = {"input_ids": ids, "past_length": np.zeros(1, np.int64), "logit_positions": np.array([T - 1])}
-        ins, outs = step_shapes(spec, 1, T, 0, 1), output_shapes(spec, 1, T, 1)
+        host = {"input_ids": ids, "past_length": np.zeros(n, np.int64), "logit_positions": np.array([T - 1])}
+        ins, outs = step_shapes(spec, n, T, 0, 1), output_shapes(spec, n, T, 1)
         pitch = T * self.config.head_dim * self.itemsize
-        new_stride = tensor_stride(self.config.n_head * pitch, pitch)
+        new_stride = tensor_stride(n * self.config.n_head * pitch, pitch)
         logits = np.empty(outs["logits"], np.float32)
         with m.lock:
             addresses = {name: self.scratch.get(name, a.nbytes) for name, a in host.items()}
             for name, array in host.items():
                 m.upload(addresses[name], array)
-            addresses.update(self.past)  # an empty past (shape (1, nh, 0, hs)): any valid address
+            addresses.update(self.past)  # an empty past (shape (n, nh, 0, hs)): any valid address
             new = self.scratch.get("new", len(spec.past_names) * new_stride)
             addresses.update({n.replace("past_", "new_", 1): new + i * new_stride for i, n in enumerate(spec.past_names)})
             addresses["logits"] = self.scratch.get("logits", nbytes(outs["logits"], np.float32))
             self.run(None, ins, outs, addresses)
-            m.copy3d(self.block, new, self._append_plan(row, 0, 0, T, new_stride))
+            for r in range(n):
+                m.copy3d(self.block, new, self._append_plan(row + r, 0, r, T, new_stride))
             m.download(logits, addresses["logits"])
             m.synchronize()
-        self.lengths[row] = T
-        return logits[0, 0]
+        self.lengths[row:row + n] = T
+        return logits[0, 0] if one else logits[:, 0]
 
     def decode(self, ids: np.ndarray) -> np.ndarray:
         """One token for each of rows 0..n-1 (ids (n,)), each at its own length; (n, V) logits, a view
