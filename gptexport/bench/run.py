@@ -10,10 +10,15 @@ Every runtime generates greedily from the same random prompts with the same weig
   transformers   GPT2LMHeadModel.generate with its KV cache (optional: skipped when not installed);
                  transformers-cuda: the same on the GPU, in the model directory's dtype, when GPU
                  backends are benchmarked and torch has CUDA
+  llama.cpp, CTranslate2
+                 the peers (bench/peers.py), when scripts/prepare_peers.sh has installed them and the
+                 Hugging Face directory of the same weights is given (`hf_dir`, or `ckpt` when it is
+                 one): their own converters make their models, their own tools time them; skipped
+                 with a note otherwise
 Each measurement runs in its own subprocess (`python -m gptexport.bench.worker JOB`), so its peak
 RSS is that runtime's alone. Every token is time-stamped as it is sampled: time to first token
 (prefill), then the mean time per token of the rest (decode). Every runtime is measured once per
-round, for several rounds; medians over the rounds are reported. Next to them, the machine's
+round, for several rounds; medians over the rounds are reported, with their min-max bands. Next to them, the machine's
 memory bandwidth (an array copy and an array read) and the decode rate it allows at most:
 bandwidth / the weight bytes read per token. Ratios within one run are the headline; absolute
 numbers vary by machine. Never imports torch itself: only the nanoGPT and transformers workers do.
@@ -58,6 +63,9 @@ class BenchConfig:
     seed: int = 0
     backends: tuple[str, ...] = ("onnxruntime",)  # and/or GPU_BACKENDS
     cuda_graphs: tuple[bool, ...] = (True,)  # the GPU backends' decode with CUDA graphs, without, or both
+    peers: bool = True  # llama.cpp and CTranslate2, when installed and hf_dir (or an HF ckpt) is given
+    peers_dir: str | None = None  # where peers.json is [default: $GPTEXPORT_PEERS or ~/.cache/gptexport-peers]
+    hf_dir: str | None = None  # the Hugging Face directory the model directory was converted from
 
 
 @dataclass
@@ -75,19 +83,22 @@ class Result:
     note: str = ""
 
 
-def run_worker(job: dict, max_others: float | None = None, attempts: int = 3) -> dict:
+def run_worker(job: dict, max_others: float | None = None, attempts: int = 3,
+               once: Callable[[dict], tuple[dict, float]] | None = None) -> dict:
     """`measure(job)` in a fresh Python, so imports, weights and peak RSS are its own.
 
     On a shared machine other processes can steal the cores mid-measurement. The CPU time the rest
     of the machine used during the job is measured (/proc/stat minus the worker's own rusage) and
     recorded as `others_cpu`. With `max_others`, a job above that share of the machine waits for a
-    quiet moment and runs again, up to `attempts` times in all (the last result is kept).
+    quiet moment and runs again, up to `attempts` times in all (the last result is kept). `once`
+    runs the job and returns (its result, the CPU seconds it used): the gptexport worker by default,
+    peers.run_job for the peers.
     """
     for _ in range(attempts if max_others is not None else 1):
         if max_others is not None:
             _wait_for_quiet(max_others)
         before = _cpu_seconds()
-        result, own = _run_once(job)
+        result, own = (once or _run_once)(job)
         busy, total = (a - b for a, b in zip(_cpu_seconds(), before))
         result["others_cpu"] = max(0.0, (busy - own) / total) if total > 0 else 0.0
         if max_others is None or result["others_cpu"] <= max_others:
@@ -177,7 +188,8 @@ def weight_bytes(onnx_path: Path) -> tuple[int, int]:
     return total, streamed
 
 
-def precision_dirs(model_dir: Path, precisions: tuple[str, ...], work_dir: Path) -> dict[str, Path]:
+def precision_dirs(model_dir: Path, precisions: tuple[str, ...], work_dir: Path,
+                   progress: Callable[[str], None] = print) -> dict[str, Path]:
     """fp32 is the model directory itself; int8/int4 are quantized into work_dir once and reused."""
     from ..artifacts.modeldir import load_model_dir
     from ..convert.quantize import quantize, source_files
@@ -194,7 +206,7 @@ def precision_dirs(model_dir: Path, precisions: tuple[str, ...], work_dir: Path)
         except (GptExportError, KeyError):
             fresh = False
         if not fresh:
-            quantize(model_dir, out, p, force=True)
+            quantize(model_dir, out, p, force=True, progress=progress)
         dirs[p] = out
     return dirs
 
@@ -213,8 +225,11 @@ def run_bench(model_dir: str | Path, ckpt: str | Path | None = None, config: Ben
     bad = [b for b in config.backends if b != "onnxruntime" and b not in GPU_BACKENDS]
     if bad:
         raise UsageError(f"--backend {bad[0]!r} is not one of onnxruntime, {', '.join(GPU_BACKENDS)}")
-    runtimes, notes = _runtimes(model_dir, md, ckpt, config, precisions, Path(work_dir) if work_dir else model_dir.parent)
+    runtimes, notes = _runtimes(model_dir, md, ckpt, config, precisions, Path(work_dir) if work_dir else model_dir.parent,
+                                progress)
     rounds = []
+    for runtime in runtimes:
+        progress(f"{runtime.name} {runtime.weights}: {runtime.path}")
     for i in range(config.rounds):
         progress(f"round {i + 1} of {config.rounds}")
         bandwidth = memory_bandwidth(config.threads)
@@ -224,7 +239,8 @@ def run_bench(model_dir: str | Path, ckpt: str | Path | None = None, config: Ben
         rounds.append({"memory_bandwidth_bytes_s": bandwidth, "results": [asdict(r) for r in results]})
     return {"config": asdict(config), "model": {"path": str(model_dir), **md.config.to_dict()},
             "memory_bandwidth_bytes_s": _medians([r["memory_bandwidth_bytes_s"] for r in rounds]), "notes": notes,
-            "results": [_medians([r["results"][i] for r in rounds]) for i in range(len(runtimes))],
+            "results": [{**_medians(per), "bands": _bands(per)}
+                        for per in ([r["results"][i] for r in rounds] for i in range(len(runtimes)))],
             "rounds": rounds, "machine": _machine()}
 
 
@@ -237,18 +253,19 @@ class Runtime:
     path: str
     sizes: tuple[int, int] | None = None  # (weight bytes, weight bytes per token) of an ONNX model
     device: str = "cpu"
-    job: dict = field(default_factory=dict)  # extra job settings: cuda_graphs, dtype
+    job: dict = field(default_factory=dict)  # extra job settings: cuda_graphs, dtype, a peer's tools
     variant: str = ""
+    peer: bool = False  # measured by peers.run_job, not the gptexport worker
 
 
 def _runtimes(model_dir: Path, md, ckpt, config: BenchConfig, precisions: tuple[str, ...],
-              work_dir: Path) -> tuple[list[Runtime], list[str]]:
+              work_dir: Path, progress: Callable[[str], None] = lambda m: None) -> tuple[list[Runtime], list[str]]:
     """The rows to measure, and notes on what was skipped and why."""
     from ..artifacts.modeldir import load_model_dir
 
     runtimes, notes = [], []
     if "onnxruntime" in config.backends:
-        dirs = precision_dirs(model_dir, precisions, work_dir)
+        dirs = precision_dirs(model_dir, precisions, work_dir, progress)
         runtimes += [Runtime("gptexport-ort", p, str(d), weight_bytes(load_model_dir(d, verify=False).onnx_path))
                      for p, d in dirs.items()]
     for backend in (b for b in config.backends if b in GPU_BACKENDS):
@@ -258,12 +275,20 @@ def _runtimes(model_dir: Path, md, ckpt, config: BenchConfig, precisions: tuple[
                                     job={"cuda_graphs": graphs}, variant=variant))
     if ckpt is None:
         notes.append("nanoGPT and transformers skipped: no --ckpt given")
-        return runtimes, notes
+    else:
+        _baselines(runtimes, notes, md, ckpt, config)
+    if config.peers and "onnxruntime" in config.backends:
+        _peers(runtimes, notes, md, ckpt, config, precisions, work_dir, progress)
+    return runtimes, notes
+
+
+def _baselines(runtimes: list[Runtime], notes: list[str], md, ckpt, config: BenchConfig) -> None:
+    """nanoGPT's generate and transformers' on the checkpoint (transformers also on the GPU)."""
     if "onnxruntime" in config.backends:
         runtimes.append(Runtime("nanoGPT", "fp32", str(ckpt)))
     if not _has_transformers():
         notes.append("transformers skipped: not installed (pip install transformers)")
-        return runtimes, notes
+        return
     if "onnxruntime" in config.backends:
         runtimes.append(Runtime("transformers", "fp32", str(ckpt)))
     if any(b in GPU_BACKENDS for b in config.backends):
@@ -271,7 +296,47 @@ def _runtimes(model_dir: Path, md, ckpt, config: BenchConfig, precisions: tuple[
             runtimes.append(Runtime("transformers-cuda", md.dtype, str(ckpt), device="cuda", job={"dtype": md.dtype}))
         else:
             notes.append(f"transformers on the GPU skipped: torch without CUDA here, or a {md.dtype} model")
-    return runtimes, notes
+
+
+def _peers(runtimes: list[Runtime], notes: list[str], md, ckpt, config: BenchConfig, precisions: tuple[str, ...],
+           work_dir: Path, progress: Callable[[str], None]) -> None:
+    """llama.cpp's and CTranslate2's rows at our precisions, their models converted from the same
+    Hugging Face directory."""
+    from . import peers
+
+    found, missing = peers.find_peers(config.peers_dir)
+    notes += missing
+    hf_dir = Path(config.hf_dir) if config.hf_dir else None
+    if hf_dir is None and ckpt is not None and (Path(ckpt) / "config.json").is_file():
+        hf_dir = Path(ckpt)  # an HF directory as the checkpoint: the peers convert the same one
+    if found and hf_dir is None:
+        notes += [f"{name} skipped: no --hf-dir given (the Hugging Face directory OUTDIR was converted from, "
+                  "which the peers convert with their own tools)" for name in found]
+        return
+    if found and hf_dir.name != (md.manifest.get("source") or {}).get("checkpoint", hf_dir.name):
+        notes.append(f"the peers' models come from {hf_dir}, but OUTDIR was converted from "
+                     f"{md.manifest['source']['checkpoint']!r}: check that they hold the same weights")
+    for name, tools in found.items():
+        wanted = {peers.SAME_PRECISION[name].get(p) for p in precisions} - {None}
+        if not wanted:
+            notes.append(f"{name} skipped: none of its weights is at the precisions asked for ({', '.join(precisions)})")
+            continue
+        try:
+            models = peers.prepare_models(name, tools, hf_dir, work_dir, progress)
+        except GptExportError as e:
+            notes.append(f"{name} skipped: {e}")
+            continue
+        runtimes += [Runtime(name, m.weights, str(m.path), (m.weight_bytes, None), job={"tools": tools, "weights": m.weights},
+                             peer=True) for m in models if m.weights in wanted]
+
+
+def _bands(items: list):
+    """The element-wise [min, max] of equally shaped dicts of numbers (None where not a number)."""
+    first = items[0]
+    if isinstance(first, dict):
+        return {k: _bands([it[k] for it in items if k in it]) for k in first}
+    nums = [x for x in items if isinstance(x, (int, float)) and not isinstance(x, bool) and x == x]
+    return [min(nums), max(nums)] if nums and len(nums) == len(items) else None
 
 
 def _medians(items: list):
@@ -290,9 +355,11 @@ def _bench_runtime(c, runtime: Runtime, config: BenchConfig, progress: Callable[
     base = {"runtime": runtime.name, "path": runtime.path, "threads": config.threads, "seed": config.seed,
             "vocab_size": c.vocab_size, "repeats": config.repeats, "budget_s": config.budget_s,
             "device": runtime.device, **runtime.job}
+    once = _peer_job if runtime.peer else None
     for b in config.batches:
         job = {**base, "batch": b, "prompt_tokens": config.prompt_tokens, "new_tokens": config.new_tokens}
-        m = run_worker(job, config.max_others)
+        m = run_worker(job, config.max_others, once=once)
+        result.note = m.get("about", result.note)
         keys = ("prefill_tok_s", "decode_tok_s", "ttft_ms", "peak_rss_mb", "others_cpu")
         result.by_batch[str(b)] = {k: m[k] for k in keys}
         progress(f"{name} {weights} batch {b}: decode {m['decode_tok_s']:.1f} tok/s, "
@@ -300,12 +367,19 @@ def _bench_runtime(c, runtime: Runtime, config: BenchConfig, progress: Callable[
                  f"(others used {m['others_cpu']:.0%} of the CPU)")
     for ctx in config.contexts:
         if ctx + config.context_new_tokens > c.block_size:
-            result.note = f"contexts beyond block_size {c.block_size} skipped"
+            skipped = f"contexts beyond block_size {c.block_size} skipped"
+            result.note = result.note if skipped in result.note else "; ".join(filter(None, [result.note, skipped]))
             continue
-        job = {**base, "batch": 1, "prompt_tokens": ctx, "new_tokens": config.context_new_tokens + 1}
-        result.ms_per_token_at[str(ctx)] = run_worker(job, config.max_others)["ms_per_token"]
+        job = {**base, "batch": 1, "prompt_tokens": ctx, "new_tokens": config.context_new_tokens + 1, "context": True}
+        result.ms_per_token_at[str(ctx)] = run_worker(job, config.max_others, once=once)["ms_per_token"]
         progress(f"{name} {weights} context {ctx}: {result.ms_per_token_at[str(ctx)]:.1f} ms/token")
     return result
+
+
+def _peer_job(job: dict) -> tuple[dict, float]:
+    from . import peers
+
+    return peers.run_job(job)
 
 
 def _has_transformers() -> bool:

@@ -290,21 +290,31 @@ def quantize(model_dir: Path, out_dir: Path, method: str | None, force: bool, ev
 @click.option("--repeats", type=click.IntRange(min=1), default=1, show_default=True, help="Timed runs per round.")
 @click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True)
 @click.option("--work-dir", type=click.Path(path_type=Path), default=None,
-              help="Where the int8/int4 model directories are made [default: beside OUTDIR].")
+              help="Where the int8/int4 model directories and the peers' models are made [default: beside OUTDIR].")
+@click.option("--hf-dir", type=click.Path(path_type=Path), default=None,
+              help="The Hugging Face directory OUTDIR was converted from: llama.cpp and CTranslate2 convert it with "
+                   "their own tools and are timed beside us [default: --ckpt when it is one].")
+@click.option("--peers", "peers_dir", type=click.Path(path_type=Path), default=None,
+              help="Where scripts/prepare_peers.sh put the peers (peers.json) "
+                   "[default: $GPTEXPORT_PEERS or ~/.cache/gptexport-peers].")
+@click.option("--no-peers", is_flag=True, help="Leave llama.cpp and CTranslate2 out.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of a table.")
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None, help="Write a PNG plot.")
 def bench(model_dir: Path, ckpt: Path | None, backends: tuple[str, ...], cuda_graphs: str,
           precisions: tuple[str, ...], batches: tuple[int, ...],
           prompt_tokens: int, new_tokens: int, contexts: tuple[int, ...], rounds: int, repeats: int, threads: int,
-          work_dir: Path | None, as_json: bool, plot_path: Path | None) -> None:
-    """Benchmark OUTDIR on ONNX Runtime (fp32, int8, int4) or GPU backends against nanoGPT and transformers."""
+          work_dir: Path | None, hf_dir: Path | None, peers_dir: Path | None, no_peers: bool, as_json: bool,
+          plot_path: Path | None) -> None:
+    """Benchmark OUTDIR on ONNX Runtime (fp32, int8, int4) or GPU backends against nanoGPT, transformers,
+    llama.cpp and CTranslate2 (the peers: installed by scripts/prepare_peers.sh, else skipped with a note)."""
     from ..bench import report as r
     from ..bench import run as b
 
     graphs = {"on": (True,), "off": (False,), "both": (True, False)}[cuda_graphs]
     config = b.BenchConfig(prompt_tokens=prompt_tokens, new_tokens=new_tokens, batches=batches or (1, 8),
                            contexts=contexts or (64, 900), rounds=rounds, repeats=repeats, threads=threads,
-                           backends=backends or ("onnxruntime",), cuda_graphs=graphs)
+                           backends=backends or ("onnxruntime",), cuda_graphs=graphs, peers=not no_peers,
+                           peers_dir=str(peers_dir) if peers_dir else None, hf_dir=str(hf_dir) if hf_dir else None)
     report = b.run_bench(model_dir, ckpt, config, precisions or b.PRECISIONS, work_dir,
                          progress=lambda msg: click.echo(msg, err=True))
     click.echo(json.dumps(report, indent=2) if as_json else r.table(report))

@@ -27,7 +27,7 @@ REPORT = {
 
 def test_table_shows_ratios_and_the_floor():
     text = render.table(REPORT)
-    assert "| gptexport-ort | fp32 | 90.0 | 10.0× | – | 0.90 | 1.80 |" in text
+    assert "| gptexport-ort | fp32 | 90.0 | 10.0× | – | – | – | 0.90 | 1.80 |" in text  # no peers: – –
     assert "| 11.0 | 12.1 | 1.10 |" in text
     assert "copy 40.0 GB/s (read + write), read 20.0 GB/s" in text
     assert "fp32: 400 MB/token -> 100 tok/s (copy), 50 tok/s (read); peak RSS at batch 1 = 1.20× the 500 MB" in text
@@ -82,6 +82,7 @@ def test_run_bench_on_a_tiny_model(tiny_model_dir, tiny_ckpt, tmp_path):
         assert set(r["by_batch"]) == {"2"} and set(r["ms_per_token_at"]) == {"4"}  # 15 + 2 > block_size 16
         assert "beyond block_size" in r["note"]
     assert "| gptexport-ort | fp32 |" in render.table(report)
+    assert set(report["results"][0]["bands"]["by_batch"]["2"]) >= {"decode_tok_s", "prefill_tok_s"}
 
 
 def test_a_disturbed_job_runs_again(monkeypatch):
