@@ -9,7 +9,8 @@
 #
 #   llama/      llama.cpp, taken from the llama-cpp-python *sdist* on PyPI (which vendors the
 #               whole llama.cpp tree, convert_hf_to_gguf.py and gguf-py included), built with
-#               CMake: llama-bench, llama-batched-bench, llama-server, llama-quantize, llama-cli.
+#               CMake: llama-bench, llama-batched-bench, llama-server, llama-quantize, llama-cli;
+#               on a CPU with AMX also build-amx/bin/llama-bench (batch-1 decode with AMX).
 #   venvs/llama-convert/   python for convert_hf_to_gguf.py (gguf-py from the same tree).
 #   venvs/ct2/             CTranslate2 + ct2-transformers-converter.
 #   venvs/genai-perf/      genai-perf + tritonclient's perf_analyzer binary (Triton load tests).
@@ -72,6 +73,7 @@ mkdir -p "$PEERS/bin" "$PEERS/venvs" "$PEERS/logs"
 PYTHON="${PYTHON:-python3}"
 LLAMA_SRC="$PEERS/llama/llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION/vendor/llama.cpp"
 LLAMA_BUILD="$LLAMA_SRC/build"
+LLAMA_AMX_BUILD="$LLAMA_SRC/build-amx"
 LLAMA_BINS="llama-bench llama-batched-bench llama-server llama-quantize llama-cli"
 CONVERT_VENV="$PEERS/venvs/llama-convert"
 CT2_VENV="$PEERS/venvs/ct2"
@@ -171,6 +173,10 @@ part_llama() {
   # (arch_prctl(ARCH_REQ_XCOMP_PERM) + ldtilecfg in a 10-line probe are fine). So AMX is turned off
   # unless LLAMA_AMX=ON: the rest of -march=native (AVX-512, VNNI, BF16) stays, GCC lets an
   # explicit -mno-amx-* win over -march=native whatever their order.
+  # What crashes is the multi-row (tile) path only: one token at a time (llama-bench -p 0 -n N)
+  # runs, on the AMX buffer's repacked weights, and is 1.3-1.5x faster at q8_0/q4_0 on this CPU
+  # than the build without AMX. So a second llama-bench is built with AMX kept
+  # (build-amx/, llama_amx_bench below): the bench takes batch-1 decode from it, llama.cpp's best.
   # (The macros go through a variable: `cc ... | grep -q` under pipefail fails at random when grep
   # exits first and cc gets SIGPIPE -- that once built AMX in silently.)
   local cflags="" native_macros
@@ -212,6 +218,7 @@ part_llama() {
     die "llama-bench still contains AMX code although $cflags was set: rm -rf $LLAMA_BUILD and rerun"
   fi
   "$LLAMA_BUILD/bin/llama-bench" --help >/dev/null
+  [[ -z "$cflags" ]] || llama_amx_bench
 
   # Python for convert_hf_to_gguf.py. It imports torch, numpy, gguf (the script puts the tree's
   # gguf-py first on sys.path itself) and, through conversion/, transformers (AutoTokenizer for
@@ -230,6 +237,24 @@ EOF
   mark_done llama
 }
 
+# llama-bench with ggml's AMX backend kept (see the AMX comment in part_llama): only its batch-1
+# decode runs, and the bench uses it for that alone. On ggml's own thread pool (GGML_OPENMP=OFF):
+# measured here, q8_0/q4_0 decode 115/160 tok/s against 83/122 with OpenMP (without AMX the
+# thread pool made no difference: 73/114 against 74/108).
+llama_amx_bench() {
+  [[ -x "$LLAMA_AMX_BUILD/bin/llama-bench" ]] && grep -q '^GGML_OPENMP:BOOL=OFF' "$LLAMA_AMX_BUILD/CMakeCache.txt" && return 0
+  log "llama: llama-bench with AMX, for batch-1 decode (~5 min; log: $PEERS/logs/llama-amx-build.log)"
+  cmake -S "$LLAMA_SRC" -B "$LLAMA_AMX_BUILD" "${gen[@]}" \
+    -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_BUILD_UI=OFF \
+    -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_APP=OFF \
+    -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=OFF -DGGML_NATIVE=ON -DGGML_OPENMP=OFF -DGGML_CCACHE=OFF \
+    -DBUILD_SHARED_LIBS=OFF > "$PEERS/logs/llama-amx-build.log" 2>&1 \
+    && cmake --build "$LLAMA_AMX_BUILD" --config Release -j "$JOBS" --target llama-bench \
+      >> "$PEERS/logs/llama-amx-build.log" 2>&1 \
+    || { tail -40 "$PEERS/logs/llama-amx-build.log" >&2; die "llama-bench with AMX failed to build (log: $PEERS/logs/llama-amx-build.log)"; }
+  "$LLAMA_AMX_BUILD/bin/llama-bench" --help >/dev/null
+}
+
 # A llama part done by an older version of this script lacks the binaries added since (e.g.
 # llama-batched-bench): build just those, in the existing build dir (its libraries are reused).
 llama_add_missing() {
@@ -241,6 +266,16 @@ llama_add_missing() {
   cmake --build "$LLAMA_BUILD" --config Release -j "$JOBS" --target "${missing[@]}" \
     >> "$PEERS/logs/llama-build.log" 2>&1 || { tail -40 "$PEERS/logs/llama-build.log" >&2; die "building ${missing[*]} failed"; }
   for b in "${missing[@]}"; do ln -sfn "$LLAMA_BUILD/bin/$b" "$PEERS/bin/$b"; done
+}
+
+# the AMX llama-bench, for a llama part done before it was added (an AMX CPU, LLAMA_AMX not ON)
+llama_add_amx() {
+  local gen=()
+  command -v ninja >/dev/null && gen=(-G Ninja)
+  if [[ "${LLAMA_AMX:-OFF}" != ON && "${LLAMA_NATIVE:-ON}" == ON \
+        && "$("${CC:-cc}" -march=native -dM -E - </dev/null 2>/dev/null || true)" == *__AMX_INT8__* ]]; then
+    llama_amx_bench
+  fi
 }
 
 # ---- b. CTranslate2 -------------------------------------------------------------------------
@@ -325,7 +360,7 @@ for part in llama ct2 genai-perf; do
   selected "$part" || continue
   if done_already "$part"; then
     log "$part: already done ($PEERS/.done-$part); --force to redo"
-    [[ "$part" != llama ]] || llama_add_missing
+    [[ "$part" != llama ]] || { llama_add_missing; llama_add_amx; }
     continue
   fi
   case "$part" in
@@ -339,6 +374,7 @@ done
 "$PYTHON" - "$PEERS" \
   llama-bench="$LLAMA_BUILD/bin/llama-bench" \
   llama-batched-bench="$LLAMA_BUILD/bin/llama-batched-bench" \
+  llama-bench-amx="$LLAMA_AMX_BUILD/bin/llama-bench" \
   llama-server="$LLAMA_BUILD/bin/llama-server" \
   llama-quantize="$LLAMA_BUILD/bin/llama-quantize" \
   llama-cli="$LLAMA_BUILD/bin/llama-cli" \

@@ -8,7 +8,9 @@ own tools, once (they are remade when the directory's weights are newer):
                default mix: q4_0 keeps the tied token_embd/output tensor in q6_K)
   CTranslate2  ct2-transformers-converter --quantization float32 and int8
 and measures them:
-  llama.cpp    batch 1: llama-bench -p PROMPT -n NEW (prefill pp, decode tg); decode cost at a
+  llama.cpp    batch 1: llama-bench -p PROMPT -n NEW (prefill pp, decode tg); where prepare_peers.sh
+               built llama-bench-amx (a CPU with AMX), decode tg from that one (-p 0 -n NEW);
+               decode cost at a
                context: llama-bench -p 0 -n K -d CONTEXT; batch B: llama-batched-bench -npp PROMPT
                -ntg NEW -npl B (prompts not shared). Random tokens, no sampling: llama.cpp's tools
                time the forward passes only.
@@ -42,9 +44,13 @@ NAMES = (LLAMA, CT2)
 TOOLS = {LLAMA: ("llama-bench", "llama-batched-bench", "llama-quantize", "convert_hf_to_gguf.py",
                  "convert_hf_to_gguf-python"),
          CT2: ("ct2-transformers-converter", "ct2-python")}
+OPTIONAL = {LLAMA: ("llama-bench-amx",)}  # used where listed
 WEIGHTS = {LLAMA: ("f32", "q8_0", "q4_0"), CT2: ("fp32", "int8")}
 # our precision -> the peer's weights at the same precision
 SAME_PRECISION = {LLAMA: {"fp32": "f32", "int8": "q8_0", "int4": "q4_0"}, CT2: {"fp32": "fp32", "int8": "int8"}}
+# ggml's AMX backend crashes on more than one row at a time in this llama.cpp (ggml-org/llama.cpp#20824)
+# and runs one: its batch-1 decode is llama.cpp's fastest here, so it is taken where prepared
+AMX_NOTE = "from an empty context; its prompts, contexts and batches crash: ggml-org/llama.cpp#20824"
 CT2_QUANTIZATION = {"fp32": "float32", "int8": "int8"}
 HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 CT2_BASE_TOKENS = 16  # decode rate = (time for BASE + N new tokens - time for BASE) / N
@@ -79,6 +85,8 @@ def find_peers(explicit: str | Path | None = None) -> tuple[dict[str, dict[str, 
             notes.append(f"{name} skipped: {why} (run {PREPARE})")
         else:
             found[name] = {t: str(paths[t]) for t in TOOLS[name]}
+            found[name].update({t: str(paths[t]) for t in OPTIONAL.get(name, ())
+                                if t in paths and os.access(str(paths[t]), os.X_OK)})
     return found, notes
 
 
@@ -235,6 +243,18 @@ def _llama_job(job: dict) -> tuple[dict, float]:
         tg = _llama_bench_rate(out, "tg")
         return {"prefill_tok_s": float("nan"), "decode_tok_s": tg, "ttft_ms": float("nan"), "ms_per_token": 1e3 / tg,
                 "runs": reps, "peak_rss_mb": rss, "about": _llama_about(out)}, cpu
+    if B == 1 and tools.get("llama-bench-amx"):
+        # prefill from the build without AMX, decode from the one with it (only its one-row path runs)
+        cmd = [tools["llama-bench"], "-m", job["path"], "-p", str(T), "-n", "0", "-t", str(threads),
+               "-r", str(reps), "-o", "json"]
+        out, cpu, rss = _run(cmd, threads, what)
+        cmd = [tools["llama-bench-amx"], "-m", job["path"], "-p", "0", "-n", str(n), "-t", str(threads),
+               "-r", str(reps), "-o", "json"]
+        out_amx, cpu_amx, rss_amx = _run(cmd, threads, what + " (AMX)")
+        pp, tg = _llama_bench_rate(out, "pp"), _llama_bench_rate(out_amx, "tg")
+        return {"prefill_tok_s": pp, "decode_tok_s": tg, "ttft_ms": 1e3 * T / pp, "ms_per_token": 1e3 / tg,
+                "runs": reps, "peak_rss_mb": max(rss, rss_amx),
+                "about": _llama_about(out) + f"; batch-1 decode from the AMX build ({AMX_NOTE})"}, cpu + cpu_amx
     if B == 1:
         cmd = [tools["llama-bench"], "-m", job["path"], "-p", str(T), "-n", str(n), "-t", str(threads),
                "-r", str(reps), "-o", "json"]

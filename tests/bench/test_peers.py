@@ -125,7 +125,7 @@ def fake_peers(tmp_path):
 tests = []
 p, n = int(sys.argv[sys.argv.index('-p') + 1]), int(sys.argv[sys.argv.index('-n') + 1])
 if p: tests.append({"n_prompt": p, "n_gen": 0, "avg_ts": 400.0, "samples_ts": [400.0]})
-tests.append({"n_prompt": 0, "n_gen": n, "avg_ts": 80.0, "samples_ts": [80.0], "build_commit": "fake", "type_k": "f16", "type_v": "f16"})
+if n: tests.append({"n_prompt": 0, "n_gen": n, "avg_ts": 80.0, "samples_ts": [80.0], "build_commit": "fake", "type_k": "f16", "type_v": "f16"})
 print(json.dumps(tests))
 """),
         "llama-batched-bench": _tool(d / "llama-batched-bench", """
@@ -189,3 +189,28 @@ def test_ct2_worker_runs_in_the_ct2_python():
     code = f"import runpy; m = runpy.run_path({str(Path(ct2_worker.__file__))!r}); print(callable(m['measure']))"
     out = subprocess.run([found["CTranslate2"]["ct2-python"], "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "True", out.stderr
+
+
+def test_batch1_decode_comes_from_the_amx_llama_bench_where_listed(tmp_path, fake_peers):
+    """With llama-bench-amx in peers.json: prefill from llama-bench (-n 0), decode from the AMX one
+    (-p 0, its only path that runs); contexts and batches stay on the build without AMX."""
+    tools = json.loads((fake_peers / "peers.json").read_text())
+    log = tmp_path / "calls.jsonl"
+    tools["llama-bench-amx"] = _tool(fake_peers / "llama-bench-amx", f"""
+open({str(log)!r}, 'a').write(json.dumps(sys.argv[1:]) + '\\n')
+print(json.dumps([{{"n_prompt": 0, "n_gen": 64, "avg_ts": 150.0, "samples_ts": [150.0], "build_commit": "amx"}}]))
+""")
+    (fake_peers / "peers.json").write_text(json.dumps(tools))
+    found, _ = peers.find_peers(fake_peers)
+    assert found["llama.cpp"]["llama-bench-amx"] == tools["llama-bench-amx"]
+    job = {"runtime": "llama.cpp", "tools": found["llama.cpp"], "threads": 1, "batch": 1, "prompt_tokens": 16,
+           "new_tokens": 64, "repeats": 2, "path": str(tmp_path / "m.gguf"), "weights": "q8_0"}
+    m, cpu = peers.run_job(job)
+    assert m["prefill_tok_s"] == 400.0 and m["decode_tok_s"] == 150.0  # 400 from the stand-in llama-bench
+    assert "decode from the AMX build" in m["about"] and cpu >= 0
+    argv = json.loads(log.read_text().splitlines()[0])
+    assert argv[argv.index("-p") + 1] == "0" and argv[argv.index("-n") + 1] == "64"
+    m, _ = peers.run_job({**job, "context": True, "prompt_tokens": 64})
+    assert m["decode_tok_s"] == 80.0 and len(log.read_text().splitlines()) == 1  # not the AMX one
+    os.chmod(tools["llama-bench-amx"], 0o644)  # not executable: not used
+    assert "llama-bench-amx" not in peers.find_peers(fake_peers)[0]["llama.cpp"]
