@@ -102,7 +102,7 @@ def table(report: dict) -> str:
     c_lo, c_hi = (str(c) for c in (list(report["config"]["contexts"]) + [None, None])[:2])
     rows = ["| runtime | weights | decode tok/s (B=1) | × nanoGPT | × transformers | × llama.cpp same precision "
             "| × CTranslate2 | ÷ floor (copy) | ÷ floor (read) "
-            f"| prefill tok/s | TTFT ms | decode tok/s (B={bmax}) | peak RSS MB (B=1) | ms/token @{c_lo} | @{c_hi} | ratio |",
+            f"| prefill tok/s | TTFT ms | decode tok/s (B={bmax}) | peak RSS MB (B=1) | ms/token @{c_lo} | @{c_hi if c_hi != 'None' else '–'} | ratio |",
             "|" + "---|" * 16]
     for r in report["results"]:
         d = b1(r, "decode_tok_s")
