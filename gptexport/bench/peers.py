@@ -236,32 +236,29 @@ def _llama_job(job: dict) -> tuple[dict, float]:
     tools, threads, B, T, n = job["tools"], job["threads"], job["batch"], job["prompt_tokens"], job["new_tokens"]
     reps = max(1, job["repeats"])
     what = f"llama.cpp {job.get('weights', '')}".strip()
+
+    def llama_bench(binary: str, prompt: int, gen: int, *depth: str) -> list[str]:
+        return [binary, "-m", job["path"], "-p", str(prompt), "-n", str(gen), *depth, "-t", str(threads),
+                "-r", str(reps), "-o", "json"]
+
     if B == 1 and job.get("context"):  # decode cost at a context: tg after a depth of T tokens (not timed)
-        cmd = [tools["llama-bench"], "-m", job["path"], "-p", "0", "-n", str(n), "-d", str(T), "-t", str(threads),
-               "-r", str(reps), "-o", "json"]
-        out, cpu, rss = _run(cmd, threads, what)
+        out, cpu, rss = _run(llama_bench(tools["llama-bench"], 0, n, "-d", str(T)), threads, what)
         tg = _llama_bench_rate(out, "tg")
         return {"prefill_tok_s": float("nan"), "decode_tok_s": tg, "ttft_ms": float("nan"), "ms_per_token": 1e3 / tg,
                 "runs": reps, "peak_rss_mb": rss, "about": _llama_about(out)}, cpu
-    if B == 1 and tools.get("llama-bench-amx"):
-        # prefill from the build without AMX, decode from the one with it (only its one-row path runs)
-        cmd = [tools["llama-bench"], "-m", job["path"], "-p", str(T), "-n", "0", "-t", str(threads),
-               "-r", str(reps), "-o", "json"]
-        out, cpu, rss = _run(cmd, threads, what)
-        cmd = [tools["llama-bench-amx"], "-m", job["path"], "-p", "0", "-n", str(n), "-t", str(threads),
-               "-r", str(reps), "-o", "json"]
-        out_amx, cpu_amx, rss_amx = _run(cmd, threads, what + " (AMX)")
-        pp, tg = _llama_bench_rate(out, "pp"), _llama_bench_rate(out_amx, "tg")
-        return {"prefill_tok_s": pp, "decode_tok_s": tg, "ttft_ms": 1e3 * T / pp, "ms_per_token": 1e3 / tg,
-                "runs": reps, "peak_rss_mb": max(rss, rss_amx),
-                "about": _llama_about(out) + f"; batch-1 decode from the AMX build ({AMX_NOTE})"}, cpu + cpu_amx
     if B == 1:
-        cmd = [tools["llama-bench"], "-m", job["path"], "-p", str(T), "-n", str(n), "-t", str(threads),
-               "-r", str(reps), "-o", "json"]
-        out, cpu, rss = _run(cmd, threads, what)
-        pp, tg = _llama_bench_rate(out, "pp"), _llama_bench_rate(out, "tg")
+        # with an AMX build: prefill from the build without AMX, decode from the one with it (only
+        # its one-row path runs); otherwise both from one llama-bench run
+        amx = tools.get("llama-bench-amx")
+        out, cpu, rss = _run(llama_bench(tools["llama-bench"], T, 0 if amx else n), threads, what)
+        decode_out, about = out, _llama_about(out)
+        if amx:
+            decode_out, cpu_amx, rss_amx = _run(llama_bench(amx, 0, n), threads, what + " (AMX)")
+            cpu, rss = cpu + cpu_amx, max(rss, rss_amx)
+            about += f"; batch-1 decode from the AMX build ({AMX_NOTE})"
+        pp, tg = _llama_bench_rate(out, "pp"), _llama_bench_rate(decode_out, "tg")
         return {"prefill_tok_s": pp, "decode_tok_s": tg, "ttft_ms": 1e3 * T / pp, "ms_per_token": 1e3 / tg,
-                "runs": reps, "peak_rss_mb": rss, "about": _llama_about(out)}, cpu
+                "runs": reps, "peak_rss_mb": rss, "about": about}, cpu
     # batch B: one untimed run first (llama-batched-bench warms up with 16 tokens of one sequence only)
     cmd = [tools["llama-batched-bench"], "-m", job["path"], "-c", str(B * (T + n)), "-npp", str(T), "-ntg", str(n),
            "-npl", ",".join([str(B)] * (reps + 1)), "-t", str(threads), "--output-format", "jsonl"]

@@ -7,14 +7,15 @@ measured in the same round), with their min-max band.
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 
 import numpy as np
 
+from .peers import NAMES as PEERS
+from .peers import SAME_PRECISION
+
 MB = 1e6
-PEERS = ("llama.cpp", "CTranslate2")
-# our precision -> the peer's weights at the same precision (as bench/peers.py's SAME_PRECISION)
-SAME_PRECISION = {"llama.cpp": {"fp32": "f32", "int8": "q8_0", "int4": "q4_0"}, "CTranslate2": {"fp32": "fp32", "int8": "int8"}}
 
 
 def _find(report: dict, runtime: str, weights: str = "fp32") -> dict | None:
@@ -56,12 +57,7 @@ def peer_ratio(report: dict, ours: dict, peer: dict, key: tuple) -> tuple[float,
     """(median, min, max) over the rounds of ours / peer for one figure (a rate: higher is faster)."""
     ratios = [a / b for a, b in zip((_get(r, key) for r in _per_round(report, ours)),
                                     (_get(r, key) for r in _per_round(report, peer))) if a and b and a == a and b == b]
-    if not ratios:
-        return None
-    ratios.sort()
-    n = len(ratios)
-    median = ratios[n // 2] if n % 2 else (ratios[n // 2 - 1] + ratios[n // 2]) / 2
-    return median, ratios[0], ratios[-1]
+    return (statistics.median(ratios), min(ratios), max(ratios)) if ratios else None
 
 
 def _fmt_ratio(r: tuple[float, float, float] | None) -> str:

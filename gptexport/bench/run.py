@@ -38,6 +38,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from . import peers
+
 import numpy as np
 
 from ..errors import GptExportError, UsageError
@@ -255,7 +257,11 @@ class Runtime:
     device: str = "cpu"
     job: dict = field(default_factory=dict)  # extra job settings: cuda_graphs, dtype, a peer's tools
     variant: str = ""
-    peer: bool = False  # measured by peers.run_job, not the gptexport worker
+
+    @property
+    def peer(self) -> bool:
+        """Measured by peers.run_job, not the gptexport worker."""
+        return self.name in peers.NAMES
 
 
 def _runtimes(model_dir: Path, md, ckpt, config: BenchConfig, precisions: tuple[str, ...],
@@ -302,8 +308,6 @@ def _peers(runtimes: list[Runtime], notes: list[str], md, ckpt, config: BenchCon
            work_dir: Path, progress: Callable[[str], None]) -> None:
     """llama.cpp's and CTranslate2's rows at our precisions, their models converted from the same
     Hugging Face directory."""
-    from . import peers
-
     found, missing = peers.find_peers(config.peers_dir)
     notes += missing
     hf_dir = Path(config.hf_dir) if config.hf_dir else None
@@ -326,8 +330,8 @@ def _peers(runtimes: list[Runtime], notes: list[str], md, ckpt, config: BenchCon
         except GptExportError as e:
             notes.append(f"{name} skipped: {e}")
             continue
-        runtimes += [Runtime(name, m.weights, str(m.path), (m.weight_bytes, None), job={"tools": tools, "weights": m.weights},
-                             peer=True) for m in models if m.weights in wanted]
+        runtimes += [Runtime(name, m.weights, str(m.path), (m.weight_bytes, None), job={"tools": tools, "weights": m.weights})
+                     for m in models if m.weights in wanted]
 
 
 def _bands(items: list):
@@ -355,7 +359,7 @@ def _bench_runtime(c, runtime: Runtime, config: BenchConfig, progress: Callable[
     base = {"runtime": runtime.name, "path": runtime.path, "threads": config.threads, "seed": config.seed,
             "vocab_size": c.vocab_size, "repeats": config.repeats, "budget_s": config.budget_s,
             "device": runtime.device, **runtime.job}
-    once = _peer_job if runtime.peer else None
+    once = peers.run_job if runtime.peer else None
     for b in config.batches:
         job = {**base, "batch": b, "prompt_tokens": config.prompt_tokens, "new_tokens": config.new_tokens}
         m = run_worker(job, config.max_others, once=once)
@@ -374,12 +378,6 @@ def _bench_runtime(c, runtime: Runtime, config: BenchConfig, progress: Callable[
         result.ms_per_token_at[str(ctx)] = run_worker(job, config.max_others, once=once)["ms_per_token"]
         progress(f"{name} {weights} context {ctx}: {result.ms_per_token_at[str(ctx)]:.1f} ms/token")
     return result
-
-
-def _peer_job(job: dict) -> tuple[dict, float]:
-    from . import peers
-
-    return peers.run_job(job)
 
 
 def _has_transformers() -> bool:

@@ -73,7 +73,7 @@ class Sequence:
         """Sample the next token from this sequence's (V,) logits with its own settings and generator,
         send what it completes, and retire the sequence if it is finished. `finite`: whether the
         logits were already found finite (the decode step checks every row at once)."""
-        if finite is None or not finite:
+        if not finite:
             check_finite(logits[None], source)
         if self.cancelled():  # checked before each token is sent, as the loop's callers do
             return self.retire("cancelled")
