@@ -59,10 +59,9 @@ class BatchItem:
         return cls(**base)
 
     def params(self, session: GenerationSession) -> GenerationParams:
-        bad = tuple(tuple(session.encode(w, "bad_words")) for w in self.bad_words if w)
         return GenerationParams(self.max_new_tokens, SamplingParams(self.temperature, self.top_k, self.top_p),
                                 self.seed, self.stop_words, self.min_tokens, self.end_id, self.repetition_penalty,
-                                self.presence_penalty, self.frequency_penalty, bad)
+                                self.presence_penalty, self.frequency_penalty, session.encode_words(self.bad_words))
 
     def ids(self, session: GenerationSession) -> list[int]:
         if (self.prompt is None) == (self.prompt_ids is None):
@@ -111,8 +110,7 @@ def generate_batch(model_dir: str | Path | ModelDir, items: list[BatchItem], *, 
                 session.scheduler.step()
             while reported < len(items) and sequences[reported].done.is_set():
                 outcome = outcome_of(sequences[reported])
-                text = session.tokenizer.decode(outcome.tokens) if session.tokenizer is not None else None
-                samples[reported] = Sample(outcome.tokens, text, outcome.finish)
+                samples[reported] = Sample(outcome.tokens, session.decode(outcome.tokens), outcome.finish)
                 tokens += len(outcome.tokens)
                 if on_result is not None:
                     on_result(reported, samples[reported])

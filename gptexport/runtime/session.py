@@ -108,6 +108,14 @@ class GenerationSession:
         except TokenizerError as e:
             raise ParameterError(param, f"cannot be encoded: {e}") from None
 
+    def encode_words(self, words: tuple[str, ...], param: str = "bad_words") -> tuple[tuple[int, ...], ...]:
+        """Words (an empty one skipped) -> their token ids, for GenerationParams.bad_words."""
+        return tuple(tuple(self.encode(w, param)) for w in words if w)
+
+    def decode(self, tokens: list[int]) -> str | None:
+        """Token ids -> text, or None for a model directory without a tokenizer."""
+        return self.tokenizer.decode(tokens) if self.tokenizer is not None else None
+
     def submit(self, prompt_ids: list[int], params: GenerationParams = GenerationParams(),
                on_delta: OnDelta | None = None, cancelled: Callable[[], bool] | None = None,
                notice: Callable[[str], None] | None = None, rng: np.random.Generator | None = None) -> Sequence:
@@ -156,8 +164,7 @@ def generate_samples(model_dir: str | Path | ModelDir, prompt: str | None = None
         ids = list(prompt_ids) if prompt_ids is not None else session.encode("\n" if prompt is None else prompt)
         params = GenerationParams(max_new_tokens, SamplingParams(temperature, top_k, top_p), seed, tuple(stop_words),
                                   min_tokens, end_id, repetition_penalty, presence_penalty, frequency_penalty,
-                                  tuple(tuple(session.encode(w, "bad_words")) for w in bad_words if w),
-                                  logprobs=logprobs)
+                                  session.encode_words(bad_words), logprobs=logprobs)
         rng = np.random.default_rng(params.seed)
         samples = []
         for i in range(num_samples):
@@ -167,8 +174,8 @@ def generate_samples(model_dir: str | Path | ModelDir, prompt: str | None = None
             outcome = session.generate(ids, params, on_delta, rng=rng)
             if stream is not None:
                 stream(separator if i < num_samples - 1 else "\n")
-            text = session.tokenizer.decode(outcome.tokens) if session.tokenizer is not None else None
-            samples.append(Sample(outcome.tokens, text, outcome.finish, outcome.logprobs if logprobs else None))
+            samples.append(Sample(outcome.tokens, session.decode(outcome.tokens), outcome.finish,
+                                  outcome.logprobs if logprobs else None))
     return samples
 
 
