@@ -279,7 +279,7 @@ def test_power_of_two_buckets_give_the_same_logits_as_exact_ones(tiny_model_dir)
     r = OrtRunner(load_model_dir(tiny_model_dir), threads=1, binding="pointer")
     with r:
         exact = r.new_batch_cache(8, 14)
-        padded = BatchCache(r.memory, r.spec, r.config, 8, 14, r._execute, r._decode, graph_bucket)
+        padded = BatchCache(r.memory, r.spec, r.config, 8, 14, r._execute, r._decode, pow2_buckets=True)
         for cache in (exact, padded):
             for row in range(5):
                 cache.prefill(row, np.arange(1, row + 3))

@@ -127,9 +127,11 @@ class BatchCache:
     """The KV cache of up to `rows` sequences at their own lengths (see the module docstring)."""
 
     def __init__(self, memory: DeviceMemory, spec: IOSpec, config: GPTConfig, rows: int, capacity: int,
-                 run: Run, run_bucket: RunBucket, bucket_of: Callable[[int], int] = lambda n: n):
+                 run: Run, run_bucket: RunBucket, pow2_buckets: bool = False):
         self.memory, self.spec, self.config, self.rows = memory, spec, config, rows
-        self.run, self.run_bucket, self.bucket_of = run, run_bucket, bucket_of
+        self.run, self.run_bucket = run, run_bucket
+        # decode of n rows at n, or (for CUDA graphs: a few captures serve every n) at graph_bucket(n)
+        self.bucket_of = graph_bucket if pow2_buckets else (lambda n: n)
         self.itemsize = numpy_dtype(spec.cache_dtype).itemsize
         self.lengths = np.zeros(rows, np.int64)
         self.capacity, self.block, self.past = 0, None, {}

@@ -211,7 +211,8 @@ class HostMemory(DeviceMemory):
         ctypes.memmove(dst, src, nbytes)
 
     def _copy2d(self, dst: int, dpitch: int, src: int, spitch: int, width: int, height: int) -> None:
-        np.copyto(self._rows(dst, dpitch, width, height), self._rows(src, spitch, width, height))
+        np.copyto(self._slices(dst, dpitch, height * dpitch, width, height, 1),
+                  self._slices(src, spitch, height * spitch, width, height, 1))
 
     def _copy3d(self, dst: int, dpitch: int, dslice: int, src: int, spitch: int, sslice: int,
                 width: int, height: int, depth: int) -> None:
@@ -220,6 +221,9 @@ class HostMemory(DeviceMemory):
                   self._slices(src, spitch, sslice, width, height, depth))
 
     def _slices(self, ptr: int, pitch: int, slice_: int, width: int, height: int, depth: int) -> np.ndarray:
+        """`depth` slices, `slice_` bytes apart, of `height` rows of `width` bytes, `pitch` bytes apart,
+        from `ptr`: a strided view of the storage of the buffer it points into (numpy checks the
+        view stays inside that storage)."""
         raw, raw_address = self._owners[self.base_of(ptr)]
         return np.ndarray((depth, height, width), np.uint8, raw, ptr - raw_address, (slice_, pitch, 1))
 
@@ -230,12 +234,6 @@ class HostMemory(DeviceMemory):
         self._check(ptr, 0, size)
         raw, raw_address = self._owners[self.base_of(ptr)]
         return np.ndarray(shape, dtype, raw, ptr - raw_address)
-
-    def _rows(self, ptr: int, pitch: int, width: int, height: int) -> np.ndarray:
-        """`height` rows of `width` bytes, `pitch` bytes apart, from `ptr`: a strided view of the
-        storage of the buffer it points into (numpy checks the view stays inside that storage)."""
-        raw, raw_address = self._owners[self.base_of(ptr)]
-        return np.ndarray((height, width), np.uint8, raw, ptr - raw_address, (pitch, 1))
 
     def synchronize(self) -> None:
         pass  # host copies are done when they return

@@ -33,7 +33,7 @@ import numpy as np
 from ...artifacts.modeldir import ModelDir
 from ...errors import BackendUnavailable, GptExportError, ModelDirError, UsageError
 from .base import HostCache, Runner, notice
-from .batchcache import BatchCache, graph_bucket
+from .batchcache import BatchCache
 from .device import DeviceMemory, HostMemory, open_memory
 from .kvcache import DeviceCache, Slot, SlotPool, open_cache
 from .ort_session import (ELEMENT_TYPES, ORT_TRT_MAX_BATCH, PROVIDERS, create_session, first_line, import_ort,
@@ -144,8 +144,8 @@ class OrtRunner(Runner):
         """The scheduler's cache in this runner's memory core, run through the pointer binding (the
         CPU provider's too); with CUDA graphs decode runs at power-of-two buckets of rows."""
         self.activate()
-        bucket_of = graph_bucket if self.cuda_graphs else (lambda n: n)
-        return BatchCache(self.memory, self.spec, self.config, rows, capacity, self._execute, self._decode, bucket_of)
+        return BatchCache(self.memory, self.spec, self.config, rows, capacity, self._execute, self._decode,
+                          pow2_buckets=self.cuda_graphs)
 
     def forward(self, input_ids: np.ndarray, cache, all_logits: bool = False) -> np.ndarray:
         """As Runner.forward; a one-token step returns a view of the cache's logits buffer, valid

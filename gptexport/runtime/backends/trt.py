@@ -26,7 +26,7 @@ from ...config import numpy_dtype
 from ...errors import GptExportError, ModelDirError, UsageError
 from ...profiles import describe_profiles, output_shapes, select_profile
 from .base import Runner, notice
-from .batchcache import BatchCache, graph_bucket
+from .batchcache import BatchCache
 from .device import CudaMemory, current_device
 from .kvcache import DeviceCache, ScratchBuffers, Slot, SlotPool, open_cache
 
@@ -113,7 +113,7 @@ class TrtRunner(Runner):
         """The scheduler's cache on the device; decode at power-of-two buckets of rows, each captured."""
         self.activate()
         return BatchCache(self.memory, self.spec, self.config, rows, capacity, self._execute, self._decode,
-                          graph_bucket if self.cuda_graphs else (lambda n: n))
+                          pow2_buckets=self.cuda_graphs)
 
     def forward(self, input_ids: np.ndarray, cache: DeviceCache, all_logits: bool = False) -> np.ndarray:
         """(B, T) new tokens after the cached ones; the cache stays on the device, only logits return."""
