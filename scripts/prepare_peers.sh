@@ -177,11 +177,8 @@ part_llama() {
   # runs, on the AMX buffer's repacked weights, and is 1.3-1.5x faster at q8_0/q4_0 on this CPU
   # than the build without AMX. So a second llama-bench is built with AMX kept
   # (build-amx/, llama_amx_bench below): the bench takes batch-1 decode from it, llama.cpp's best.
-  # (The macros go through a variable: `cc ... | grep -q` under pipefail fails at random when grep
-  # exits first and cc gets SIGPIPE -- that once built AMX in silently.)
-  local cflags="" native_macros
-  native_macros="$("${CC:-cc}" -march=native -dM -E - </dev/null 2>/dev/null || true)"
-  if [[ "${LLAMA_AMX:-OFF}" != ON && "${LLAMA_NATIVE:-ON}" == ON && "$native_macros" == *__AMX_INT8__* ]]; then
+  local cflags=""
+  if amx_turned_off; then
     cflags="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
     log "CPU has AMX: building without it (LLAMA_AMX=ON to keep it; see the comment)"
   fi
@@ -237,11 +234,23 @@ EOF
   mark_done llama
 }
 
+# Whether the main llama.cpp build leaves AMX out: a CPU with AMX under -march=native, and
+# LLAMA_AMX not ON (see the AMX comment in part_llama). (The macros go through a variable: `cc ... |
+# grep -q` under pipefail fails at random when grep exits first and cc gets SIGPIPE -- that once
+# built AMX in silently.)
+amx_turned_off() {
+  local native_macros
+  native_macros="$("${CC:-cc}" -march=native -dM -E - </dev/null 2>/dev/null || true)"
+  [[ "${LLAMA_AMX:-OFF}" != ON && "${LLAMA_NATIVE:-ON}" == ON && "$native_macros" == *__AMX_INT8__* ]]
+}
+
 # llama-bench with ggml's AMX backend kept (see the AMX comment in part_llama): only its batch-1
 # decode runs, and the bench uses it for that alone. On ggml's own thread pool (GGML_OPENMP=OFF):
 # measured here, q8_0/q4_0 decode 115/160 tok/s against 83/122 with OpenMP (without AMX the
 # thread pool made no difference: 73/114 against 74/108).
 llama_amx_bench() {
+  local gen=()
+  command -v ninja >/dev/null && gen=(-G Ninja)
   [[ -x "$LLAMA_AMX_BUILD/bin/llama-bench" ]] && grep -q '^GGML_OPENMP:BOOL=OFF' "$LLAMA_AMX_BUILD/CMakeCache.txt" && return 0
   log "llama: llama-bench with AMX, for batch-1 decode (~5 min; log: $PEERS/logs/llama-amx-build.log)"
   cmake -S "$LLAMA_SRC" -B "$LLAMA_AMX_BUILD" "${gen[@]}" \
@@ -268,14 +277,9 @@ llama_add_missing() {
   for b in "${missing[@]}"; do ln -sfn "$LLAMA_BUILD/bin/$b" "$PEERS/bin/$b"; done
 }
 
-# the AMX llama-bench, for a llama part done before it was added (an AMX CPU, LLAMA_AMX not ON)
+# the AMX llama-bench, for a llama part done before it was added
 llama_add_amx() {
-  local gen=()
-  command -v ninja >/dev/null && gen=(-G Ninja)
-  if [[ "${LLAMA_AMX:-OFF}" != ON && "${LLAMA_NATIVE:-ON}" == ON \
-        && "$("${CC:-cc}" -march=native -dM -E - </dev/null 2>/dev/null || true)" == *__AMX_INT8__* ]]; then
-    llama_amx_bench
-  fi
+  if amx_turned_off; then llama_amx_bench; fi
 }
 
 # ---- b. CTranslate2 -------------------------------------------------------------------------
