@@ -228,7 +228,7 @@ class TritonPythonModel:
         lock = threading.Lock()
 
         def submit(index: int, params) -> None:
-            sent, holder, ready = [0], [], threading.Event()
+            sent, cum, holder, ready = [0], [0.0], [], threading.Event()  # cum: the log-probs sent so far, summed
 
             def emit(ids: list[int], text: str | None) -> None:
                 if req.stream:
@@ -236,9 +236,11 @@ class TritonPythonModel:
                     seq = holder[0]
                     start, sent[0] = sent[0], sent[0] + len(ids)
                     lp = seq.logprobs[start:sent[0]] if params.logprobs else None
+                    if lp is not None:
+                        cum[0] += sum(lp)
                     self.responder.send(sender, self._response(response_tensors(
-                        ids, text, len(req.prompt_ids), sent[0], lp, sum(seq.logprobs[:sent[0]]) if lp is not None
-                        else None, index if several else None)))
+                        ids, text, len(req.prompt_ids), sent[0], lp, cum[0] if lp is not None else None,
+                        index if several else None)))
                 else:
                     sent[0] += len(ids)
 
