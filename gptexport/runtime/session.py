@@ -118,9 +118,11 @@ class GenerationSession:
 
     def submit(self, prompt_ids: list[int], params: GenerationParams = GenerationParams(),
                on_delta: OnDelta | None = None, cancelled: Callable[[], bool] | None = None,
-               notice: Callable[[str], None] | None = None, rng: np.random.Generator | None = None) -> Sequence:
-        """Queue one sequence; it runs when the scheduler steps (`generate`, a server's loop)."""
-        return self.scheduler.submit(prompt_ids, params, on_delta, cancelled, rng, notice)
+               notice: Callable[[str], None] | None = None, rng: np.random.Generator | None = None,
+               on_done: Callable[[Sequence], None] | None = None) -> Sequence:
+        """Queue one sequence; it runs when the scheduler steps (`generate`, a server's loop);
+        `on_done(seq)` is called when it ends (on the thread that steps)."""
+        return self.scheduler.submit(prompt_ids, params, on_delta, cancelled, rng, notice, on_done)
 
     def generate(self, prompt_ids: list[int], params: GenerationParams = GenerationParams(),
                  on_delta: OnDelta | None = None, cancelled: Callable[[], bool] | None = None,

@@ -68,8 +68,8 @@ class ServedModel:
         """Queue one sequence of a request (`params`: one of request.sequence_params(), default its first):
         exactly `gptexport generate`'s with the same seed and settings; `emit(ids, text)` receives
         every delta, `on_done(seq)` the end."""
-        return self.session.scheduler.submit(request.prompt_ids, params or request.params, emit, cancelled, None,
-                                             notice, on_done)
+        return self.session.submit(request.prompt_ids, params or request.params, emit, cancelled, notice,
+                                   on_done=on_done)
 
     def run(self, request: ServeRequest, emit, cancelled: Callable[[], bool] = lambda: False,
             notice: Callable[[str], None] | None = None) -> Outcome:
