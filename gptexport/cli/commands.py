@@ -85,7 +85,7 @@ def generate(model_dir: Path, prompt: str | None, prompt_file: Path | None, prom
         defaults = BatchItem(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                              seed=seed, stop_words=stop_words, min_tokens=min_tokens, end_id=end_id,
                              repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
-                             frequency_penalty=frequency_penalty, bad_words=bad_words)
+                             frequency_penalty=frequency_penalty, bad_words=bad_words, logprobs=logprobs)
         return generate_many(model_dir, prompts_file, defaults, max_batch, options)
     md = load_model_dir(model_dir)
     ids = inputs.prompt_ids(prompt, prompt_file, prompt_tokens, md.tokenizer(), md.config.vocab_size)

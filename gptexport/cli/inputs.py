@@ -135,7 +135,7 @@ def read_batch_file(path: Path, defaults):
     """--prompts FILE as BatchItems: one prompt per line (blank lines skipped, a literal \\n is a
     newline), or JSON Lines, when every non-blank line is a JSON object: {"prompt": ... or
     "prompt_tokens": [...], and any of "max_new_tokens", "temperature", "top_k", "top_p", "seed",
-    "stop_words"}. What a line does not set, the command's flags (`defaults`) do. Errors name the
+    "stop_words", "logprobs", ...: BatchItem's fields}. What a line does not set, the command's flags (`defaults`) do. Errors name the
     file and line."""
     import json
 

@@ -39,6 +39,7 @@ class BatchItem:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     bad_words: tuple[str, ...] = field(default=())
+    logprobs: bool = False
 
     @classmethod
     def from_dict(cls, record: dict, defaults: "BatchItem | None" = None) -> "BatchItem":
@@ -61,7 +62,8 @@ class BatchItem:
     def params(self, session: GenerationSession) -> GenerationParams:
         return GenerationParams(self.max_new_tokens, SamplingParams(self.temperature, self.top_k, self.top_p),
                                 self.seed, self.stop_words, self.min_tokens, self.end_id, self.repetition_penalty,
-                                self.presence_penalty, self.frequency_penalty, session.encode_words(self.bad_words))
+                                self.presence_penalty, self.frequency_penalty, session.encode_words(self.bad_words),
+                                logprobs=self.logprobs)
 
     def ids(self, session: GenerationSession) -> list[int]:
         if (self.prompt is None) == (self.prompt_ids is None):
@@ -110,7 +112,8 @@ def generate_batch(model_dir: str | Path | ModelDir, items: list[BatchItem], *, 
                 session.scheduler.step()
             while reported < len(items) and sequences[reported].done.is_set():
                 outcome = outcome_of(sequences[reported])
-                samples[reported] = Sample(outcome.tokens, session.decode(outcome.tokens), outcome.finish)
+                samples[reported] = Sample(outcome.tokens, session.decode(outcome.tokens), outcome.finish,
+                                           outcome.logprobs if items[reported].logprobs else None)
                 tokens += len(outcome.tokens)
                 if on_result is not None:
                     on_result(reported, samples[reported])

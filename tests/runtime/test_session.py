@@ -113,6 +113,23 @@ def test_generate_prompts_json_lines_set_each_prompts_own_settings(tiny_model_di
     assert got[1]["tokens"] == gptexport.generate(tiny_model_dir, prompt_ids=[3, 4], max_new_tokens=4)[0].tokens
     third = gptexport.generate(tiny_model_dir, "or", max_new_tokens=9, top_k=0, stop_words=("e",))[0]
     assert got[2]["tokens"] == third.tokens and got[2]["finish"] == third.finish
+    assert all("logprobs" not in r for r in got)
+
+
+def test_generate_prompts_logprobs_as_generate_alone(tiny_model_dir, tmp_path):
+    """--logprobs with --prompts (or "logprobs" on a line) gives each item its tokens' log-probabilities."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "To be", "seed": 3}) + "\n" + json.dumps({"prompt": "or"}) + "\n")
+    result = cli("generate", tiny_model_dir, "--prompts", prompts, "--max-new-tokens", "6", "--logprobs")
+    assert result.exit_code == 0, result.stderr
+    got = [json.loads(line) for line in result.stdout.splitlines()]
+    for r, (prompt, seed) in zip(got, [("To be", 3), ("or", 1337)]):
+        alone = gptexport.generate(tiny_model_dir, prompt, max_new_tokens=6, seed=seed, logprobs=True)[0]
+        assert r["tokens"] == alone.tokens and len(r["logprobs"]) == 6
+        np.testing.assert_allclose(r["logprobs"], alone.logprobs, atol=1e-6)
+    prompts.write_text(json.dumps({"prompt": "To be", "logprobs": True}) + "\n" + json.dumps({"prompt": "or"}) + "\n")
+    got = [json.loads(line) for line in cli("generate", tiny_model_dir, "--prompts", prompts).stdout.splitlines()]
+    assert "logprobs" in got[0] and "logprobs" not in got[1]
 
 
 @pytest.mark.parametrize("text,words", [
