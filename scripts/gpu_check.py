@@ -189,28 +189,28 @@ def speed(chk: GpuCheck, env: dict, model: str, ckpt: Path, out: Path, dtype: st
     if env["transformers"] and (env["torch_cuda"] or chk.dry_run):
         jobs["transformers"] = {**base, "runtime": "transformers-cuda" if not chk.dry_run else "transformers",
                                 "path": str(ckpt), "dtype": dtype}
-    ms = {}
-    for name, job in jobs.items():
+
+    def measured(name: str, job: dict, figure) -> dict | None:
+        """One worker run as a step of the table: figure(m) on success, the worker's error otherwise."""
         t = time.perf_counter()
         try:
             m = run_worker(job)
-            ms[name] = m["ms_per_token"]
-            chk.add(Step(f"speed {name}", model, dtype, True, round(time.perf_counter() - t, 1),
-                         f"{m['ms_per_token']:.3f} ms/token decode, TTFT {m['ttft_ms']:.1f} ms", m))
         except Exception as e:  # the worker failed (its last line is in the message)
             chk.add(Step(f"speed {name}", model, dtype, False, round(time.perf_counter() - t, 1), str(e)))
+            return None
+        chk.add(Step(f"speed {name}", model, dtype, True, round(time.perf_counter() - t, 1), figure(m), m))
+        return m
+
+    ms = {}
+    for name, job in jobs.items():
+        m = measured(name, job, lambda m: f"{m['ms_per_token']:.3f} ms/token decode, TTFT {m['ttft_ms']:.1f} ms")
+        if m is not None:
+            ms[name] = m["ms_per_token"]
     for rows in BATCHED_ROWS:  # the scheduler: B sequences in one forward per step, CUDA graphs per bucket
         for graphs in (True, False):
-            name = f"batched B={rows}{'' if graphs else ' no graphs'}"
             job = {**base, "runtime": backend, "cuda_graphs": graphs, "scheduler": True, "batch": rows}
-            t = time.perf_counter()
-            try:
-                m = run_worker(job)
-                chk.add(Step(f"speed {name}", model, dtype, True, round(time.perf_counter() - t, 1),
-                             f"{m['decode_tok_s']:.0f} tok/s decode ({rows} sequences), "
-                             f"{m['ms_per_token']:.3f} ms/step", m))
-            except Exception as e:
-                chk.add(Step(f"speed {name}", model, dtype, False, round(time.perf_counter() - t, 1), str(e)))
+            measured(f"batched B={rows}{'' if graphs else ' no graphs'}", job,
+                     lambda m: f"{m['decode_tok_s']:.0f} tok/s decode ({rows} sequences), {m['ms_per_token']:.3f} ms/step")
     if "transformers" not in jobs:
         chk.add(Step("speed transformers", model, dtype, None if chk.dry_run else False,
                      figure="not run: transformers, or torch with CUDA, is not installed here"))
