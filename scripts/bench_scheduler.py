@@ -92,7 +92,7 @@ def main() -> None:
     tokens = args.sequences * args.new_tokens
     med = lambda runs: statistics.median(r[0] for r in runs)
     ttft = lambda runs: statistics.median(statistics.median(r[2]) for r in runs)
-    print(f"{md.path}: {args.sequences} sequences, prompts 8..{reqs[-1][0].__len__()} tokens, {args.new_tokens} new "
+    print(f"{md.path}: {args.sequences} sequences, prompts 8..{len(reqs[-1][0])} tokens, {args.new_tokens} new "
           f"tokens each, {args.threads} threads, medians of {args.rounds} interleaved rounds")
     print("| run | seconds | tokens/s | TTFT p50 s | × one after another |")
     print("|---|---|---|---|---|")
