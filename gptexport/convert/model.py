@@ -81,9 +81,11 @@ class CausalSelfAttention(nn.Module):
 
     def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        heads = lambda t: t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        return heads(q), heads(k), heads(v)
+        # one reshape, transpose and split for all three (3 graph nodes rather than 7: at batch 1
+        # a decode step's time is partly a cost per node); q, k, v each (B, nh, T, hs)
+        heads = self.c_attn(x).view(B, T, 3 * self.n_head, C // self.n_head).transpose(1, 2)
+        q, k, v = heads.split(self.n_head, dim=1)
+        return q, k, v
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.size()
