@@ -67,6 +67,30 @@ def test_bound_decode_matches_session_run(runner):
         np.testing.assert_array_equal(past_buffer(bound, name), plain.buffers[name], err_msg=name)
 
 
+def test_cache_room_grows_with_the_context(runner):
+    """The buffers grow in room_step positions as the context does (the graph attends over the
+    whole room), the cached keys/values kept: the logits are those of a cache of the full capacity
+    from the start, across each growth, in both bindings."""
+    if runner.binding == "pointer":
+        pytest.skip("the memory core's caches are sized once (CUDA graphs need fixed addresses)")
+    rng = np.random.default_rng(3)
+    prompt = rng.integers(0, runner.config.vocab_size, (2, 3))
+    grown, full = runner.new_cache(2, 15), HostCache(runner.spec, runner.config, 2, 15)
+    grown.room_step, full.room_step = 4, 15
+    rooms = []
+    np.testing.assert_allclose(runner.forward(prompt, grown), SessionRun(runner).forward(prompt, full), rtol=0, atol=1e-6)
+    for _ in range(12):
+        rooms.append(grown.room)
+        token = rng.integers(0, runner.config.vocab_size, (2, 1))
+        np.testing.assert_allclose(runner.forward(token, grown), SessionRun(runner).forward(token, full),
+                                   rtol=0, atol=1e-6)
+    assert rooms == [4, 4, 8, 8, 8, 8, 12, 12, 12, 12, 15, 15] and grown.room == 15 and full.room == 15
+    for name in full.buffers:
+        np.testing.assert_allclose(grown.buffers[name], full.buffers[name], rtol=0, atol=1e-6, err_msg=name)
+    with pytest.raises(GptExportError, match="overflow"):
+        runner.forward(token, grown)
+
+
 @pytest.mark.parametrize("params", [SamplingParams(0.0), SamplingParams(0.8, top_k=20), SamplingParams(1.3, top_p=0.9)],
                          ids=["greedy", "top-k", "top-p"])
 def test_generation_is_token_for_token_session_run(runner, params):

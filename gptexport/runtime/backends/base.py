@@ -25,30 +25,54 @@ from .batchcache import BatchCache
 from .device import HostMemory
 
 
+ROOM_STEP = 64  # positions: the buffers grow to the next multiple of this as the context does
+
+
 class HostCache:
-    """Pre-allocated key/value buffers in host memory, (B, nh, capacity, hs) per past input.
+    """Key/value buffers in host memory, (B, nh, room, hs) per past input, room <= capacity.
 
     The graph reads the whole buffer and masks the slots at and beyond `length`; each forward's
-    new keys/values are written into the next slots, so nothing is copied as the context grows.
+    new keys/values are written into the next slots, so nothing is copied as the context grows
+    within the room. The room grows in steps of ROOM_STEP positions (one copy of the cache each
+    time) rather than starting at the full capacity: the attention's cost per step is the room's,
+    so it stays that of the context so far (+ at most ROOM_STEP), not that of prompt + every token
+    still to come (a 16-token prompt with 128 to generate attended over 144 slots from the first step).
     """
 
     def __init__(self, spec: IOSpec, config: GPTConfig, batch: int, capacity: int, dtype=np.float32):
-        shape = (batch, config.n_head, capacity, config.head_dim)
+        shape = (batch, config.n_head, 0, config.head_dim)
         self.buffers = {name: np.zeros(shape, dtype=dtype) for name in spec.past_names}
         self.batch, self.capacity, self.length = batch, capacity, 0
+        self.room_step = ROOM_STEP
+
+    @property
+    def room(self) -> int:
+        return next(iter(self.buffers.values())).shape[2] if self.buffers else self.capacity
 
     def reset(self) -> None:
         self.length = 0
 
+    def reserve(self, end: int) -> bool:
+        """Room for `end` positions, the cached ones kept; True if the buffers were replaced."""
+        if end > self.capacity:
+            raise GptExportError(f"KV cache overflow: {end} positions, capacity {self.capacity}")
+        if end <= self.room:
+            return False
+        room = min(self.capacity, -(-end // self.room_step) * self.room_step)
+        for name, buf in self.buffers.items():
+            grown = np.zeros(buf.shape[:2] + (room,) + buf.shape[3:], dtype=buf.dtype)
+            grown[:, :, :self.length] = buf[:, :, :self.length]
+            self.buffers[name] = grown
+        return True
+
     def past_feeds(self) -> dict[str, np.ndarray]:
         # a zero-length past (prefill) is given as such, so the graph does no masked work
-        end = self.capacity if self.length else 0
+        end = self.room if self.length else 0
         return {name: buf[:, :, :end] for name, buf in self.buffers.items()}
 
     def append(self, new: dict[str, np.ndarray], steps: int) -> None:
         start, end = self.length, self.length + steps
-        if end > self.capacity:
-            raise GptExportError(f"KV cache overflow: {end} positions, capacity {self.capacity}")
+        self.reserve(end)
         for name, buf in self.buffers.items():
             buf[:, :, start:end] = new[name.replace("past_", "new_", 1)]
         self.length = end

@@ -263,5 +263,7 @@ class OrtCache(HostCache):
             self.session.run_with_iobinding(self.binding)
         except Exception as e:
             raise self.runner.run_error(e) from e
+        if self.reserve(self.length + 1):
+            self.session = None  # the buffers moved: bind the new ones before the next step
         self.append(self.new, 1)
         return self.logits[:, 0]
