@@ -10,7 +10,7 @@ from gptexport.artifacts.files import sha256_file
 from gptexport.artifacts.modeldir import MANIFEST, load_model_dir
 from gptexport.cli import main
 from gptexport.convert.quantize import (compare_quality, cross_entropy, evaluate, fold_constant_transposes,
-                                        held_out_ids, quantize, tokenizer_files)
+                                        fuse_cpu_ops, held_out_ids, quantize, tokenizer_files)
 from gptexport.errors import UsageError
 from gptexport.runtime.backends.ort import OrtRunner
 from gptexport.runtime.loop import generate
@@ -95,6 +95,37 @@ def test_fold_constant_transposes_keeps_the_graph_s_meaning():
     inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     np.testing.assert_array_equal(inits["Wt"], w.T)
     assert "W" in inits  # still read by the Gather
+
+
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh"])
+def test_fuse_cpu_ops_keeps_the_graph_s_meaning_and_its_attention(activation, tmp_path):
+    """Layer norms and GELUs (exact: nanoGPT's; tanh: GPT-2's) become ONNX Runtime's fused ops, the
+    attention stays the explicit mask graph, and the logits and new keys/values are the graph's."""
+    from conftest import write_tiny_checkpoint
+
+    from gptexport.convert.export import convert
+
+    md = load_model_dir(convert(write_tiny_checkpoint(tmp_path / "ckpt.pt", activation=activation),
+                                tmp_path / "fp32", progress=lambda m: None))
+    model = onnx.load(str(md.onnx_path))
+    fused, counts = fuse_cpu_ops(onnx.load(str(md.onnx_path)), md.config)
+    L = md.config.n_layer
+    gelu = "FastGelu" if activation == "gelu_tanh" else "Gelu"
+    assert counts["SkipLayerNormalization"] == 2 * L and counts[gelu] + counts.get("BiasGelu", 0) == L
+    ops = [n.op_type for n in fused.graph.node]
+    assert ops.count("Softmax") == L and ops.count("Where") >= L and "LayerNormalization" in ops  # ln_1 of block 0
+    assert len(ops) < len(model.graph.node) - 6 * L
+
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(0)
+    c, P, T = md.config, 5, 3
+    feeds = {"input_ids": rng.integers(0, c.vocab_size, (2, T)), "past_length": np.array([5, 2]),
+             "logit_positions": np.arange(T)}
+    feeds.update({n: rng.standard_normal((2, c.n_head, P, c.head_dim)).astype(np.float32) for n in md.spec.past_names})
+    run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+    for want, got in zip(run(model), run(fused)):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
 
 
 def test_cross_entropy():
