@@ -168,16 +168,30 @@ def fuse_cpu_ops(model, config) -> tuple[object, dict[str, int]]:
     from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
+    _give_layer_norms_a_bias(model)  # its SkipLayerNormalization fusion fails on one without (bias=False)
     options = FusionOptions("gpt2")
     for name in ("enable_attention", "enable_rotary_embeddings", "enable_embed_layer_norm", "enable_qordered_matmul"):
         setattr(options, name, False)
     optimized = optimize_model(model, model_type="gpt2", num_heads=config.n_head, hidden_size=config.n_embd,
                                optimization_options=options, opt_level=0, use_gpu=False)
-    counts = {op: 0 for op in FUSED_OPS}
-    for node in optimized.model.graph.node:
-        if node.op_type in counts:
-            counts[node.op_type] += 1
-    return optimized.model, counts
+    ops = [node.op_type for node in optimized.model.graph.node]
+    return optimized.model, {op: ops.count(op) for op in FUSED_OPS if op in ops}
+
+
+def _give_layer_norms_a_bias(model) -> None:
+    """An explicit zero bias for each LayerNormalization without one (nanoGPT's bias=False): the same
+    op, and the form onnxruntime.transformers' SkipLayerNormalization fusion indexes (it raises
+    IndexError on a LayerNormalization with two inputs)."""
+    from onnx import numpy_helper
+
+    sizes = {t.name: t.dims[0] for t in model.graph.initializer if len(t.dims) == 1}
+    for node in model.graph.node:
+        if node.op_type == "LayerNormalization" and (len(node.input) < 3 or not node.input[2]):
+            name = f"{node.input[1]}.zero_bias"
+            if name not in {t.name for t in model.graph.initializer}:
+                model.graph.initializer.append(numpy_helper.from_array(np.zeros(sizes[node.input[1]], np.float32), name))
+            del node.input[2:]
+            node.input.append(name)
 
 
 def check_runs(onnx_path: Path, src: ModelDir) -> None:
