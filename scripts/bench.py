@@ -138,13 +138,16 @@ def main() -> None:
     converted = None
     if not (args.skip_convert and model_dir.exists()):
         converted = timed_convert(hf_dir, model_dir)
+    quality_report = None
+    if args.quality_ckpt and args.quality_text:  # first: it takes minutes, the rounds an hour
+        quality_report = quality(args.quality_ckpt, args.quality_text, work)
     config = bench.BenchConfig(new_tokens=args.new_tokens, rounds=args.rounds, repeats=args.repeats,
                                threads=args.threads, peers=not args.no_peers, hf_dir=str(hf_dir),
                                peers_dir=str(args.peers) if args.peers else None)
     report = bench.run_bench(model_dir, hf_dir, config, work_dir=work, progress=lambda m: print(m, file=sys.stderr))
     report["convert"] = converted
-    if args.quality_ckpt and args.quality_text:
-        report["quality"] = quality(args.quality_ckpt, args.quality_text, work)
+    if quality_report is not None:
+        report["quality"] = quality_report
     print(report_mod.table(report))
     if converted:
         print(f"\nconvert ({hf_dir.name}, incl. validation): {converted['seconds']:.1f} s, "
