@@ -1,7 +1,8 @@
 """Weight-only quantization of a model directory: int8 (dynamic) or int4 (MatMulNBits) weights.
 
 `quantize(src_dir, out_dir, "int8" | "int4")` writes a complete model directory: the quantized
-model.onnx (its layer norms and GELUs fused into ONNX Runtime's CPU ops, see fuse_cpu_ops), the tokenizer files, and a manifest with "quantization" and the new files' sha256.
+model.onnx (its layer norms and GELUs fused into ONNX Runtime's CPU ops, see fuse_cpu_ops), the
+tokenizer files, and a manifest with "quantization" and the new files' sha256.
 The I/O spec, the KV cache and the logits stay fp32; only the weights shrink, and decode on a CPU
 is bound by the bytes of weights it reads per token.
 
@@ -185,11 +186,13 @@ def _give_layer_norms_a_bias(model) -> None:
     from onnx import numpy_helper
 
     sizes = {t.name: t.dims[0] for t in model.graph.initializer if len(t.dims) == 1}
+    names = {t.name for t in model.graph.initializer}
     for node in model.graph.node:
         if node.op_type == "LayerNormalization" and (len(node.input) < 3 or not node.input[2]):
             name = f"{node.input[1]}.zero_bias"
-            if name not in {t.name for t in model.graph.initializer}:
+            if name not in names:  # one per weight: blocks whose norms share a weight share it
                 model.graph.initializer.append(numpy_helper.from_array(np.zeros(sizes[node.input[1]], np.float32), name))
+                names.add(name)
             del node.input[2:]
             node.input.append(name)
 
@@ -227,7 +230,7 @@ def source_files(src: ModelDir) -> dict:
             if name == onnx_name or name.startswith(f"{onnx_name}.")}
 
 
-def quantized_manifest(src: ModelDir, method: str, root: Path, fused: dict[str, int] | None = None) -> dict:
+def quantized_manifest(src: ModelDir, method: str, root: Path, fused: dict[str, int]) -> dict:
     """The source manifest, with the quantization recorded and the new files' hashes."""
     import onnxruntime
 
@@ -238,7 +241,7 @@ def quantized_manifest(src: ModelDir, method: str, root: Path, fused: dict[str, 
         "method": "onnxruntime.quantize_dynamic per-channel" if method == "int8"
                   else f"onnxruntime MatMulNBits symmetric, block {INT4_BLOCK}, accuracy_level 4",
         "tied_lm_head": "transpose folded into a stored constant, then quantized",
-        "fused_for_onnxruntime_cpu": fused or {},
+        "fused_for_onnxruntime_cpu": fused,
         "source_files": source_files(src),
         "onnxruntime": onnxruntime.__version__,
     }

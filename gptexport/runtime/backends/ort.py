@@ -252,10 +252,9 @@ class OrtCache(HostCache):
 
     def decode_step(self, input_ids: np.ndarray) -> np.ndarray:
         """Run one token per sequence after the cached ones; (B, V) logits, a view reused next step."""
-        if self.length >= self.capacity:
-            raise GptExportError(f"KV cache overflow: {self.length + 1} positions, capacity {self.capacity}")
-        if self.session is None or self.session is not self.runner.session:  # first step, or re-activated
-            self.runner.activate()
+        grown = self.reserve(self.length + 1)  # before the run: an overflow raises with nothing run
+        if grown or self.session is None or self.session is not self.runner.session:
+            self.runner.activate()  # first step, re-activated, or the buffers moved: bind them
             self._bind()
         self.input_ids[...] = input_ids
         self.past_length[:] = self.length  # the buffers are read whole; slots from here on are masked
@@ -263,7 +262,5 @@ class OrtCache(HostCache):
             self.session.run_with_iobinding(self.binding)
         except Exception as e:
             raise self.runner.run_error(e) from e
-        if self.reserve(self.length + 1):
-            self.session = None  # the buffers moved: bind the new ones before the next step
         self.append(self.new, 1)
         return self.logits[:, 0]
