@@ -148,14 +148,14 @@ def main() -> None:
     report["convert"] = converted
     if quality_report is not None:
         report["quality"] = quality_report
+    if args.json:  # first: the rounds took an hour, and the JSON is what a report is remade from
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
     print(report_mod.table(report))
     if converted:
         print(f"\nconvert ({hf_dir.name}, incl. validation): {converted['seconds']:.1f} s, "
               f"peak RSS {converted['peak_rss_mb']:.0f} MB")
     if "quality" in report:
         print("\n" + quality_table(report["quality"]))
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
     if args.plot:
         report_mod.plot(report, args.plot)
 
