@@ -21,6 +21,7 @@ caller appends them in place instead of the graph copying the whole cache every 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -74,19 +75,19 @@ class IOSpec:
     n_layer: int
     cache_dtype: str
 
-    @property
+    @cached_property
     def input_names(self) -> list[str]:
         return [t.name for t in self.inputs]
 
-    @property
+    @cached_property
     def output_names(self) -> list[str]:
         return [t.name for t in self.outputs]
 
-    @property
+    @cached_property
     def past_names(self) -> list[str]:
         return [n for n in self.input_names if n.startswith("past_key.") or n.startswith("past_value.")]
 
-    @property
+    @cached_property
     def new_names(self) -> list[str]:
         return [n for n in self.output_names if n.startswith("new_")]
 

@@ -208,7 +208,7 @@ def speed(chk: GpuCheck, env: dict, model: str, ckpt: Path, out: Path, dtype: st
             ms[name] = m["ms_per_token"]
     for rows in BATCHED_ROWS:  # the scheduler: B sequences in one forward per step, CUDA graphs per bucket
         for graphs in (True, False):
-            job = {**base, "runtime": backend, "cuda_graphs": graphs, "scheduler": True, "batch": rows}
+            job = {**base, "runtime": backend, "cuda_graphs": graphs, "batch": rows}
             measured(f"batched B={rows}{'' if graphs else ' no graphs'}", job,
                      lambda m: f"{m['decode_tok_s']:.0f} tok/s decode ({rows} sequences), {m['ms_per_token']:.3f} ms/step")
     if "transformers" not in jobs:

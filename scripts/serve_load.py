@@ -31,8 +31,8 @@ from pathlib import Path
 import numpy as np
 
 from gptexport.artifacts.modeldir import load_model_dir
-from gptexport.runtime.backends import open_runner
-from gptexport.runtime.loop import generate
+from gptexport.runtime.params import GenerationParams
+from gptexport.runtime.session import GenerationSession
 from gptexport.runtime.sampling import SamplingParams
 from gptexport.serve.model import cpu_threads
 from gptexport.serve.repository import write_repository
@@ -96,16 +96,14 @@ def run_clients(port: int, model: str, clients: int, requests: int, max_tokens: 
 def in_process_baseline(model_dir: Path, max_tokens: int, repeats: int = 15) -> float:
     """Tokens/s of one generate() in this process with the runner of one served instance (its
     threads), the sampling of a request's defaults: what a request costs without the server."""
-    md = load_model_dir(model_dir)
-    tok = md.tokenizer()
-    prompt = np.array([tok.encode(PROMPT) if tok else [0]])
-    params = SamplingParams(0.8, 200, None)
-    with open_runner("onnxruntime", md, threads=cpu_threads(1)) as runner:
-        generate(runner, prompt, max_tokens, params, np.random.default_rng(0))  # warm-up
+    params = lambda seed: GenerationParams(max_tokens, SamplingParams(0.8, 200, None), seed)
+    with GenerationSession.open(model_dir, threads=cpu_threads(1)) as session:
+        prompt = session.encode(PROMPT) if session.tokenizer else [0]
+        session.generate(prompt, params(0))  # warm-up
         times = []
         for i in range(repeats):
             t = time.perf_counter()
-            generate(runner, prompt, max_tokens, params, np.random.default_rng(i))
+            session.generate(prompt, params(i))
             times.append(time.perf_counter() - t)
     return max_tokens / statistics.median(times)
 

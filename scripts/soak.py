@@ -3,7 +3,7 @@
 
     python scripts/soak.py MODEL_DIR [--tokens 10000] [--every 500] [--warmup 1000] [--max-growth-mb 10]
 
-Runs the same loop as `gptexport generate` (ONNX Runtime on CPU, the numpy sampler, streamed
+Runs the same engine as `gptexport generate` (ONNX Runtime on CPU, the numpy sampler, streamed
 decoding into a null sink), reads this process's resident set size every `--every` tokens, and
 exits 1 if RSS grew by more than `--max-growth-mb` after the first `--warmup` tokens (allocator
 and session caches settle during warm-up). Torch-free: RSS comes from /proc/self/status.
@@ -19,11 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from gptexport.artifacts.modeldir import load_model_dir
-from gptexport.runtime.backends import open_runner
-from gptexport.runtime.loop import generate
+from gptexport.runtime.params import GenerationParams
 from gptexport.runtime.sampling import SamplingParams
-from gptexport.runtime.textstream import TextStream
+from gptexport.runtime.session import GenerationSession
 
 
 def rss_mb() -> float:
@@ -40,23 +38,19 @@ def rss_mb() -> float:
 def soak(model_dir: Path, tokens: int, every: int, warmup: int, backend: str = "onnxruntime",
          seed: int = 1337) -> list[tuple[int, float]]:
     """Generate `tokens` tokens in one sequence; (tokens so far, RSS MiB) every `every` tokens."""
-    md = load_model_dir(model_dir)
-    tokenizer = md.tokenizer()
-    prompt = tokenizer.encode("\n") if tokenizer else [0]
     samples = [(0, rss_mb())]
     count = 0
-    text = TextStream(tokenizer, lambda s: None)  # decode as the CLI does, print nothing
 
-    def on_token(token: np.ndarray) -> None:
+    def on_delta(ids: list[int], _text) -> None:
         nonlocal count
-        count += 1
-        text.write([int(token[0])])
-        if count % every == 0 or count == warmup:
-            samples.append((count, rss_mb()))
+        for _ in ids:
+            count += 1
+            if count % every == 0 or count == warmup:
+                samples.append((count, rss_mb()))
 
-    with open_runner(backend, md) as runner:
-        generate(runner, np.array([prompt]), tokens, SamplingParams(0.8, top_k=200),
-                 np.random.default_rng(seed), on_token=on_token)
+    with GenerationSession.open(model_dir, backend) as session:
+        prompt = session.encode("\n") if session.tokenizer else [0]
+        session.generate(prompt, GenerationParams(tokens, SamplingParams(0.8, top_k=200), seed), on_delta)
     return samples
 
 

@@ -7,6 +7,7 @@ import os
 import pickle
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner, Result
 
@@ -94,3 +95,53 @@ def served(tiny_model_dir):
     model = open_served_model(tiny_model_dir, "onnxruntime", max_tokens_limit=64)
     yield model
     model.close()
+
+
+def nanogpt_generate(runner, prompt, max_new_tokens: int, params, rng, notice=None, on_token=None,
+                     record: list | None = None) -> np.ndarray:
+    """nanoGPT's `generate`, the reference the engine is tested against: every token from a full forward
+    of the context cropped to block_size (`runner.infer`, no KV cache), all rows of `prompt` (B, T)
+    sampled together from one generator. `record` collects each step's (B, V) logits; `on_token(tokens)`
+    returning True ends it there (B, steps so far)."""
+    from gptexport.runtime.sampling import check_finite, next_token
+
+    idx = np.asarray(prompt, np.int64)
+    B, block, c = idx.shape[0], runner.config.block_size, runner.config
+    if idx.shape[1] > block and notice is not None:
+        notice(f"notice: prompt has {idx.shape[1]} tokens, more than block_size {block}")
+    out = []
+    for _ in range(max_new_tokens):
+        context = idx[:, -block:]
+        feeds = {"input_ids": context, "past_length": np.zeros(B, np.int64),
+                 "logit_positions": np.array([context.shape[1] - 1], np.int64)}
+        feeds.update({n: np.zeros((B, c.n_head, 0, c.head_dim), runner.cache_dtype()) for n in runner.spec.past_names})
+        logits = runner.infer(feeds)["logits"][:, -1]
+        check_finite(logits, runner.name)
+        if record is not None:
+            record.append(np.array(logits, np.float64))
+        token = next_token(logits, params, rng)
+        out.append(token)
+        idx = np.concatenate([idx, token[:, None]], axis=1)
+        if on_token is not None and on_token(token):
+            break
+    return np.stack(out, axis=1) if out else np.empty((B, 0), np.int64)
+
+
+def engine_generate(runner, prompt, max_new_tokens: int, params, seed: int = 0, max_batch: int | None = None):
+    """Each row of `prompt` (B, T) as a sequence of the generation engine (the scheduler), seeded `seed`:
+    (B, max_new_tokens) tokens."""
+    from gptexport.runtime.params import GenerationParams
+    from gptexport.runtime.scheduler import Scheduler
+
+    prompt = np.asarray(prompt, np.int64)
+    scheduler = Scheduler(runner, None, max_batch or len(prompt))
+    try:
+        seqs = [scheduler.submit(row.tolist(), GenerationParams(max_new_tokens, params, seed), notice=lambda m: None)
+                for row in prompt]
+        scheduler.run()
+    finally:
+        scheduler.close()
+    for seq in seqs:
+        if seq.finish == "error":
+            raise seq.error
+    return np.array([seq.tokens for seq in seqs], np.int64).reshape(len(prompt), -1)

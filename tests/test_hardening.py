@@ -540,21 +540,24 @@ def test_killed_mid_convert(tiny_ckpt, tmp_path, quick_export):
 
 
 def test_threads_sharing_a_runner_match_sequential(tiny_model_dir):
+    from conftest import engine_generate
+
     from gptexport.runtime.backends.ort import OrtRunner
-    from gptexport.runtime.loop import generate
     from gptexport.runtime.sampling import SamplingParams
 
     params = SamplingParams(0.9, top_k=20)
     prompts = [np.array([[i % 60, (3 * i) % 60]]) for i in range(6)]
+    generate = lambda runner, prompt, n, params, i: engine_generate(runner, prompt, n, params, seed=i)
     with OrtRunner(load_model_dir(tiny_model_dir)) as runner:
-        # 40 tokens on block_size 16: prefill, decode and the sliding window, all concurrently
-        want = [generate(runner, p, 40, params, np.random.default_rng(i)) for i, p in enumerate(prompts)]
+        # 40 tokens on block_size 16: prefill, decode and the sliding window, each thread an engine of
+        # its own on one runner, all concurrently
+        want = [generate(runner, p, 40, params, i) for i, p in enumerate(prompts)]
         got: list = [None] * len(prompts)
         barrier = threading.Barrier(len(prompts))
 
         def work(i: int) -> None:
             barrier.wait()
-            got[i] = generate(runner, prompts[i], 40, params, np.random.default_rng(i))
+            got[i] = generate(runner, prompts[i], 40, params, i)
 
         threads = [threading.Thread(target=work, args=(i,)) for i in range(len(prompts))]
         for t in threads:

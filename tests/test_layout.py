@@ -145,3 +145,30 @@ def test_serving_code_without_torch(tiny_model_dir, tmp_path):
     result = run_without_torch(tmp_path, code)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["64", "64"]
+
+
+# The one generation engine: only the scheduler makes a batch cache and runs its forwards; a runner's
+# `infer` is the host runner's way to run the graph (and the export's validation runs its own session).
+FORWARD_CALLS = {"new_batch_cache": {"gptexport.runtime.scheduler"},
+                 "prefill": {"gptexport.runtime.scheduler"},
+                 "infer": {"gptexport.runtime.backends.base"},
+                 "forward": set(), "new_cache": set()}
+
+
+def test_only_the_engine_drives_a_runners_forward():
+    bad = []
+    for name, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+                allowed = FORWARD_CALLS.get(node.func.attr)
+                if allowed is not None and name not in allowed:
+                    bad.append(f"{name}:{node.lineno} calls .{node.func.attr}()")
+    assert not bad, "only runtime/scheduler.py runs a model forward for generation:\n" + "\n".join(bad)
+
+
+def test_one_cache_family():
+    """The batch cache is the only KV cache: no runner defines another."""
+    runners = [p for p in PACKAGE.rglob("*.py") if p.parent.name in ("runtime", "backends", "verify")]
+    defined = {node.name for path in runners for node in ast.walk(ast.parse(path.read_text()))
+               if isinstance(node, (ast.ClassDef, ast.FunctionDef))}
+    assert not defined & {"HostCache", "OrtCache", "DeviceCache", "Slot", "SlotPool", "new_cache", "forward"}

@@ -6,9 +6,8 @@ time to first token (prefill), then the mean time per token of the rest (decode)
 
 Runtimes:
   gptexport-ort, gptexport-ort-cuda, gptexport-ort-tensorrt, gptexport-tensorrt
-                 the model directory on that backend (`cuda_graphs` false: decode without CUDA graphs;
-                 `binding` "pointer": the CPU provider through the memory core, see backends/ort.py;
-                 `scheduler` true: the batch's rows as sequences of the scheduler, not one batch)
+                 the model directory on that backend, the batch's rows as sequences of the generation
+                 engine (`cuda_graphs` false: decode without CUDA graphs)
   nanoGPT        gptexport.convert.model.GPT.generate: nanoGPT's loop, a full forward per new token (CPU)
   transformers   GPT2LMHeadModel.generate with its KV cache, on the job's `device` ("cpu" or "cuda",
                  there in the model directory's dtype: fp32 or fp16), in PyTorch's eager mode
@@ -40,26 +39,17 @@ Generator = Callable[[np.ndarray, int, Callable[[], None]], None]
 
 
 def gptexport_generator(job: dict) -> Generator:
+    """The rows of the prompt as sequences of the generation engine (the scheduler that `gptexport
+    generate`, `--prompts` and the server run), greedy; stamped as the first row samples each token."""
     from ..artifacts.modeldir import load_model_dir
     from ..runtime.backends import open_runner
-    from ..runtime.loop import generate
+    from ..runtime.params import GenerationParams
     from ..runtime.sampling import SamplingParams
+    from ..runtime.scheduler import Scheduler
 
     runner = open_runner(BACKEND_OF[job["runtime"]], load_model_dir(job["path"], verify=False), job["threads"],
-                         cuda_graphs=job.get("cuda_graphs"), binding=job.get("binding"))
+                         cuda_graphs=job.get("cuda_graphs"))
     runner.activate()
-    greedy, rng = SamplingParams(0.0), np.random.default_rng(0)
-    if job.get("scheduler"):
-        return scheduler_generator(runner)
-    return lambda prompt, n, stamp: generate(runner, prompt, n, greedy, rng, on_token=lambda t: stamp())
-
-
-def scheduler_generator(runner) -> Generator:
-    """The rows of the prompt as sequences of the scheduler (in-flight batching, what the server and
-    `generate --prompts` run), greedy; stamped as the first row samples each token."""
-    from ..runtime.sampling import SamplingParams
-    from ..runtime.params import GenerationParams
-    from ..runtime.scheduler import Scheduler
 
     def gen(prompt: np.ndarray, n: int, stamp: Callable[[], None]) -> None:
         s = Scheduler(runner, None, max_batch=len(prompt))

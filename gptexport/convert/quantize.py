@@ -291,9 +291,27 @@ def evaluate(runner, ids: np.ndarray) -> tuple[float, np.ndarray]:
     x = ids[: n * T].reshape(n, T)
     y = ids[1 : n * T + 1].reshape(n, T)
     batch = max(1, LOGITS_BUDGET // (T * V * 4))
-    logits = np.concatenate([runner.forward(x[i : i + batch], runner.new_cache(len(x[i : i + batch]), T),
-                                            all_logits=True) for i in range(0, n, batch)])
+    logits = np.concatenate([window_logits(runner, x[i: i + batch]) for i in range(0, n, batch)])
     return float(cross_entropy(logits, y)), logits
+
+
+def window_logits(runner, windows: np.ndarray) -> np.ndarray:
+    """(n, T, V) logits at every position of each window: the windows prefilled together on the engine."""
+    from ..runtime.params import GenerationParams
+    from ..runtime.sampling import SamplingParams
+    from ..runtime.scheduler import Probe, Scheduler
+
+    scheduler = Scheduler(runner, None, max_batch=len(windows))
+    try:
+        seqs = [scheduler.submit(w.tolist(), GenerationParams(1, SamplingParams(0.0)), probe=Probe(all_positions=True))
+                for w in windows]
+        scheduler.run()
+    finally:
+        scheduler.close()
+    for seq in seqs:
+        if seq.finish == "error":
+            raise seq.error
+    return np.stack([seq.probe.prefill_logits for seq in seqs])
 
 
 def cross_entropy(logits: np.ndarray, targets: np.ndarray) -> float:

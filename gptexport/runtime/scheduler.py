@@ -3,10 +3,13 @@
 The scheduler admits sequences (up to `max_batch` running, the rest queued first come, first
 served), steps them (one decode forward for all of them, every row at its own length), and
 retires them (max tokens, a stop word, cancellation, an error of their own). Each sequence keeps
-its own sampling settings and its own numpy Generator, consumed exactly as the generation loop
-(loop.generate) consumes it alone, so a sequence samples the tokens `gptexport generate` samples
-with the same seed and settings; only the floating-point rounding of a batched forward may differ
-from a forward of one, which can swap two tokens whose logits tie to within it (a near-tie).
+its own sampling settings and its own numpy Generator, consumed as nanoGPT's `generate` consumes
+its one (one draw per token), so a sequence samples the same tokens whichever sequences share its
+steps; only the floating-point rounding of a batched forward may differ from a forward of one,
+which can swap two tokens whose logits tie to within it (a near-tie).
+
+This is the one generation engine: `gptexport generate`, the Python API, the Triton model, parity,
+golden files, the bench and the perplexity all run their forwards through it (tests/test_layout.py).
 
 One step:
 1. admit: the queued sequences (while fewer than max_batch run) are prefilled into the next free
@@ -23,6 +26,7 @@ last one (one copy). No Triton, no threads here: the server drives `step` from a
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections import deque
 from dataclasses import dataclass, field
@@ -32,13 +36,33 @@ import numpy as np
 
 from ..errors import GptExportError, ParameterError
 from .backends.base import Runner
-from .loop import crop_notice, to_stderr
 from .params import GenerationParams, prepare
 from .sampling import check_finite, next_token, token_logprob
 from .textstream import TextStream
 
+def crop_notice(prompt_len: int, block_size: int) -> str:
+    return (f"notice: prompt has {prompt_len} tokens, more than block_size {block_size}; "
+            f"using its last {block_size} tokens, as nanoGPT does")
+
+
+def to_stderr(msg: str) -> None:
+    print(msg, file=sys.stderr)
+
+
 # on_delta(ids, text): the tokens of one delta and their text (None for a model without a tokenizer)
 OnDelta = Callable[[list[int], "str | None"], None]
+
+
+@dataclass
+class Probe:
+    """What a check (parity, perplexity) asks of a sequence besides its tokens: a copy of the logits
+    behind each token, the prefill's logits at every prompt position, and tokens to feed instead of
+    sampled ones (teacher forcing: the sequence ends when they run out). Served sequences have none."""
+
+    all_positions: bool = False
+    forced: list[int] | None = None
+    prefill_logits: np.ndarray | None = None  # (T, V), with all_positions
+    logits: list[np.ndarray] = field(default_factory=list)  # (V,) behind each token, in order
 
 
 @dataclass
@@ -53,6 +77,7 @@ class Sequence:
     tokenizer: object = None
     notice: Callable[[str], None] | None = None
     on_done: Callable[["Sequence"], None] | None = None  # called once, when it is retired
+    probe: Probe | None = None
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)  # of each token, with params.logprobs
     finish: str | None = None  # "length", "stop", "cancelled" or "error" once retired
@@ -77,6 +102,8 @@ class Sequence:
             check_finite(logits[None], source)
         if self.cancelled():  # checked before each token is sent, as the loop's callers do
             return self.retire("cancelled")
+        if self.probe is not None and self._probed(logits):
+            return
         p = self.params
         z, sampling = prepare(logits, p, self.prompt_ids + self.tokens, len(self.tokens))
         token = int(next_token(z[None], sampling, self.rng)[0])
@@ -90,6 +117,22 @@ class Sequence:
         self._stream.write([token])
         if self.finish is None and len(self.tokens) == self.params.max_new_tokens:
             self.retire("length")
+
+    def _probed(self, logits: np.ndarray) -> bool:
+        """Record the logits; with forced tokens take the next one instead of sampling (or end when
+        they have run out). True: nothing left to sample for this step."""
+        probe = self.probe
+        probe.logits.append(np.array(logits, np.float32))  # a copy: the engine reuses its buffers
+        if probe.forced is None:
+            return False
+        if len(self.tokens) == len(probe.forced):
+            self.retire("length")
+            return True
+        self.tokens.append(int(probe.forced[len(self.tokens)]))
+        self.context.append(self.tokens[-1])
+        if len(self.tokens) == self.params.max_new_tokens:
+            self.retire("length")
+        return True
 
     def _on_text(self, text: str) -> None:
         ids, self._pending = self._pending, []
@@ -140,9 +183,9 @@ class Scheduler:
     def submit(self, prompt_ids: list[int], params: GenerationParams = GenerationParams(),
                on_delta: OnDelta | None = None, cancelled: Callable[[], bool] | None = None,
                rng: np.random.Generator | None = None, notice: Callable[[str], None] | None = None,
-               on_done: Callable[[Sequence], None] | None = None) -> Sequence:
+               on_done: Callable[[Sequence], None] | None = None, probe: Probe | None = None) -> Sequence:
         """Queue a sequence; `rng` continues a generator (default: a new one seeded with params.seed);
-        `on_done(seq)` is called when it is retired (from the thread that steps)."""
+        `on_done(seq)` is called when it is retired (from the thread that steps); `probe`: see Probe."""
         from ..artifacts.tokenizer import check_token_ids
         from ..errors import UsageError
 
@@ -155,7 +198,7 @@ class Scheduler:
         params.check_vocab(self.config.vocab_size)
         seq = Sequence(list(prompt_ids), params, np.random.default_rng(params.seed) if rng is None else rng,
                        on_delta or (lambda ids, text: None), cancelled or (lambda: False), self.tokenizer, notice,
-                       on_done)
+                       on_done, probe)
         if params.max_new_tokens == 0:
             seq.retire("length")
             return seq
@@ -215,24 +258,28 @@ class Scheduler:
             free = self.max_batch - len(self.rows) - len(self.cropping)
             admitted = [self.queue.popleft() for _ in range(min(free, len(self.queue)))]
         block = self.config.block_size
-        groups: dict[int, list[Sequence]] = {}
+        groups: dict[tuple[int, bool], list[Sequence]] = {}
         for seq in admitted:
             if len(seq.prompt_ids) > block:
-                (seq.notice or to_stderr)(crop_notice(len(seq.prompt_ids), block))  # as loop.generate
+                (seq.notice or to_stderr)(crop_notice(len(seq.prompt_ids), block))
             seq.context = seq.prompt_ids[-block:]
-            groups.setdefault(len(seq.context), []).append(seq)
-        for T, seqs in groups.items():
-            reach = max(min(block, T + s.params.max_new_tokens) for s in seqs)
-            self._prefill(seqs, reach)
+            all_positions = seq.probe is not None and seq.probe.all_positions
+            groups.setdefault((len(seq.context), all_positions), []).append(seq)
+        for (T, all_positions), seqs in groups.items():
+            self._prefill(seqs, T, all_positions)
 
-    def _prefill(self, seqs: list[Sequence], reach: int) -> None:
+    def _prefill(self, seqs: list[Sequence], T: int, all_positions: bool = False) -> None:
         """Admitted sequences with prompts of one length into the next free rows, then their first tokens."""
         try:
-            logits = self._cache(reach).prefill(len(self.rows), np.array([s.context for s in seqs]))
+            logits = self._cache(T).prefill(len(self.rows), np.array([s.context for s in seqs]), all_positions)
         except GptExportError as e:  # these sequences fail (a broken backend); the others go on
             for seq in seqs:
                 seq.retire("error", e)
             return
+        if all_positions:
+            for seq, rows in zip(seqs, logits):
+                seq.probe.prefill_logits = np.array(rows, np.float32)
+            logits = logits[:, -1]
         self._accept(seqs, logits)
         self.rows += seqs
         self.cropping += [s for s in seqs if s.finish is None and len(s.context) > self.config.block_size]
@@ -266,6 +313,7 @@ class Scheduler:
     def _decode(self) -> None:
         n = len(self.rows)
         try:
+            self.cache.ensure_capacity(int(self.cache.lengths[:n].max()) + 1)  # room for this step's position
             logits = self.cache.decode(np.array([s.last for s in self.rows], np.int64))
         except GptExportError as e:  # the forward itself failed: every sequence in it fails
             for seq in self.rows:
@@ -294,8 +342,9 @@ class Scheduler:
             self.rows[i] = self.rows[last]
             self.rows.pop()
 
-    def _cache(self, reach: int):
+    def _cache(self, positions: int):
+        """The batch cache, with room for `positions` per row (made on first use, grown as needed)."""
         if self.cache is None:
-            self.cache = self.runner.new_batch_cache(self.max_batch, reach)
-        self.cache.ensure_capacity(reach)
+            self.cache = self.runner.new_batch_cache(self.max_batch, positions)
+        self.cache.ensure_capacity(positions)
         return self.cache

@@ -72,7 +72,7 @@ class GenerationSession:
              max_batch: int = DEFAULT_MAX_BATCH, **runner_options) -> "GenerationSession":
         """Load a model directory (every hash checked), open its runner on `backend` and activate it.
 
-        `runner_options` are open_runner's: tf32, cuda_graphs, binding.
+        `runner_options` are open_runner's: tf32, cuda_graphs.
         """
         md = load_model_dir(model_dir)
         runner = open_runner(backend, md, threads, **runner_options)
@@ -156,7 +156,7 @@ def generate_samples(model_dir: str | Path | ModelDir, prompt: str | None = None
     receives the prompt's text, then every delta, and `separator` between samples (a newline
     after the last). The TensorRT-LLM settings (min_tokens ... logprobs) are GenerationParams';
     `bad_words` are text, encoded by the model's tokenizer. `runner_options` are open_runner's
-    (tf32, cuda_graphs, binding).
+    (tf32, cuda_graphs).
     """
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise ParameterError("num_samples", f"must be an integer >= 1, got {num_samples}")

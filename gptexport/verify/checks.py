@@ -9,6 +9,7 @@ import numpy as np
 
 from ..runtime.backends.base import Runner
 from ..runtime.sampling import SamplingParams, logits_to_probs
+from .batched import CROP_STEPS, batched_verdict, crop_probe
 from .golden import Outputs, Reference
 from .measure import generate_recorded, measure, recompute_last
 from .metrics import (TOPK_OVERLAP, Divergence, error_stats, greedy_divergence, kl_divergence, needed_tolerance,
@@ -16,14 +17,13 @@ from .metrics import (TOPK_OVERLAP, Divergence, error_stats, greedy_divergence, 
 from .tolerance import Tolerance
 
 SAMPLER_ATOL = 1e-6  # numpy sampler vs nanoGPT's torch code, on probabilities
-CROP_STEPS = 4  # greedy steps of the cache check's probe that starts one short of block_size
 
 
 @dataclass
 class Check:
     """One check's verdict: `figure` is the table's one line, `details` every number (for --json)."""
 
-    name: str  # sampler, forward, generation, sampling, cache, or run (the backend crashed)
+    name: str  # sampler, forward, generation, sampling, cache, batched, or run (the backend crashed)
     backend: str  # "-" for the sampler check, which involves no backend
     ok: bool
     figure: str
@@ -123,14 +123,14 @@ def _recomputed(runner: Runner, prompt: np.ndarray, tokens: np.ndarray) -> tuple
     """Full-recompute logits of each generation step's context, and how many steps were past block_size."""
     contexts = [np.concatenate([prompt, tokens[:s]]) for s in range(len(tokens))]
     past = sum(len(c) > runner.config.block_size for c in contexts)
-    return np.stack([recompute_last(runner, c) for c in contexts]), past
+    return recompute_last(runner, contexts), past
 
 
 def cache_check(backend: str, runner: Runner, ref: Reference, got: Outputs, tol: Tolerance) -> Check:
     """The generation loop's logits (cached decode, crop) against a full recompute, same backend."""
     block = runner.config.block_size
     # a probe that starts one short of block_size: one decode fills the window, then it slides
-    start = np.resize(np.concatenate([ref.prompts[0], ref.outputs.greedy_tokens[0]]), max(1, block - 1))
+    start = crop_probe(ref, block)
     probe = generate_recorded(runner, start, CROP_STEPS, SamplingParams(0.0), ref.seed)
     cached, full, past = [], [], 0
     for prompt, (tokens, logits) in zip([*ref.prompts, start], [*zip(got.greedy_tokens, got.greedy_logits), probe]):
@@ -155,7 +155,8 @@ def backend_checks(backend: str, runner: Runner, ref: Reference, tol: Tolerance)
     try:
         got = measure(runner, ref.prompts, ref.steps, params, ref.seed, forced=ref.outputs.greedy_tokens)
         return [forward_check(backend, ref, got, tol, params), generation_check(backend, ref, got, tol),
-                sampling_check(backend, ref, got, tol), cache_check(backend, runner, ref, got, tol)]
+                sampling_check(backend, ref, got, tol), cache_check(backend, runner, ref, got, tol),
+                Check("batched", backend, *batched_verdict(runner, ref, got, tol))]
     except Exception as e:  # any backend failure is a finding to report, not a traceback
         first = (str(e).splitlines() or [""])[0]
         return [Check("run", backend, False, f"failed: {type(e).__name__}: {first}")]

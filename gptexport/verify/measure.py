@@ -1,75 +1,92 @@
-"""Running a runner on the reference's inputs: the Outputs every backend is compared on.
+"""Running a runner on the reference's inputs through the generation engine: the Outputs every backend
+is compared on.
+
+Everything here submits sequences to the scheduler (runtime/scheduler.py) on the runner's batch
+cache, the engine `gptexport generate` and the server run; a `Probe` on each sequence records the
+logits behind its tokens, the prefill's logits at every position, or feeds given tokens instead of
+sampled ones. Nothing here calls a runner's forward itself.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from ..runtime.backends.base import HostCache, Runner
-from ..runtime.loop import generate
+from ..runtime.backends.base import Runner
+from ..runtime.params import GenerationParams
 from ..runtime.sampling import SamplingParams
+from ..runtime.scheduler import Probe, Scheduler, Sequence
 from .golden import Outputs
 
 
-class Recorder(Runner):
-    """Wraps a runner and keeps the last-position logits of each forward the generation loop makes."""
+def quiet(_message: str) -> None:
+    """Parity crops its prompts itself and says so in its report: no notice on stderr."""
 
-    def __init__(self, inner: Runner):
-        self.inner, self.name, self.config, self.spec = inner, inner.name, inner.config, inner.spec
-        self.logits: list[np.ndarray] = []
 
-    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return self.inner.infer(feeds)
+def probed(scheduler: Scheduler, prompt, steps: int, params: SamplingParams, seed: int,
+           probe: Probe | None = None) -> Sequence:
+    """Queue `prompt` for `steps` tokens with a probe (default: one recording the logits)."""
+    return scheduler.submit(list(map(int, prompt)), GenerationParams(steps, params, seed),
+                            notice=quiet, probe=probe or Probe())
 
-    def new_cache(self, batch: int, capacity: int) -> HostCache:
-        return self.inner.new_cache(batch, capacity)
 
-    def forward(self, input_ids: np.ndarray, cache: HostCache, all_logits: bool = False) -> np.ndarray:
-        logits = self.inner.forward(input_ids, cache, all_logits)
-        self.logits.append(np.array(logits[0] if not all_logits else logits[0, -1], dtype=np.float32))  # a copy
-        return logits
+def recorded(seq: Sequence) -> tuple[np.ndarray, np.ndarray]:
+    """A finished probed sequence's (steps,) tokens and the (steps, V) logits behind them."""
+    if seq.finish == "error":
+        raise seq.error
+    return np.array(seq.tokens, np.int64), np.stack(seq.probe.logits)
 
 
 def generate_recorded(runner: Runner, prompt: np.ndarray, steps: int, params: SamplingParams,
                       seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """The generation loop on one prompt: (steps,) tokens and the (steps, V) logits behind them."""
-    rec = Recorder(runner)
-    tokens = generate(rec, prompt[None], steps, params, np.random.default_rng(seed), notice=lambda m: None)
-    return tokens[0], np.stack(rec.logits)
+    """One prompt alone on the engine: (steps,) tokens and the (steps, V) logits behind them."""
+    scheduler = Scheduler(runner, None, max_batch=1)
+    try:
+        seq = probed(scheduler, prompt, steps, params, seed)
+        scheduler.run()
+    finally:
+        scheduler.close()
+    return recorded(seq)
 
 
 def teacher_forced(runner: Runner, prompt: np.ndarray, tokens: np.ndarray) -> np.ndarray:
-    """Logits at every prompt position (one prefill), then decoding `tokens` one by one with the cache.
-
-    Decoding stops when the context fills block_size: (T + k, V), k = min(len(tokens), block - T).
-    """
+    """Logits at every prompt position (one prefill), then at each of `tokens` fed one by one with the
+    cache. Feeding stops when the context fills block_size: (T + k, V), k = min(len(tokens), block - T)."""
     k = max(0, min(len(tokens), runner.config.block_size - len(prompt)))
-    cache = runner.new_cache(1, len(prompt) + k)
-    # copies: a runner may return a view of a buffer it reuses on the next step (ONNX Runtime's IOBinding)
-    rows = [np.array(runner.forward(prompt[None], cache, all_logits=True)[0], np.float32)]
-    rows += [np.array(runner.forward(np.array([[t]]), cache), np.float32) for t in tokens[:k]]
-    return np.concatenate(rows)
+    probe = Probe(all_positions=True, forced=[int(t) for t in tokens[:k]])
+    scheduler = Scheduler(runner, None, max_batch=1)
+    try:
+        seq = probed(scheduler, prompt, k + 1, SamplingParams(0.0), 0, probe)
+        scheduler.run()
+    finally:
+        scheduler.close()
+    if seq.finish == "error":
+        raise seq.error
+    return np.concatenate([probe.prefill_logits, *[row[None] for row in probe.logits[1:]]])
 
 
-def recompute_last(runner: Runner, context: np.ndarray) -> np.ndarray:
-    """Last-position logits of `context` (cropped to block_size) from scratch, a fresh empty cache."""
-    context = context[-runner.config.block_size:]
-    return np.array(runner.forward(context[None], runner.new_cache(1, len(context)))[0], np.float32)
+def recompute_last(runner: Runner, contexts: list[np.ndarray]) -> np.ndarray:
+    """Last-position logits of each context (cropped to block_size) from scratch: one fresh prefill each,
+    (len(contexts), V)."""
+    scheduler = Scheduler(runner, None, max_batch=8)
+    try:
+        seqs = [probed(scheduler, c[-runner.config.block_size:], 1, SamplingParams(0.0), 0) for c in contexts]
+        scheduler.run()
+    finally:
+        scheduler.close()
+    return np.concatenate([recorded(s)[1] for s in seqs])
 
 
 def measure(runner: Runner, prompts: list[np.ndarray], steps: int, params: SamplingParams, seed: int,
             forced: list[np.ndarray] | None = None) -> Outputs:
-    """A runner's Outputs; decode steps are fed `forced` tokens (default: its own greedy ones)."""
+    """A runner's Outputs, each prompt alone on the engine; the forward check's decode steps are fed
+    `forced` tokens (default: its own greedy ones)."""
     out = Outputs()
     greedy = SamplingParams(temperature=0.0)
     for i, prompt in enumerate(prompts):
         tokens, logits = generate_recorded(runner, prompt, steps, greedy, seed)
         out.greedy_tokens.append(tokens)
         out.greedy_logits.append(logits)
-        if params.greedy:
-            sampled = (tokens, logits)
-        else:
-            sampled = generate_recorded(runner, prompt, steps, params, seed)
+        sampled = (tokens, logits) if params.greedy else generate_recorded(runner, prompt, steps, params, seed)
         out.sampled_tokens.append(sampled[0])
         out.sampled_logits.append(sampled[1])
         out.forward_logits.append(teacher_forced(runner, prompt, tokens if forced is None else forced[i]))

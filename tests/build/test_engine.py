@@ -11,6 +11,7 @@ import shutil
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import engine_generate
 
 from gptexport.artifacts.engine_record import (ENGINE_FILE, RECORD_FILE, DeviceInfo, EngineRecord, check_compatible,
                                                compatibility_problems, engine_io_problems, load_record)
@@ -22,13 +23,13 @@ from gptexport.errors import BackendUnavailable, GptExportError, ModelDirError, 
 from gptexport.profiles import (ProfileShapes, ort_profile_options, profile_problems, profile_shapes, select_profile,
                                 step_shapes, union_profile)
 from gptexport.runtime.backends import open_runner
-from gptexport.runtime.backends.base import HostCache, Runner
+from gptexport.runtime.backends.base import Runner
+from gptexport.runtime.backends.batchcache import BatchCache
 from gptexport.runtime.backends.device import HostMemory
-from gptexport.runtime.backends.kvcache import KVLayout
 from gptexport.runtime.backends.ort import OrtRunner
 from gptexport.runtime.backends.ort_session import provider_options
-from gptexport.runtime.loop import generate
 from gptexport.runtime.sampling import SamplingParams
+from gptexport.verify.measure import teacher_forced
 
 H100 = DeviceInfo("NVIDIA H100 80GB HBM3", "9.0")
 
@@ -102,7 +103,7 @@ def test_inconsistent_profiles_are_named(model_dir):
 
 
 class RecordingRunner(Runner):
-    """The base Runner's forward (HostCache feeds) over ONNX Runtime, noting every forward's input shapes."""
+    """The base Runner's batch cache (host memory, infer) over ONNX Runtime, noting every forward's input shapes."""
 
     def __init__(self, md):
         self.ort, self.config, self.spec, self.shapes = OrtRunner(md), md.config, md.spec, []
@@ -115,7 +116,7 @@ class RecordingRunner(Runner):
 def test_every_forward_of_generation_falls_in_a_profile(model_dir):
     """Prefill, decode, and past block_size the recomputed window: all within prefill or decode."""
     runner = RecordingRunner(model_dir)
-    generate(runner, np.array([[3, 1, 4, 1, 5]]), 40, SamplingParams(0.0), np.random.default_rng(0))
+    engine_generate(runner, np.array([[3, 1, 4, 1, 5]]), 40, SamplingParams(0.0))
     profs = profile_shapes(model_dir.config, model_dir.spec)
     chosen = [select_profile(profs, s) for s in runner.shapes]
     assert None not in chosen and set(chosen) == {0, 1} and len(chosen) == 40
@@ -126,10 +127,13 @@ def test_every_forward_of_generation_falls_in_a_profile(model_dir):
 
 def test_step_shapes_are_the_feeds_shapes(model_dir):
     runner = RecordingRunner(model_dir)
-    cache = runner.new_cache(2, 12)
-    runner.forward(np.zeros((2, 5), np.int64), cache)
-    runner.forward(np.zeros((2, 1), np.int64), cache, all_logits=True)
-    assert runner.shapes == [step_shapes(model_dir.spec, 2, 5, 0, 1), step_shapes(model_dir.spec, 2, 1, 12, 1)]
+    cache = runner.new_batch_cache(2, 12)
+    cache.prefill(0, np.zeros((2, 5), np.int64))
+    cache.decode(np.zeros(2, np.int64))
+    cache.prefill(0, np.zeros((1, 3), np.int64), all_positions=True)
+    capacity = cache.capacity  # 12 rounded up to the room step, at most block_size
+    assert runner.shapes == [step_shapes(model_dir.spec, 2, 5, 0, 1), step_shapes(model_dir.spec, 2, 1, capacity, 1),
+                             step_shapes(model_dir.spec, 1, 3, 0, 3)]
 
 
 def test_onnxruntime_tensorrt_provider_gets_one_profile_spanning_both(model_dir):
@@ -154,36 +158,76 @@ def test_onnxruntime_tensorrt_provider_gets_one_profile_spanning_both(model_dir)
 
 # ---- the device cache's layout -----------------------------------------------------------------
 
+class WritingRun:
+    """A stand-in forward for the batch cache's copy plans: writes random new keys/values into the step's
+    outputs and keeps what each row's cache should then hold (the plans are what is under test here;
+    the graph's own numbers are tested against session.run in tests/runtime/test_ort_runner.py)."""
+
+    def __init__(self, memory, spec, dtype):
+        self.memory, self.spec, self.dtype, self.rng = memory, spec, dtype, np.random.default_rng(0)
+
+    def __call__(self, _, ins: dict, outs: dict, addresses: dict) -> None:
+        new = [self.rng.standard_normal(outs[name]).astype(self.dtype) for name in self.spec.new_names]
+        for name, value in zip(self.spec.new_names, new):
+            self.memory.view(addresses[name], outs[name], self.dtype)[...] = value
+        self.last = np.stack(new, axis=1)  # (n, tensors, nh, steps, hd)
+
+    def decode(self, bucket) -> None:
+        d = bucket.decode_buffers()
+        self(None, d.input_shapes, d.output_shapes, d.addresses)
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
-def test_strided_copies_fill_the_cache_as_host_cache_does(model_dir, dtype):
-    """The copy plans, run by the host memory core's copy2d, fill a buffer as HostCache.append does:
-    prefill then decode steps (the CUDA core runs the same plans with cudaMemcpy2DAsync)."""
-    c, spec, np_dtype = model_dir.config, io_spec(model_dir.config, "fp32"), numpy_dtype(dtype)
-    B, capacity = 3, 11
-    host = HostCache(spec, c, B, capacity, np_dtype)
-    layout = KVLayout(B, c.n_head, c.head_dim, capacity, np_dtype.itemsize)
-    memory = HostMemory()
-    buffer = memory.allocate(layout.nbytes)  # one cache buffer, as device memory
-    memory.zero(buffer, layout.nbytes)
-    rng = np.random.default_rng(0)
-    for steps in (5, 1, 1, 3, 1):
-        new = rng.standard_normal((B, c.n_head, steps, c.head_dim)).astype(np_dtype)
-        source = memory.allocate(new.nbytes)
-        memory.upload(source, new)
-        memory.copy2d(buffer, source, layout.append(host.length, steps))
-        host.append({n.replace("past_", "new_", 1): new for n in spec.past_names}, steps)
-        got = np.empty_like(host.buffers["past_key.0"])
-        memory.download(got, buffer)
-        np.testing.assert_array_equal(got.view(np.uint8), host.buffers["past_key.0"].view(np.uint8))
+def test_strided_copies_put_each_rows_keys_at_its_positions(model_dir, dtype):
+    """The batch cache's 3-D copy plans, run by the host memory core, append every row's new keys and
+    values at its own length in every layer tensor, across prefills, decodes, a growth and a row move
+    (the CUDA core runs the same plans with cudaMemcpy3DAsync)."""
+    c = model_dir.config
+    spec = io_spec(c, {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}[dtype])
+    np_dtype = numpy_dtype(spec.cache_dtype)
+    memory, rows = HostMemory(), 3
+    run = WritingRun(memory, spec, np_dtype)
+    cache = BatchCache(memory, spec, c, rows, 4, run, run.decode, room_step=4)
+    want = [np.zeros((len(spec.past_names), c.n_head, 0, c.head_dim), np_dtype) for _ in range(rows)]
+
+    def check() -> None:
+        for r in range(rows):
+            n = int(cache.lengths[r])
+            for t, name in enumerate(spec.past_names):
+                past = memory.view(cache.past[name], (rows, c.n_head, cache.capacity, c.head_dim), np_dtype)
+                np.testing.assert_array_equal(past[r, :, :n].view(np.uint8), want[r][t].view(np.uint8))
+
+    for r, T in enumerate((3, 1, 2)):
+        cache.prefill(r, np.zeros(T, np.int64))
+        want[r] = run.last[0]
+    check()
+    for step in range(6):  # grows 4 -> 8 on the way
+        cache.ensure_capacity(int(cache.lengths.max()) + 1)
+        cache.decode(np.zeros(rows, np.int64))
+        for r in range(rows):
+            want[r] = np.concatenate([want[r], run.last[r]], axis=2)
+        check()
+    assert cache.capacity == 12
+    cache.move(2, 0)  # the last row fills a row that leaves
+    want[0], want[2] = want[2], want[2][:, :, :0]
+    assert cache.lengths[2] == 0
+    check()
     with pytest.raises(GptExportError, match="overflow"):
-        layout.append(host.length, 1)
-    with pytest.raises(GptExportError, match="outside a buffer"):  # a plan past the buffer's end is refused
-        memory.copy2d(buffer, source, KVLayout(B, c.n_head, c.head_dim, capacity + 1, np_dtype.itemsize).append(capacity, 1))
+        cache._append_plan(0, cache.capacity, 0, 1, 0)
+    cache.close()
 
 
-def test_copy_plan_numbers():
-    plan = KVLayout(batch=2, n_head=12, head_dim=64, capacity=1024, itemsize=2).append(start=100, steps=1)
-    assert (plan.dst_offset, plan.dpitch, plan.spitch, plan.width, plan.height) == (12800, 131072, 128, 128, 24)
+def test_copy_plan_numbers(model_dir):
+    """Row 1 of a (2, nh=2, capacity 16, hd=16) fp32 cache gets one new position at 5: in each of the
+    (k, v) x layers tensors, nh rows of one position, a row pitch apart."""
+    spec, c = model_dir.spec, model_dir.config
+    cache = BatchCache(HostMemory(), spec, c, 2, 16, None, None)
+    plan = cache._append_plan(1, 5, 1, 1, 4096)
+    head = c.head_dim * 4
+    assert (plan.dst_offset, plan.dpitch, plan.width, plan.height, plan.depth) == (
+        c.n_head * 16 * head + 5 * head, 16 * head, head, c.n_head, len(spec.past_names))
+    assert (plan.src_offset, plan.spitch, plan.sslice, plan.dslice) == (c.n_head * head, head, 4096, cache.stride)
+    cache.close()
 
 
 def test_engine_io_is_compared_with_the_spec(model_dir):
@@ -327,12 +371,11 @@ def test_engine_matches_onnxruntime(built, dtype, atol, batch, seq, past, capaci
 def test_generation_on_the_device_cache_matches_onnxruntime(built):
     md = built["fp32"]
     prompt = np.array([[3, 1, 4, 1, 5], [9, 2, 6, 5, 3]])
-    want = generate(OrtRunner(md), prompt, 40, SamplingParams(0.0), np.random.default_rng(0))
+    want = engine_generate(OrtRunner(md), prompt, 40, SamplingParams(0.0))
     with open_runner("tensorrt", md) as runner:
-        got = generate(runner, prompt, 40, SamplingParams(0.0), np.random.default_rng(0))
-        cache = runner.new_cache(1, 8)
-        logits = runner.forward(prompt[:1], cache, all_logits=True)
-        assert logits.shape == (1, 5, md.config.vocab_size) and cache.length == 5
+        got = engine_generate(runner, prompt, 40, SamplingParams(0.0))
+        forced = teacher_forced(runner, prompt[0], prompt[1])
+        np.testing.assert_allclose(forced, teacher_forced(OrtRunner(md), prompt[0], prompt[1]), atol=1e-4)
     np.testing.assert_array_equal(got, want)
 
 

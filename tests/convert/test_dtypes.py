@@ -24,6 +24,8 @@ from gptexport.convert.export import TORCH_DTYPES, _to_numpy, convert, onnx_eval
 from gptexport.convert.loader import load_model
 from gptexport.errors import GptExportError
 from gptexport.runtime.backends.ort import OrtRunner
+from gptexport.runtime.sampling import SamplingParams
+from gptexport.verify.measure import generate_recorded
 
 TOLERANCE = {"fp16": (5e-2, 5e-3), "bf16": (2.5e-1, 2e-2)}
 ONNX_TYPE = {"fp16": "FLOAT16", "bf16": "BFLOAT16"}
@@ -113,9 +115,8 @@ def test_parity_on_the_cpu(exported, references, dtype, batch, seq, past, capaci
 def test_fp16_generation_runs_on_onnxruntime_cpu(exported):
     md = exported[0]["fp16"]
     runner = OrtRunner(md)
-    cache = runner.new_cache(1, 8)
-    logits = runner.forward(np.array([[1, 2, 3]]), cache)
-    assert logits.shape == (1, md.config.vocab_size) and logits.dtype == np.float32
+    tokens, logits = generate_recorded(runner, np.array([1, 2, 3]), 4, SamplingParams(0.0), 0)
+    assert logits.shape == (4, md.config.vocab_size) and logits.dtype == np.float32 and np.isfinite(logits).all()
 
 
 def test_onnxruntime_cpu_and_bf16(exported, references):

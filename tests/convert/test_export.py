@@ -83,12 +83,12 @@ def test_cached_forward_matches_nanogpt_forward(tiny_ckpt):
     runner = TorchRunner(tiny_ckpt)
     idx = torch.randint(0, runner.config.vocab_size, (2, 12))
     full = [runner.model(idx[:, : t + 1])[0][:, -1].numpy() for t in range(12)]
-    cache = runner.new_cache(2, 12)
-    logits = runner.forward(idx[:, :5].numpy(), cache, all_logits=True)
+    cache = runner.new_batch_cache(2, 12)
+    logits = cache.prefill(0, idx[:, :5].numpy(), all_positions=True)
     for t in range(5):
         np.testing.assert_allclose(logits[:, t], full[t], atol=1e-5)
     for t in range(5, 12):
-        np.testing.assert_allclose(runner.forward(idx[:, t : t + 1].numpy(), cache), full[t], atol=1e-5)
+        np.testing.assert_allclose(cache.decode(idx[:, t].numpy()), full[t], atol=1e-5)
 
 
 def test_refuses_existing_out_dir(tiny_ckpt, tiny_model_dir):

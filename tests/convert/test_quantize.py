@@ -4,6 +4,7 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
+from conftest import engine_generate
 from onnx import TensorProto, helper, numpy_helper
 
 from gptexport.artifacts.files import sha256_file
@@ -13,7 +14,6 @@ from gptexport.convert.quantize import (compare_quality, cross_entropy, evaluate
                                         fuse_cpu_ops, held_out_ids, quantize, tokenizer_files)
 from gptexport.errors import UsageError
 from gptexport.runtime.backends.ort import OrtRunner
-from gptexport.runtime.loop import generate
 from gptexport.runtime.sampling import SamplingParams
 
 TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\nAll:\nSpeak, speak.\n" * 8
@@ -56,7 +56,7 @@ def test_weights_are_quantized_as_asked(quantized):
 def test_quantized_model_generates(quantized):
     _, out = quantized
     runner = OrtRunner(load_model_dir(out))
-    tokens = generate(runner, np.array([[1, 2, 3], [4, 5, 6]]), 20, SamplingParams(0.0), np.random.default_rng(0))
+    tokens = engine_generate(runner, np.array([[1, 2, 3], [4, 5, 6]]), 20, SamplingParams(0.0))
     assert tokens.shape == (2, 20) and ((0 <= tokens) & (tokens < runner.config.vocab_size)).all()
 
 
@@ -134,6 +134,14 @@ def test_cross_entropy():
     assert cross_entropy(np.zeros((1, 4, 7), np.float32), np.zeros((1, 4), np.int64)) == pytest.approx(np.log(7))
 
 
+def session_run(runner, ids: np.ndarray) -> np.ndarray:
+    """(B, T, V) logits at every position of `ids` from an empty past, by one session.run."""
+    c, B, T = runner.config, ids.shape[0], ids.shape[1]
+    feeds = {"input_ids": ids, "past_length": np.zeros(B, np.int64), "logit_positions": np.arange(T, dtype=np.int64)}
+    feeds.update({n: np.zeros((B, c.n_head, 0, c.head_dim), np.float32) for n in runner.spec.past_names})
+    return runner.infer(feeds)["logits"]
+
+
 def test_evaluate_scores_consecutive_windows(tiny_model_dir):
     """evaluate's windows and targets equal a position-by-position computation."""
     runner = OrtRunner(load_model_dir(tiny_model_dir))
@@ -141,8 +149,8 @@ def test_evaluate_scores_consecutive_windows(tiny_model_dir):
     ids = np.random.default_rng(0).integers(0, runner.config.vocab_size, 3 * T + 5)
     loss, logits = evaluate(runner, ids)
     assert logits.shape == (3, T, runner.config.vocab_size)
-    want = [cross_entropy(runner.forward(ids[None, w * T : (w + 1) * T], runner.new_cache(1, T), all_logits=True),
-                          ids[None, w * T + 1 : (w + 1) * T + 1]) for w in range(3)]
+    want = [cross_entropy(session_run(runner, ids[None, w * T: (w + 1) * T]), ids[None, w * T + 1: (w + 1) * T + 1])
+            for w in range(3)]
     assert loss == pytest.approx(np.mean(want), rel=1e-5)
 
 
@@ -199,6 +207,5 @@ def test_big_weights_live_beside_the_graph(tiny_ckpt, tmp_path, monkeypatch):
         md = load_model_dir(d)
         assert set(md.manifest["files"]) == {"model.onnx", "model.onnx.data"}
     assert set(load_model_dir(out).manifest["quantization_config"]["source_files"]) == {"model.onnx", "model.onnx.data"}
-    tokens = generate(OrtRunner(load_model_dir(out)), np.array([[1, 2]]), 5, SamplingParams(0.0),
-                      np.random.default_rng(0))
+    tokens = engine_generate(OrtRunner(load_model_dir(out)), np.array([[1, 2]]), 5, SamplingParams(0.0))
     assert tokens.shape == (1, 5)

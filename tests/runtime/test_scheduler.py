@@ -1,7 +1,7 @@
 """The scheduler: sequences in flight share forwards, and each keeps exactly its own tokens.
 
-Every sequence's tokens must equal the generation loop alone (loop.generate, what `gptexport
-generate` ran before the scheduler) with its seed and settings. The batched forward may round
+Every sequence's tokens must equal nanoGPT's generate alone (conftest.nanogpt_generate: a full
+recompute of the cropped context per token, no cache) with its seed and settings. The batched forward may round
 differently from a forward of one sequence; a divergence is accepted only where the lone run's
 logits make the choice a near-tie, and it is reported, never silent.
 """
@@ -13,6 +13,7 @@ import warnings
 
 import numpy as np
 import pytest
+from conftest import nanogpt_generate
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -21,7 +22,6 @@ from gptexport.errors import ParameterError
 from gptexport.runtime.backends.base import Runner
 from gptexport.runtime.backends.device import HostMemory
 from gptexport.runtime.backends.ort import OrtRunner
-from gptexport.runtime.loop import generate
 from gptexport.runtime.sampling import SamplingParams, logits_to_probs
 from gptexport.runtime.params import GenerationParams
 from gptexport.runtime.scheduler import Scheduler
@@ -37,27 +37,14 @@ def runner(tiny_model_dir):
     r.deactivate()
 
 
-class Recording:
-    """The lone run's last-position logits at every step (to tell a near-tie from a bug)."""
-
-    def __init__(self, inner):
-        self.inner, self.name, self.config, self.spec, self.logits = inner, inner.name, inner.config, inner.spec, []
-
-    def new_cache(self, batch, capacity):
-        return self.inner.new_cache(batch, capacity)
-
-    def forward(self, ids, cache, all_logits=False):
-        out = self.inner.forward(ids, cache, all_logits)
-        self.logits.append(np.array(out[0], np.float64))
-        return out
-
-
 def alone(runner, prompt, params: GenerationParams, stop_at: int | None = None):
-    rec = Recording(runner)
+    """The sequence alone in nanoGPT's loop: its tokens and the logits of every step (to tell a
+    near-tie from a bug)."""
+    logits = []
     n = params.max_new_tokens if stop_at is None else stop_at
-    tokens = generate(rec, np.array([prompt]), n, params.sampling, np.random.default_rng(params.seed),
-                      notice=lambda m: None)[0].tolist()
-    return tokens, rec.logits
+    tokens = nanogpt_generate(runner, np.array([prompt]), n, params.sampling, np.random.default_rng(params.seed),
+                              record=logits)[0].tolist()
+    return tokens, [row[0] for row in logits]
 
 
 def near_tie(logits: np.ndarray, params: GenerationParams, rng_state, step: int) -> bool:
@@ -147,7 +134,7 @@ class CountingMemory(HostMemory):
 
     def __init__(self):
         super().__init__()
-        self.calls = {"upload": 0, "download": 0, "copy2d": 0, "copy3d": 0}
+        self.calls = {"upload": 0, "download": 0, "copy3d": 0}
 
     def upload(self, dst, array):
         self.calls["upload"] += 1
@@ -157,19 +144,16 @@ class CountingMemory(HostMemory):
         self.calls["download"] += 1
         super().download(array, src)
 
-    def copy2d(self, dst, src, plan):
-        self.calls["copy2d"] += 1
-        super().copy2d(dst, src, plan)
-
     def copy3d(self, dst, src, plan):
         self.calls["copy3d"] += 1
         super().copy3d(dst, src, plan)
 
 
 @pytest.mark.parametrize("rows", [1, 3, 5])
-def test_a_decode_step_of_n_rows_makes_n_plus_3_copies(tiny_model_dir, rows):
-    """Token ids and lengths up, one append per row (every layer at once), logits down."""
-    r = OrtRunner(load_model_dir(tiny_model_dir), threads=1, binding="pointer")
+def test_a_decode_step_of_n_rows_makes_n_plus_2_copies(tiny_model_dir, rows):
+    """Token ids and lengths up, one append per row (every layer at once); in host memory the logits
+    are read in place (a device's are downloaded: one copy more)."""
+    r = OrtRunner(load_model_dir(tiny_model_dir), threads=1)
     r.memory = memory = CountingMemory()
     with r:
         cache = r.new_batch_cache(rows, 12)
@@ -179,20 +163,42 @@ def test_a_decode_step_of_n_rows_makes_n_plus_3_copies(tiny_model_dir, rows):
         before = dict(memory.calls)
         cache.decode(np.arange(rows))
         made = {k: memory.calls[k] - before[k] for k in memory.calls}
-        assert made == {"upload": 2, "download": 1, "copy2d": 0, "copy3d": rows}
+        assert made == {"upload": 2, "download": 0, "copy3d": rows}
         assert cache.lengths[:rows].tolist() == [row + 4 for row in range(rows)]
-        assert cache.bytes_per_row == 2 * 2 * 2 * 12 * 16 * 4  # (k, v) x layers x heads x capacity x head_dim x fp32
+        assert cache.capacity == 16  # 12 rounded up to room_step 64, capped at block_size 16
+        assert cache.bytes_per_row == 2 * 2 * 2 * 16 * 16 * 4  # (k, v) x layers x heads x capacity x head_dim x fp32
         cache.close()
 
 
-def test_the_batch_cache_holds_what_rows_reach_and_grows(runner):
+def test_the_batch_cache_grows_with_the_longest_row(runner):
+    """Capacity follows the lengths that are there, in steps of room_step, not the longest reach:
+    every step's logits equal those of a cache allocated at full size from the start."""
+    from gptexport.runtime.backends.batchcache import BatchCache
+
+    grown = BatchCache(runner.memory, runner.spec, runner.config, 3, 1, runner._execute, runner._decode, room_step=4)
+    full = runner.new_batch_cache(3, 16)
+    for cache in (grown, full):
+        cache.prefill(0, np.array([1, 2]))
+        cache.prefill(1, np.array([3, 4, 5]))
+    assert grown.capacity == 4
+    capacities = []
+    for step in range(10):
+        ids = np.array([step % 7, (step + 3) % 7])
+        grown.ensure_capacity(int(grown.lengths[:2].max()) + 1)
+        np.testing.assert_allclose(np.array(grown.decode(ids)), np.array(full.decode(ids)), atol=1e-5)
+        capacities.append(grown.capacity)
+    assert capacities == [4, 8, 8, 8, 8, 12, 12, 12, 12, 16]
+    grown.close()
+    full.close()
+
+
+def test_an_idle_scheduler_frees_its_cache(runner):
     s = Scheduler(runner, None, 4)
     short = s.submit([1, 2], GenerationParams(3, SamplingParams(0.0), 0))
     s.step()
-    assert s.cache.capacity == 5  # prompt + max tokens, not block_size 16
     long = s.submit([3], GenerationParams(12, SamplingParams(0.0), 0))
     s.run()
-    assert short.finish == long.finish == "length" and s.cache is None  # grown to 13 on the way, freed when idle
+    assert short.finish == long.finish == "length" and s.cache is None
     assert long.tokens == alone(runner, [3], GenerationParams(12, SamplingParams(0.0), 0))[0]
 
 
@@ -276,7 +282,7 @@ def test_power_of_two_buckets_give_the_same_logits_as_exact_ones(tiny_model_dir)
     """What CUDA graphs run: a decode of n rows at the next power of two, the extra rows idle."""
     from gptexport.runtime.backends.batchcache import BatchCache, graph_bucket
 
-    r = OrtRunner(load_model_dir(tiny_model_dir), threads=1, binding="pointer")
+    r = OrtRunner(load_model_dir(tiny_model_dir), threads=1)
     with r:
         exact = r.new_batch_cache(8, 14)
         padded = BatchCache(r.memory, r.spec, r.config, 8, 14, r._execute, r._decode, pow2_buckets=True)

@@ -9,11 +9,10 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import assert_error, cli
+from conftest import assert_error, cli, nanogpt_generate
 
 import gptexport
 from gptexport.errors import ParameterError
-from gptexport.runtime.loop import generate
 from gptexport.runtime.sampling import DEFAULT_SAMPLING, DEFAULT_SEED, SamplingParams
 from gptexport.runtime.session import GenerationParams, GenerationSession
 
@@ -28,10 +27,10 @@ def test_the_api_is_five_names_and_imports_nothing_heavy():
         gptexport.nope
 
 
-def test_a_sequence_is_the_loop_with_its_own_seeded_generator(tiny_model_dir):
+def test_a_sequence_is_nanogpts_loop_with_its_own_seeded_generator(tiny_model_dir):
     params = GenerationParams(max_new_tokens=30, sampling=SamplingParams(0.9, 10), seed=7)
     with GenerationSession.open(tiny_model_dir) as session:
-        want = generate(session.runner, np.array([[1, 2, 3]]), 30, params.sampling, np.random.default_rng(7))[0]
+        want = nanogpt_generate(session.runner, np.array([[1, 2, 3]]), 30, params.sampling, np.random.default_rng(7))[0]
         deltas = []
         outcome = session.generate([1, 2, 3], params, lambda ids, text: deltas.append((ids, text)))
     assert outcome.tokens == want.tolist() and outcome.finish == "length"

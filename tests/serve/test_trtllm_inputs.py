@@ -7,11 +7,12 @@ import math
 
 import numpy as np
 import pytest
+from conftest import nanogpt_generate
 from test_serve import collect, request_tensors
 
 import gptexport
 from gptexport.errors import UsageError
-from gptexport.runtime.sampling import logits_to_probs
+from gptexport.runtime.sampling import SamplingParams, logits_to_probs
 from gptexport.serve.protocol import INPUTS, REFUSED
 
 
@@ -91,12 +92,12 @@ def test_log_probs_are_those_of_the_distribution_sampled_from(served, tiny_model
                                        return_log_probs=True), {})
     outcome = served.run(req, lambda ids, text: None)
     assert len(outcome.logprobs) == 8 and all(lp <= 0 for lp in outcome.logprobs)
-    # recompute: the lone run's logits at each step, through the same distribution
-    from gptexport.runtime.backends.base import HostCache  # noqa: F401  (the runner's own cache below)
-
+    # recompute: the lone run's logits at each step (nanoGPT's full forward), through the same distribution
     runner, ids = served.runner, list(req.prompt_ids)
     for token, lp in zip(outcome.tokens, outcome.logprobs):
-        logits = runner.forward(np.array([ids]), runner.new_cache(1, len(ids)))[0]
+        logits = []
+        nanogpt_generate(runner, np.array([ids]), 1, SamplingParams(0.0), np.random.default_rng(0), record=logits)
+        logits = logits[0][0]
         p = logits_to_probs(logits[None], 0.9, 10)[0, token]
         assert math.isclose(lp, math.log(p), rel_tol=1e-5, abs_tol=1e-6)
         ids.append(token)

@@ -11,9 +11,14 @@ what lets one 3-D copy cross every layer at once). A sequence lives in one row w
   copy per row, across all layers. Rows are kept packed at 0..n-1 by the scheduler (`move`), so
   the past inputs are a prefix of the buffers: a contiguous (n, n_head, capacity, head_dim) tensor
   at the buffers' own addresses.
-- `ensure_capacity(c)`: the buffers hold `capacity` positions per row, the longest reach of the
-  sequences admitted so far (prompt + max tokens, at most block_size), not block_size; a longer
-  one makes them grow (one 3-D copy into a new allocation).
+- `ensure_capacity(c)`: the buffers hold `capacity` positions per row, grown as the longest row
+  grows, in steps of `room_step` positions (one 3-D copy into a new allocation each time), never
+  past block_size. The graph attends over the whole capacity (masking what is past each row's
+  length), so a step costs what the longest context so far costs, not what the longest reach
+  (prompt + every token still to come) would: allocated at the reach, batch-1 decode of 16 + 256
+  tokens ran at 0.84-0.87x the old single-sequence loop, whose cache grew this way (issue 26).
+  A runner that captures its decode steps in CUDA graphs passes room_step = block_size: one
+  allocation, so the addresses a graph recorded never move.
 
 Per decode step of n rows the memory core is asked for n + 3 copies: the token ids and the
 lengths up, one append per row, the logits down (tests/runtime/test_scheduler.py counts them on the
@@ -22,8 +27,9 @@ host twin).
 A decode step's inputs and outputs sit at fixed addresses per *bucket* (a batch size the step is
 run at: n itself on the CPU; 1, 2, 4, 8, 16... with CUDA graphs, so a few graphs serve every n):
 rows n..bucket-1 of a bucket are idle (token 0, length 0); their outputs are ignored and never
-appended. A bucket duck-types kvcache.Slot (decode_buffers, backend_state, graph_id), so each
-runner's decode step (an IOBinding, a CUDA graph) binds and captures it as it does a Slot.
+appended. A runner's decode step (an IOBinding, a CUDA graph) binds a bucket once and may capture
+it: `decode_buffers()` are its fixed addresses, `graph_id` its CUDA graph's id, `backend_state` what
+the runner keeps with them.
 """
 
 from __future__ import annotations
@@ -38,16 +44,53 @@ import numpy as np
 from ...config import GPTConfig, IOSpec, numpy_dtype
 from ...errors import GptExportError
 from ...profiles import output_shapes, step_shapes
-from .device import ALIGN, DeviceMemory
-from .kvcache import DecodeBuffers, ScratchBuffers, nbytes
+from .device import ALIGN, DeviceMemory, HostMemory
 
 # run(None, input shapes, output shapes, addresses): a runner's forward of the graph at these buffers
 Run = Callable[[object, dict, dict, dict], None]
 # run_bucket(bucket): a runner's decode step at the bucket's fixed buffers (bound once, maybe captured)
 RunBucket = Callable[["Bucket"], None]
 
-# gpu_graph_id of each bucket: unique in the process, so never one a runner's SlotPool hands out
+ROOM_STEP = 64  # positions: the buffers grow to the next multiple of this as the longest row does
+
+# gpu_graph_id of each bucket: unique in the process
 _GRAPH_IDS = itertools.count(1_000_000)
+
+
+def nbytes(shape: tuple, dtype: np.dtype) -> int:
+    return int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+
+
+class ScratchBuffers:
+    """Named buffers that grow on demand (a prefill's inputs and outputs are sized by its prompt)."""
+
+    def __init__(self, memory: DeviceMemory):
+        self.memory, self.ptrs, self.sizes = memory, {}, {}
+
+    def get(self, name: str, size: int) -> int:
+        if self.sizes.get(name, -1) < size:
+            if name in self.ptrs:
+                self.memory.synchronize()  # queued work may still read the old buffer
+                self.memory.free(self.ptrs.pop(name))
+            self.ptrs[name], self.sizes[name] = self.memory.allocate(size), size
+        return self.ptrs[name]
+
+    def free(self) -> None:
+        for ptr in self.ptrs.values():
+            if ptr in self.memory.sizes:  # not already freed by the memory's close()
+                self.memory.free(ptr)
+        self.ptrs, self.sizes = {}, {}
+
+
+@dataclass
+class DecodeBuffers:
+    """The one-token step's inputs and outputs at fixed addresses, with their shapes."""
+
+    addresses: dict[str, int]  # every graph input and output by name (past_* are the cache buffers)
+    input_shapes: dict[str, tuple]
+    output_shapes: dict[str, tuple]
+    logits: np.ndarray  # (B, 1, V) float32 on the host: the output buffer itself, or where it is downloaded
+    positions: np.ndarray  # the host source of logit_positions' upload, alive as long as the buffers
 
 
 @dataclass(frozen=True)
@@ -110,8 +153,17 @@ class Bucket:
                     self.owned.append(addresses[t.name])
             positions = np.zeros(1, np.int64)  # the one new position, 0 (alive as long as the buffers)
             m.upload(addresses["logit_positions"], positions)
-            self.decode = DecodeBuffers(addresses, ins, outs, np.empty(outs["logits"], np.float32), [], positions)
+            # the host side of each step's small inputs, reused (idle rows: token 0, no past)
+            self.step_ids, self.step_lengths = np.zeros((B, 1), np.int64), np.zeros(B, np.int64)
+            self.decode = DecodeBuffers(addresses, ins, outs, self._logits(m, addresses["logits"], outs["logits"]),
+                                        positions)
         return self.decode
+
+    @staticmethod
+    def _logits(m: DeviceMemory, address: int, shape: tuple) -> np.ndarray:
+        """Where the host reads a step's logits: the output buffer itself in host memory (no copy),
+        else a host array they are downloaded into."""
+        return m.view(address, shape, np.float32) if isinstance(m, HostMemory) else np.empty(shape, np.float32)
 
     def free(self) -> None:
         if self.backend_state is not None and self.release_state is not None:
@@ -127,8 +179,9 @@ class BatchCache:
     """The KV cache of up to `rows` sequences at their own lengths (see the module docstring)."""
 
     def __init__(self, memory: DeviceMemory, spec: IOSpec, config: GPTConfig, rows: int, capacity: int,
-                 run: Run, run_bucket: RunBucket, pow2_buckets: bool = False):
+                 run: Run, run_bucket: RunBucket, pow2_buckets: bool = False, room_step: int = ROOM_STEP):
         self.memory, self.spec, self.config, self.rows = memory, spec, config, rows
+        self.room_step = room_step
         self.run, self.run_bucket = run, run_bucket
         # decode of n rows at n, or (for CUDA graphs: a few captures serve every n) at graph_bucket(n)
         self.bucket_of = graph_bucket if pow2_buckets else (lambda n: n)
@@ -163,12 +216,14 @@ class BatchCache:
         return block, {name: block + i * self.stride for i, name in enumerate(self.spec.past_names)}
 
     def ensure_capacity(self, capacity: int) -> None:
-        """Room for `capacity` positions per row; growing copies every row into a new allocation
-        (and drops the buckets, whose bindings and graphs name the old addresses)."""
+        """Room for `capacity` positions per row (rounded up to room_step, at most block_size); growing
+        copies every row into a new allocation (and drops the buckets, whose bindings and graphs name
+        the old addresses)."""
         if capacity <= self.capacity:
             return
         if capacity > self.config.block_size:
             raise GptExportError(f"internal error: cache capacity {capacity} > block_size {self.config.block_size}")
+        capacity = min(self.config.block_size, -(-capacity // self.room_step) * self.room_step)
         old = self.block
         old_pitch, old_stride = (self.pitch, self.stride) if old is not None else (0, 0)
         self.block, self.past = self._allocate(capacity)
@@ -217,19 +272,22 @@ class BatchCache:
 
     # ---- forwards ----
 
-    def prefill(self, row: int, ids: np.ndarray) -> np.ndarray:
+    def prefill(self, row: int, ids: np.ndarray, all_positions: bool = False) -> np.ndarray:
         """Rows row..row+n-1 start afresh with `ids` ((T,) for one row, or (n, T) of one length), in one
-        forward with an empty past; the last position's logits, (V,) or (n, V)."""
+        forward with an empty past; the last position's logits, (V,) or (n, V), or with `all_positions`
+        every position's, (T, V) or (n, T, V) (parity's forward check, the perplexity)."""
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         one = ids.ndim == 1
         ids = ids[None] if one else ids
         n, T = ids.shape
+        L = T if all_positions else 1  # logit positions
         if T > self.capacity or row + n > self.rows:
             raise GptExportError(f"internal error: a prefill of {n} x {T} tokens at row {row} in a cache of "
                                  f"{self.rows} x {self.capacity}")
         m, spec = self.memory, self.spec
-        host = {"input_ids": ids, "past_length": np.zeros(n, np.int64), "logit_positions": np.array([T - 1])}
-        ins, outs = step_shapes(spec, n, T, 0, 1), output_shapes(spec, n, T, 1)
+        positions = np.arange(T - L, T, dtype=np.int64)
+        host = {"input_ids": ids, "past_length": np.zeros(n, np.int64), "logit_positions": positions}
+        ins, outs = step_shapes(spec, n, T, 0, L), output_shapes(spec, n, T, L)
         pitch = T * self.config.head_dim * self.itemsize
         new_stride = tensor_stride(n * self.config.n_head * pitch, pitch)
         logits = np.empty(outs["logits"], np.float32)
@@ -247,14 +305,15 @@ class BatchCache:
             m.download(logits, addresses["logits"])
             m.synchronize()
         self.lengths[row:row + n] = T
-        return logits[0, 0] if one else logits[:, 0]
+        logits = logits if all_positions else logits[:, 0]
+        return logits[0] if one else logits
 
     def decode(self, ids: np.ndarray) -> np.ndarray:
         """One token for each of rows 0..n-1 (ids (n,)), each at its own length; (n, V) logits, a view
         of the bucket's buffer valid until its next step."""
         n = len(ids)
         lengths = self.lengths[:n]
-        if not 1 <= n <= self.rows or (lengths < 1).any() or (lengths >= self.capacity).any():
+        if not 1 <= n <= self.rows or lengths.min() < 1 or lengths.max() >= self.capacity:
             raise GptExportError(f"internal error: decode of {n} rows at lengths {lengths.tolist()}, "
                                  f"capacity {self.capacity}")
         size = self.bucket_of(n)
@@ -262,17 +321,17 @@ class BatchCache:
         m = self.memory
         with m.lock:
             d = bucket.decode_buffers()
-            step_ids = np.zeros((size, 1), np.int64)
-            step_ids[:n, 0] = ids
-            step_lengths = np.zeros(size, np.int64)  # idle rows: no past, token 0, outputs ignored
-            step_lengths[:n] = lengths
-            m.upload(d.addresses["input_ids"], step_ids)
-            m.upload(d.addresses["past_length"], step_lengths)
+            bucket.step_ids[:n, 0] = ids
+            bucket.step_lengths[:n] = lengths
+            bucket.step_ids[n:], bucket.step_lengths[n:] = 0, 0  # idle rows of a larger bucket
+            m.upload(d.addresses["input_ids"], bucket.step_ids)
+            m.upload(d.addresses["past_length"], bucket.step_lengths)
             self.run_bucket(bucket)
             first_new = d.addresses[self.spec.new_names[0]]
             for r in range(n):
                 m.copy3d(self.block, first_new, self._append_plan(r, int(lengths[r]), r, 1, bucket.new_stride))
-            m.download(d.logits, d.addresses["logits"])
-            m.synchronize()  # step_ids and step_lengths stay referenced until here
+            if not isinstance(m, HostMemory):  # in host memory d.logits is the output buffer itself
+                m.download(d.logits, d.addresses["logits"])
+            m.synchronize()  # the step's host inputs stay untouched until here
         self.lengths[:n] += 1
         return d.logits[:n, 0]

@@ -1,10 +1,10 @@
 """The device-memory core both GPU runners stand on, with a host twin that runs the same code in CI.
 
 A `DeviceMemory` owns buffers and one stream: allocate, zero, upload (host -> buffer), download
-(buffer -> host), copy2d and copy3d (the strided copies that append new keys/values to a cache: one
-per step for a generation's cache, one per sequence for the scheduler's), synchronize, free. `HostMemory` implements it on host memory (numpy-owned bytes, ctypes.memmove, strided numpy
+(buffer -> host), copy3d (the strided copy that appends a sequence's new keys/values to its row of
+the batch cache, across every layer at once), synchronize, free. `HostMemory` implements it on host memory (numpy-owned bytes, ctypes.memmove, strided numpy
 copies) and `CudaMemory` with cuda-python's runtime API on one CUDA stream. Everything above this
-seam (kvcache.py, the ONNX Runtime and TensorRT runners) is the same code for both, so what a GPU
+seam (batchcache.py, the ONNX Runtime and TensorRT runners) is the same code for both, so what a GPU
 runs is what the test suite ran on the CPU; only the methods of `CudaMemory` touch CUDA.
 
 Both implementations check every access against their own allocation table (base pointer and
@@ -14,14 +14,14 @@ device memory.
 
 What CudaMemory relies on (CUDA Runtime API, as exposed by cuda-python's `cuda.bindings.runtime`):
 - every call returns (cudaError_t, *values); `cuda_call` unwraps it and raises on an error;
-- cudaMemcpyAsync / cudaMemcpy2DAsync / cudaMemcpy3DAsync / cudaMemsetAsync are ordered on the
+- cudaMemcpyAsync / cudaMemcpy3DAsync / cudaMemsetAsync are ordered on the
   stream they are given,
   after everything queued on it before (ONNX Runtime's runs included, since it is handed the same
   stream as `user_compute_stream`, and TensorRT's `execute_async_v3(stream)`);
 - a host -> device copy from pageable memory may return before the copy has happened, so a step
   keeps its host arrays alive until its `synchronize()`; a device -> host copy is read only after
   `synchronize()` (cudaStreamSynchronize) returns;
-- cudaMalloc memory is not initialised: cache buffers are zeroed explicitly (see kvcache.py);
+- cudaMalloc memory is not initialised: cache buffers are zeroed explicitly (see batchcache.py);
 - cudaMemcpy3DAsync between linear buffers (no CUDA array): cudaPitchedPtr{ptr, pitch, xsize,
   ysize} describes each side, a slice being `ysize` rows of `pitch` bytes; cudaExtent{width in
   bytes, height in rows, depth in slices}; positions are left at 0 (the pointers are offset
@@ -79,10 +79,6 @@ class DeviceMemory(ABC):
     def _download(self, dst: int, src: int, nbytes: int) -> None: ...
 
     @abstractmethod
-    def _copy2d(self, dst: int, dpitch: int, src: int, spitch: int, width: int, height: int) -> None:
-        """Both ranges already checked to lie inside allocations."""
-
-    @abstractmethod
     def _copy3d(self, dst: int, dpitch: int, dslice: int, src: int, spitch: int, sslice: int,
                 width: int, height: int, depth: int) -> None:
         """Both ranges already checked to lie inside allocations; slices are whole rows apart."""
@@ -125,15 +121,6 @@ class DeviceMemory(ABC):
         """Copy the start of buffer `src` into a C-contiguous host array; valid after synchronize()."""
         self._check(src, 0, _contiguous(array).nbytes)
         self._download(array.ctypes.data, src, array.nbytes)
-
-    def copy2d(self, dst: int, src: int, plan) -> None:
-        """cudaMemcpy2D's contract: `plan.height` rows of `plan.width` bytes, from rows `plan.spitch`
-        apart at `src` to rows `plan.dpitch` apart at `dst + plan.dst_offset` (see kvcache.Copy2D)."""
-        if plan.height == 0 or plan.width == 0:
-            return
-        self._check(dst, plan.dst_offset, (plan.height - 1) * plan.dpitch + plan.width)
-        self._check(src, 0, (plan.height - 1) * plan.spitch + plan.width)
-        self._copy2d(dst + plan.dst_offset, plan.dpitch, src, plan.spitch, plan.width, plan.height)
 
     def copy3d(self, dst: int, src: int, plan) -> None:
         """cudaMemcpy3D's contract between linear buffers (see batchcache.Copy3D): `plan.depth` slices
@@ -209,10 +196,6 @@ class HostMemory(DeviceMemory):
 
     def _download(self, dst: int, src: int, nbytes: int) -> None:
         ctypes.memmove(dst, src, nbytes)
-
-    def _copy2d(self, dst: int, dpitch: int, src: int, spitch: int, width: int, height: int) -> None:
-        np.copyto(self._slices(dst, dpitch, height * dpitch, width, height, 1),
-                  self._slices(src, spitch, height * spitch, width, height, 1))
 
     def _copy3d(self, dst: int, dpitch: int, dslice: int, src: int, spitch: int, sslice: int,
                 width: int, height: int, depth: int) -> None:
@@ -318,11 +301,6 @@ class CudaMemory(DeviceMemory):
     def _download(self, dst: int, src: int, nbytes: int) -> None:
         kind = self._kinds.cudaMemcpyDeviceToHost
         self._call(self.rt.cudaMemcpyAsync(dst, src, nbytes, kind, self.stream), "cudaMemcpyAsync")
-
-    def _copy2d(self, dst: int, dpitch: int, src: int, spitch: int, width: int, height: int) -> None:
-        kind = self._kinds.cudaMemcpyDeviceToDevice
-        self._call(self.rt.cudaMemcpy2DAsync(dst, dpitch, src, spitch, width, height, kind, self.stream),
-                   "cudaMemcpy2DAsync")
 
     def _copy3d(self, dst: int, dpitch: int, dslice: int, src: int, spitch: int, sslice: int,
                 width: int, height: int, depth: int) -> None:

@@ -1,6 +1,6 @@
 """TensorRT backend: runs OUTDIR/model.engine on the CUDA memory core (device.py), no PyTorch.
 
-The KV cache, the step buffers and every copy are the memory core's and kvcache.py's, the same code
+The KV cache, the step buffers and every copy are the memory core's and batchcache.py's, the same code
 the ONNX Runtime backend runs (and the test suite runs on host memory); this module is the thin part
 that calls TensorRT, written to the TensorRT 10.x/11.x Python API: deserialize the engine, one
 execution context per optimization profile, `set_input_shape` / `set_tensor_address` /
@@ -10,9 +10,9 @@ Decode steps are captured in a CUDA graph, as trtexec's --useCudaGraph does it: 
 enqueued plainly (TensorRT does its shape-dependent set-up on that first enqueue, outside the
 capture), then the next step's `execute_async_v3` is recorded between cudaStreamBeginCapture and
 cudaStreamEndCapture, instantiated, and launched; later steps only launch it. A graph replays the
-addresses and shapes it was recorded with, so it belongs to one cache slot (pooled by batch and
-capacity) and is replayed only while the decode context was last set up by that slot; if another
-slot used the context in between, the step is enqueued plainly again and recaptured. If TensorRT or
+addresses and shapes it was recorded with, so it belongs to one bucket of the batch cache and is
+replayed only while the decode context was last set up by that bucket; if another bucket used the
+context in between, the step is enqueued plainly again and recaptured. If TensorRT or
 CUDA refuses the capture, a notice says so and decode continues with plain enqueues.
 """
 
@@ -26,9 +26,9 @@ from ...config import numpy_dtype
 from ...errors import GptExportError, ModelDirError, UsageError
 from ...profiles import describe_profiles, output_shapes, select_profile
 from .base import Runner, notice
-from .batchcache import BatchCache
+from .batchcache import ROOM_STEP, BatchCache
 from .device import CudaMemory, current_device
-from .kvcache import DeviceCache, ScratchBuffers, Slot, SlotPool, open_cache
+from .batchcache import Bucket, ScratchBuffers
 
 
 class TrtRunner(Runner):
@@ -43,8 +43,7 @@ class TrtRunner(Runner):
         self.cuda_graphs = cuda_graphs is not False
         self.engine = self.memory = None
         self.contexts: list = []
-        self._last: dict[int, Slot | None] = {}  # profile -> the slot whose decode step last set its context up
-        self._pool: SlotPool | None = None
+        self._last: dict[int, Bucket | None] = {}  # profile -> the bucket whose decode step last set its context up
 
     # ---- loading ----
 
@@ -69,7 +68,6 @@ class TrtRunner(Runner):
             memory.close()
             raise
         self.engine, self._last = engine, {}
-        self._pool = SlotPool() if self.cuda_graphs else None
 
     def _check_io(self, engine) -> None:
         trt = self.trt
@@ -97,32 +95,18 @@ class TrtRunner(Runner):
         return context
 
     def deactivate(self) -> None:
-        if self._pool is not None:
-            self._pool.close()  # destroys the captured graphs before their memory goes
         if self.memory is not None:
             self.memory.close()
-        self.contexts, self.engine, self.memory, self._pool, self._last = [], None, None, None, {}
+        self.contexts, self.engine, self.memory, self._last = [], None, None, {}
 
     # ---- running ----
-
-    def new_cache(self, batch: int, capacity: int) -> DeviceCache:
-        self.activate()
-        return open_cache(self.memory, self.spec, self.config, batch, capacity, self._pool)
 
     def new_batch_cache(self, rows: int, capacity: int) -> BatchCache:
         """The scheduler's cache on the device; decode at power-of-two buckets of rows, each captured."""
         self.activate()
         return BatchCache(self.memory, self.spec, self.config, rows, capacity, self._execute, self._decode,
-                          pow2_buckets=self.cuda_graphs)
-
-    def forward(self, input_ids: np.ndarray, cache: DeviceCache, all_logits: bool = False) -> np.ndarray:
-        """(B, T) new tokens after the cached ones; the cache stays on the device, only logits return."""
-        self.activate()
-        if not isinstance(cache, DeviceCache) or cache.slot.memory is not self.memory:
-            raise GptExportError("this KV cache is not one of this TensorRT runner's open caches; make a new one")
-        if input_ids.shape[1] == 1 and not all_logits:
-            return cache.decode(input_ids, self._decode)
-        return cache.run(input_ids, all_logits, self._execute)
+                          pow2_buckets=self.cuda_graphs,
+                          room_step=self.config.block_size if self.cuda_graphs else ROOM_STEP)
 
     def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One forward from host arrays to host arrays, every output (for parity)."""
@@ -145,10 +129,10 @@ class TrtRunner(Runner):
             scratch.free()
         return result
 
-    def _execute(self, slot: Slot, ins: dict, outs: dict, addresses: dict) -> None:
+    def _execute(self, bucket: Bucket, ins: dict, outs: dict, addresses: dict) -> None:
         self._enqueue(ins, addresses)
 
-    def _decode(self, slot: Slot) -> None:
+    def _decode(self, slot: Bucket) -> None:
         """Launch the slot's captured decode step, or enqueue it plainly (capturing it next time)."""
         d = slot.decode_buffers()
         profile = self._profile(d.input_shapes)
