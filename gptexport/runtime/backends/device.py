@@ -148,6 +148,11 @@ class DeviceMemory(ABC):
         self._copy3d(dst + p.dst_offset, p.dpitch, p.dslice, src + p.src_offset, p.spitch, p.sslice,
                      p.width, p.height, p.depth)
 
+    def check_tensor(self, ptr: int, shape: tuple, dtype) -> None:
+        """A tensor of `shape` and `dtype` at `ptr` lies inside one allocation (what a runner checks
+        before binding it: ONNX Runtime and TensorRT read and write whatever the shape spans)."""
+        self._check(ptr, 0, int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize)
+
     def close(self) -> None:
         """Free every allocation still live."""
         for ptr in list(self.sizes):
@@ -229,9 +234,7 @@ class HostMemory(DeviceMemory):
 
     def view(self, ptr: int, shape: tuple, dtype) -> np.ndarray:
         """A numpy array over the buffer at `ptr` (for runners that run the graph on host arrays)."""
-        dtype = np.dtype(dtype)
-        size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        self._check(ptr, 0, size)
+        self.check_tensor(ptr, shape, dtype)
         raw, raw_address = self._owners[self.base_of(ptr)]
         return np.ndarray(shape, dtype, raw, ptr - raw_address)
 

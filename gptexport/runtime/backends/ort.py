@@ -31,13 +31,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from ...artifacts.modeldir import ModelDir
-from ...errors import BackendUnavailable, GptExportError, ModelDirError, UsageError
+from ...config import numpy_dtype
+from ...errors import BackendUnavailable, GptExportError, UsageError
 from .base import HostCache, Runner, notice
-from .batchcache import BatchCache
+from .batchcache import BatchCache, GraphArenas
 from .device import DeviceMemory, HostMemory, open_memory
 from .kvcache import DeviceCache, Slot, SlotPool, open_cache
-from .ort_session import (ELEMENT_TYPES, ORT_TRT_MAX_BATCH, PROVIDERS, create_session, first_line, import_ort,
-                          provider_options, run_options)
+from .ort_session import ELEMENT_TYPES, ORT_TRT_MAX_BATCH, PROVIDERS, SessionLoader, first_line, run_options
 
 
 @dataclass
@@ -73,9 +73,11 @@ class OrtRunner(Runner):
         # CUDA graphs on the CUDA provider only, on unless turned off (the TensorRT provider's own
         # graph mode is a different mechanism that we have never run)
         self.cuda_graphs = provider == "cuda" and cuda_graphs is not False
+        self.loader = SessionLoader(model_dir, provider, threads, tf32, self.cuda_graphs)  # builds; this runs
         self.session = self.ort = None
         self.memory: DeviceMemory | None = HostMemory() if provider == "cpu" else None
         self._pool: SlotPool | None = None
+        self._arenas: GraphArenas | None = None  # the batch caches' buckets under CUDA graphs
         self._plain = None  # run options of every run that must not be captured
 
     # ---- loading ----
@@ -83,12 +85,6 @@ class OrtRunner(Runner):
     def activate(self) -> None:
         if self.session is not None:
             return
-        ort = import_ort()
-        wanted = PROVIDERS[self.provider]
-        available = ort.get_available_providers()
-        if wanted not in available:
-            raise BackendUnavailable(f"ONNX Runtime provider {wanted} is not available here; "
-                                     f"available: {', '.join(available)}")
         memory, memory_error = self.memory, None
         if memory is None:
             try:
@@ -98,36 +94,24 @@ class OrtRunner(Runner):
                 # what it says about that is the more useful error
                 memory_error = e
         try:
-            self.session = self._session(ort, memory.stream_handle if memory else 0)
+            loaded = self.loader(memory.stream_handle if memory else 0)
             if memory_error is not None:
                 raise memory_error
         except BaseException:
-            self.session = None
             if memory is not None and memory is not self.memory:
                 memory.close()
             raise
-        self.ort, self.memory = ort, memory
+        self.ort, self.session, self.memory, self.cuda_graphs = loaded.ort, loaded.session, memory, loaded.cuda_graphs
         self._pool = SlotPool() if self.cuda_graphs else None
-        self._plain = run_options(ort, -1) if self.cuda_graphs else None
-
-    def _session(self, ort, stream: int):
-        opts = provider_options(self.provider, self.model_dir, stream, self.tf32, self.cuda_graphs)
-        try:
-            return create_session(ort, self.model_dir, self.provider, self.threads, opts)
-        except ModelDirError as e:
-            if not (self.cuda_graphs and "cuda graph" in str(e).lower()):
-                raise
-            # e.g. "This session cannot use the CUDA Graph feature ... all compute graph nodes have
-            # not been partitioned to the CUDA EP": run without graphs rather than not at all
-            notice(f"ONNX Runtime cannot use a CUDA graph for this model ({first_line(e.__cause__ or e)}); "
-                   f"decode runs with plain launches")
-            self.cuda_graphs = False
-            return create_session(ort, self.model_dir, self.provider, self.threads, {**opts, "enable_cuda_graph": "0"})
+        self._arenas = GraphArenas() if self.cuda_graphs else None
+        self._plain = run_options(self.ort, -1) if self.cuda_graphs else None
 
     def deactivate(self) -> None:
         if self._pool is not None:
             self._pool.close()
-        self.session, self._pool = None, None
+        if self._arenas is not None:
+            self._arenas.close()  # the session's graphs go with it
+        self.session, self._pool, self._arenas = None, None, None
         if self.memory is not None and not isinstance(self.memory, HostMemory):
             self.memory.close()  # device buffers die with the session; host buffers may outlive it
             self.memory = None
@@ -142,10 +126,11 @@ class OrtRunner(Runner):
 
     def new_batch_cache(self, rows: int, capacity: int) -> BatchCache:
         """The scheduler's cache in this runner's memory core, run through the pointer binding (the
-        CPU provider's too); with CUDA graphs decode runs at power-of-two buckets of rows."""
+        CPU provider's too); with CUDA graphs decode runs at power-of-two buckets of rows, in an
+        arena this runner keeps, so each bucket's graph is captured once (batchcache.GraphArena)."""
         self.activate()
         return BatchCache(self.memory, self.spec, self.config, rows, capacity, self._execute, self._decode,
-                          pow2_buckets=self.cuda_graphs)
+                          graphs=self._arenas)
 
     def forward(self, input_ids: np.ndarray, cache, all_logits: bool = False) -> np.ndarray:
         """As Runner.forward; a one-token step returns a view of the cache's logits buffer, valid
@@ -173,10 +158,12 @@ class OrtRunner(Runner):
     def _bind(self, ins: dict, outs: dict, addresses: dict):
         """An IOBinding of every input and output to its buffer's address, with its shape."""
         binding, device = self.session.io_binding(), self.memory.ort_device
-        for t in self.spec.inputs:
-            binding.bind_input(t.name, device, 0, ELEMENT_TYPES[t.dtype], ins[t.name], addresses[t.name])
-        for t in self.spec.outputs:
-            binding.bind_output(t.name, device, 0, ELEMENT_TYPES[t.dtype], outs[t.name], addresses[t.name])
+        for tensors, shapes, bind in ((self.spec.inputs, ins, binding.bind_input),
+                                      (self.spec.outputs, outs, binding.bind_output)):
+            for t in tensors:
+                # ONNX Runtime reads and writes whatever the shape spans: it must lie in the buffer
+                self.memory.check_tensor(addresses[t.name], shapes[t.name], numpy_dtype(t.dtype))
+                bind(t.name, device, 0, ELEMENT_TYPES[t.dtype], shapes[t.name], addresses[t.name])
         return binding
 
     def _execute(self, slot: Slot, ins: dict, outs: dict, addresses: dict) -> None:

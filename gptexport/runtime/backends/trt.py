@@ -10,13 +10,18 @@ Decode steps are captured in a CUDA graph, as trtexec's --useCudaGraph does it: 
 enqueued plainly (TensorRT does its shape-dependent set-up on that first enqueue, outside the
 capture), then the next step's `execute_async_v3` is recorded between cudaStreamBeginCapture and
 cudaStreamEndCapture, instantiated, and launched; later steps only launch it. A graph replays the
-addresses and shapes it was recorded with, so it belongs to one cache slot (pooled by batch and
-capacity) and is replayed only while the decode context was last set up by that slot; if another
-slot used the context in between, the step is enqueued plainly again and recaptured. If TensorRT or
-CUDA refuses the capture, a notice says so and decode continues with plain enqueues.
+addresses and shapes it was recorded with, and the state of the execution context it was recorded
+on. So each decode bucket of the scheduler's batch cache has an execution context of its own
+(batchcache.GraphArena keeps the buckets, their addresses and these contexts across caches): it is
+set up once, captured on its second step and launched from then on, whatever the other buckets do.
+(The generation loop's cache slots share the decode profile's context: there a graph is replayed
+only while that context was last set up by its slot, else enqueued plainly and recaptured.) If
+TensorRT or CUDA refuses the capture, a notice says so and decode continues with plain enqueues.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -26,7 +31,7 @@ from ...config import numpy_dtype
 from ...errors import GptExportError, ModelDirError, UsageError
 from ...profiles import describe_profiles, output_shapes, select_profile
 from .base import Runner, notice
-from .batchcache import BatchCache
+from .batchcache import BatchCache, Bucket, GraphArenas
 from .device import CudaMemory, current_device
 from .kvcache import DeviceCache, ScratchBuffers, Slot, SlotPool, open_cache
 
@@ -45,6 +50,7 @@ class TrtRunner(Runner):
         self.contexts: list = []
         self._last: dict[int, Slot | None] = {}  # profile -> the slot whose decode step last set its context up
         self._pool: SlotPool | None = None
+        self._arenas: GraphArenas | None = None  # the batch caches' buckets, each with its own context
 
     # ---- loading ----
 
@@ -70,6 +76,7 @@ class TrtRunner(Runner):
             raise
         self.engine, self._last = engine, {}
         self._pool = SlotPool() if self.cuda_graphs else None
+        self._arenas = GraphArenas() if self.cuda_graphs else None
 
     def _check_io(self, engine) -> None:
         trt = self.trt
@@ -99,9 +106,12 @@ class TrtRunner(Runner):
     def deactivate(self) -> None:
         if self._pool is not None:
             self._pool.close()  # destroys the captured graphs before their memory goes
+        if self._arenas is not None:
+            self._arenas.close()
         if self.memory is not None:
             self.memory.close()
         self.contexts, self.engine, self.memory, self._pool, self._last = [], None, None, None, {}
+        self._arenas = None
 
     # ---- running ----
 
@@ -110,10 +120,13 @@ class TrtRunner(Runner):
         return open_cache(self.memory, self.spec, self.config, batch, capacity, self._pool)
 
     def new_batch_cache(self, rows: int, capacity: int) -> BatchCache:
-        """The scheduler's cache on the device; decode at power-of-two buckets of rows, each captured."""
+        """The scheduler's cache on the device; with CUDA graphs decode runs at power-of-two buckets of
+        rows (at most `rows`), each on its own execution context and captured once."""
         self.activate()
-        return BatchCache(self.memory, self.spec, self.config, rows, capacity, self._execute, self._decode,
-                          pow2_buckets=self.cuda_graphs)
+        if rows > self.max_batch:  # the scheduler checks this first; no profile would take the steps
+            raise UsageError(f"{rows} rows: {self.record.engine} takes batches up to {self.max_batch}")
+        return BatchCache(self.memory, self.spec, self.config, rows, capacity, self._execute,
+                          self._decode_bucket if self.cuda_graphs else self._decode, graphs=self._arenas)
 
     def forward(self, input_ids: np.ndarray, cache: DeviceCache, all_logits: bool = False) -> np.ndarray:
         """(B, T) new tokens after the cached ones; the cache stays on the device, only logits return."""
@@ -146,7 +159,40 @@ class TrtRunner(Runner):
         return result
 
     def _execute(self, slot: Slot, ins: dict, outs: dict, addresses: dict) -> None:
+        self._check_extents(ins, outs, addresses)
         self._enqueue(ins, addresses)
+
+    def _check_extents(self, ins: dict, outs: dict, addresses: dict) -> None:
+        """Every tensor the step reads or writes lies in its buffer (TensorRT trusts the shapes)."""
+        for tensors, shapes in ((self.spec.inputs, ins), (self.spec.outputs, outs)):
+            for t in tensors:
+                self.memory.check_tensor(addresses[t.name], shapes[t.name], numpy_dtype(t.dtype))
+
+    def _decode_bucket(self, bucket: Bucket) -> None:
+        """A batch-cache bucket's decode step on the bucket's own execution context: set up and
+        enqueued plainly on its first step, captured on its second, launched from then on."""
+        context = bucket.backend_state
+        if context is None:
+            d = bucket.decode_buffers()
+            self._check_extents(d.input_shapes, d.output_shapes, d.addresses)
+            context = bucket.backend_state = BucketContext(self._context(self.engine, self._profile(d.input_shapes)))
+            bucket.release_state = self._release_context
+            self._set_up(context.context, d.input_shapes, d.addresses)
+        elif context.graph is not None:
+            self.memory.launch(context.graph)
+            return
+        elif self.cuda_graphs:  # its one plain step ran: TensorRT's set-up is done, record the next
+            context.graph = self._capture(context.context)
+            if context.graph is not None:
+                self.memory.launch(context.graph)  # capturing recorded the step without running it
+                return
+        if not context.context.execute_async_v3(self.memory.stream_handle):
+            raise GptExportError("TensorRT execute_async_v3 failed (its log above says why)")
+
+    def _release_context(self, context: "BucketContext") -> None:
+        if context.graph is not None:
+            self.memory.destroy_graph(context.graph)
+        context.graph = context.context = None
 
     def _decode(self, slot: Slot) -> None:
         """Launch the slot's captured decode step, or enqueue it plainly (capturing it next time)."""
@@ -192,19 +238,31 @@ class TrtRunner(Runner):
         """Pick the profile holding these shapes, set shapes and addresses, enqueue on the stream."""
         profile = self._profile(shapes)
         context = self.contexts[profile]
+        self._set_up(context, shapes, addresses)
+        self._last[profile] = None  # set up for this call: no captured graph matches it now
+        if not context.execute_async_v3(self.memory.stream_handle):
+            raise GptExportError("TensorRT execute_async_v3 failed (its log above says why)")
+
+    @staticmethod
+    def _set_up(context, shapes: dict[str, tuple], addresses: dict[str, int]) -> None:
         for name, shape in shapes.items():
             if not context.set_input_shape(name, shape):
                 raise GptExportError(f"TensorRT refused shape {shape} for {name}")
         for name, ptr in addresses.items():
             context.set_tensor_address(name, ptr)
-        self._last[profile] = None  # set up for this call: no captured graph matches it now
-        if not context.execute_async_v3(self.memory.stream_handle):
-            raise GptExportError("TensorRT execute_async_v3 failed (its log above says why)")
+
+
+@dataclass
+class BucketContext:
+    """A batch-cache bucket's own execution context, set up for its addresses, and its graph once captured."""
+
+    context: object
+    graph: object = None
 
 
 def _describe(shapes: dict[str, tuple]) -> str:
     ids = shapes.get("input_ids", ())
-    past = next((s for n, s in shapes.items() if n.startswith("past_")), None)
+    past = next((s for n, s in shapes.items() if n.startswith("past_") and len(s) == 4), None)  # not past_length
     text = f"batch {ids[0]}, sequence {ids[1]}" if len(ids) == 2 else str(shapes)
     return text + (f", past_sequence {past[2]}" if past else "")
 
