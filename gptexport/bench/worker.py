@@ -50,13 +50,16 @@ def gptexport_generator(job: dict) -> Generator:
     runner.activate()
     greedy, rng = SamplingParams(0.0), np.random.default_rng(0)
     if job.get("scheduler"):
-        return scheduler_generator(runner)
+        return scheduler_generator(runner, grow=bool(job.get("grow")))
     return lambda prompt, n, stamp: generate(runner, prompt, n, greedy, rng, on_token=lambda t: stamp())
 
 
-def scheduler_generator(runner) -> Generator:
+def scheduler_generator(runner, grow: bool = False) -> Generator:
     """The rows of the prompt as sequences of the scheduler (in-flight batching, what the server and
-    `generate --prompts` run), greedy; stamped as the first row samples each token."""
+    `generate --prompts` run), greedy; stamped as the first row samples each token. With `grow`, the
+    other rows run first with an eighth of the tokens, so the first row's admission grows the cache
+    in every run; the generator's `graph_ids()` then says how many decode graphs the runner keeps
+    (bounded however many runs: batchcache.GraphArena)."""
     from ..runtime.sampling import SamplingParams
     from ..runtime.params import GenerationParams
     from ..runtime.scheduler import Scheduler
@@ -64,9 +67,16 @@ def scheduler_generator(runner) -> Generator:
     def gen(prompt: np.ndarray, n: int, stamp: Callable[[], None]) -> None:
         s = Scheduler(runner, None, max_batch=len(prompt))
         params = GenerationParams(n, SamplingParams(0.0), 0)
-        for i, row in enumerate(prompt):
+        if grow:
+            for row in prompt[1:]:
+                s.submit(row.tolist(), GenerationParams(max(1, n // 8), SamplingParams(0.0), 0))
+            s.step()  # admitted with a short reach: the cache is small until the first row comes
+        for i, row in enumerate(prompt[:1] if grow else prompt):
             s.submit(row.tolist(), params, on_delta=(lambda ids, text: stamp()) if i == 0 else None)
         s.run()
+
+    arenas = getattr(runner, "graph_arenas", None)
+    gen.graph_ids = lambda: arenas.graph_ids() if arenas is not None else 0
     return gen
 
 
@@ -172,8 +182,11 @@ def measure(job: dict) -> dict:
         runs.append(_token_times(gen, prompt, n))
     first = statistics.median(r[0] for r in runs)
     step = statistics.median((r[-1] - r[0]) / (n - 1) for r in runs)
-    return {"prefill_tok_s": B * T / first, "decode_tok_s": B / step, "ttft_ms": first * 1e3,
-            "ms_per_token": step * 1e3, "runs": len(runs), "peak_rss_mb": peak_rss() / MB}
+    result = {"prefill_tok_s": B * T / first, "decode_tok_s": B / step, "ttft_ms": first * 1e3,
+              "ms_per_token": step * 1e3, "runs": len(runs), "peak_rss_mb": peak_rss() / MB}
+    if hasattr(gen, "graph_ids"):
+        result["graph_ids"] = gen.graph_ids()
+    return result
 
 
 def peak_rss() -> int:

@@ -302,7 +302,7 @@ def host_trt_runner(model_dir, inner: OrtRunner, max_batch: int) -> TrtRunner:
     r.engine = SimpleNamespace(num_optimization_profiles=2,
                                create_execution_context=lambda *a: HostContext(inner, r.memory))
     r.contexts = [HostContext(inner, r.memory) for _ in range(2)]
-    r._last, r._pool, r._arenas = {}, SlotPool(), GraphArenas()
+    r._last, r._pool, r.graph_arenas = {}, SlotPool(), GraphArenas()
     return r
 
 

@@ -18,10 +18,17 @@ against session.run. The CPU provider's default stays the OrtValue binding (`Ort
 there because the CPU provider reads a CPU OrtValue in place, and cheaper in Python per step
 (see docs/tensorrt.md, "The device-memory core", for the measurement).
 
-Decode steps (one token per sequence) bind fixed addresses once per cache slot. With CUDA graphs
-(ort-cuda, on by default) ONNX Runtime captures that step on the first run with the slot's
-`gpu_graph_id` and replays it afterwards; slots are pooled by (batch, capacity) so the addresses a
-graph was recorded with stay valid, and every other run passes gpu_graph_id -1.
+Decode steps (one token per sequence) bind fixed addresses once per cache slot or batch-cache
+bucket. With CUDA graphs (ort-cuda, on by default) ONNX Runtime captures that step on the first run
+with its `gpu_graph_id` and replays it afterwards; every other run passes gpu_graph_id -1. What this
+relies on (onnxruntime/core/providers/cuda/cuda_graph.cc, inference_session.cc): a run with a
+captured id replays the capture, at its addresses and shapes, whatever is bound; an id cannot be
+captured again; no graph is freed before the session closes. So the addresses of an id never
+change: slots are pooled by (batch, capacity), and the batch cache's buckets live in arenas this
+runner keeps across caches (batchcache.GraphArena), a bounded number of ids in all.
+
+Building the session (providers, options, the CUDA-graph fallback) is ort_session.SessionLoader's;
+this runner runs what it returns, as Polygraphy splits its loaders from its runners.
 """
 
 from __future__ import annotations
@@ -77,7 +84,7 @@ class OrtRunner(Runner):
         self.session = self.ort = None
         self.memory: DeviceMemory | None = HostMemory() if provider == "cpu" else None
         self._pool: SlotPool | None = None
-        self._arenas: GraphArenas | None = None  # the batch caches' buckets under CUDA graphs
+        self.graph_arenas: GraphArenas | None = None  # the batch caches' buckets under CUDA graphs
         self._plain = None  # run options of every run that must not be captured
 
     # ---- loading ----
@@ -103,15 +110,15 @@ class OrtRunner(Runner):
             raise
         self.ort, self.session, self.memory, self.cuda_graphs = loaded.ort, loaded.session, memory, loaded.cuda_graphs
         self._pool = SlotPool() if self.cuda_graphs else None
-        self._arenas = GraphArenas() if self.cuda_graphs else None
+        self.graph_arenas = GraphArenas() if self.cuda_graphs else None
         self._plain = run_options(self.ort, -1) if self.cuda_graphs else None
 
     def deactivate(self) -> None:
         if self._pool is not None:
             self._pool.close()
-        if self._arenas is not None:
-            self._arenas.close()  # the session's graphs go with it
-        self.session, self._pool, self._arenas = None, None, None
+        if self.graph_arenas is not None:
+            self.graph_arenas.close()  # the session's graphs go with it
+        self.session, self._pool, self.graph_arenas = None, None, None
         if self.memory is not None and not isinstance(self.memory, HostMemory):
             self.memory.close()  # device buffers die with the session; host buffers may outlive it
             self.memory = None
@@ -130,7 +137,7 @@ class OrtRunner(Runner):
         arena this runner keeps, so each bucket's graph is captured once (batchcache.GraphArena)."""
         self.activate()
         return BatchCache(self.memory, self.spec, self.config, rows, capacity, self._execute, self._decode,
-                          graphs=self._arenas)
+                          graphs=self.graph_arenas)
 
     def forward(self, input_ids: np.ndarray, cache, all_logits: bool = False) -> np.ndarray:
         """As Runner.forward; a one-token step returns a view of the cache's logits buffer, valid

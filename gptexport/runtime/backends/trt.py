@@ -50,7 +50,7 @@ class TrtRunner(Runner):
         self.contexts: list = []
         self._last: dict[int, Slot | None] = {}  # profile -> the slot whose decode step last set its context up
         self._pool: SlotPool | None = None
-        self._arenas: GraphArenas | None = None  # the batch caches' buckets, each with its own context
+        self.graph_arenas: GraphArenas | None = None  # the batch caches' buckets, each with its own context
 
     # ---- loading ----
 
@@ -76,7 +76,7 @@ class TrtRunner(Runner):
             raise
         self.engine, self._last = engine, {}
         self._pool = SlotPool() if self.cuda_graphs else None
-        self._arenas = GraphArenas() if self.cuda_graphs else None
+        self.graph_arenas = GraphArenas() if self.cuda_graphs else None
 
     def _check_io(self, engine) -> None:
         trt = self.trt
@@ -106,12 +106,12 @@ class TrtRunner(Runner):
     def deactivate(self) -> None:
         if self._pool is not None:
             self._pool.close()  # destroys the captured graphs before their memory goes
-        if self._arenas is not None:
-            self._arenas.close()
+        if self.graph_arenas is not None:
+            self.graph_arenas.close()
         if self.memory is not None:
             self.memory.close()
         self.contexts, self.engine, self.memory, self._pool, self._last = [], None, None, None, {}
-        self._arenas = None
+        self.graph_arenas = None
 
     # ---- running ----
 
@@ -126,7 +126,7 @@ class TrtRunner(Runner):
         if rows > self.max_batch:  # the scheduler checks this first; no profile would take the steps
             raise UsageError(f"{rows} rows: {self.record.engine} takes batches up to {self.max_batch}")
         return BatchCache(self.memory, self.spec, self.config, rows, capacity, self._execute,
-                          self._decode_bucket if self.cuda_graphs else self._decode, graphs=self._arenas)
+                          self._decode_bucket if self.cuda_graphs else self._decode, graphs=self.graph_arenas)
 
     def forward(self, input_ids: np.ndarray, cache: DeviceCache, all_logits: bool = False) -> np.ndarray:
         """(B, T) new tokens after the cached ones; the cache stays on the device, only logits return."""
