@@ -227,6 +227,22 @@ def test_graph_ids_are_reused_across_growth_and_caches(long_model_dir):
         assert sorted({c for _, c in graphs.arenas.all[0].buckets}) == [64, 128, 160]
 
 
+def test_a_cache_in_an_arena_starts_from_zeros(tiny_model_dir):
+    """What an earlier cache left in the arena (a NaN from a broken row, here) is not read by the
+    next one: masked positions are multiplied by 0, and 0 * NaN is NaN."""
+    with GraphLayoutRunner(tiny_model_dir) as r:
+        first = r.new_batch_cache(2, 12)
+        block, size = first.block, len(r.spec.past_names) * first.stride
+        first.close()
+        r.memory.view(block, (size // 4,), np.float32)[...] = np.nan
+        cache = r.new_batch_cache(2, 12)
+        assert cache.block == block  # the same arena, the same addresses
+        cache.prefill(0, np.array([1, 2, 3]))
+        cache.prefill(1, np.array([4, 5]))
+        assert np.isfinite(cache.decode(np.array([6, 7]))).all()
+        cache.close()
+
+
 # ---- 4. TensorRT: a decode context per bucket ----
 
 class HostGraphMemory(HostMemory):
