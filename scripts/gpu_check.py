@@ -45,7 +45,8 @@ GPT2_PROMPTS = ["464,3616,286,1204,318", "50256"]  # token ids: the random model
 TARGET_MS_PER_TOKEN = 2.0  # GPT-2-small fp16, batch 1, CUDA graphs
 TARGET_VS_TRANSFORMERS = 3.0
 STEP_TIMEOUT_S = 300
-BATCHED_ROWS = (1, 4, 16)  # sequences in flight in the scheduler's batched decode rows
+BATCHED_ROWS = (1, 3, 4, 16)  # sequences in flight in the scheduler's batched decode rows (3: not a power of two)
+GROW_ROWS = 4  # the row whose cache grows in every run
 
 
 @dataclass
@@ -211,10 +212,34 @@ def speed(chk: GpuCheck, env: dict, model: str, ckpt: Path, out: Path, dtype: st
             job = {**base, "runtime": backend, "cuda_graphs": graphs, "batch": rows}
             measured(f"batched B={rows}{'' if graphs else ' no graphs'}", job,
                      lambda m: f"{m['decode_tok_s']:.0f} tok/s decode ({rows} sequences), {m['ms_per_token']:.3f} ms/step")
+    grows(chk, base, backend, model, dtype)
     if "transformers" not in jobs:
         chk.add(Step("speed transformers", model, dtype, None if chk.dry_run else False,
                      figure="not run: transformers, or torch with CUDA, is not installed here"))
     return ms
+
+
+def grows(chk: GpuCheck, base: dict, backend: str, model: str, dtype: str) -> Step:
+    """A long-running scheduler whose cache grows in every run (the first row is admitted after the
+    others, with a longer reach) and is closed after it: the decode graphs the runner keeps must stay
+    within (buckets of the rows) x (capacities 64, 128, ... block_size), however many runs."""
+    from gptexport.artifacts.modeldir import load_model_dir
+    from gptexport.bench.run import run_worker
+    from gptexport.runtime.backends.batchcache import graph_bucket
+
+    job = {**base, "runtime": backend, "cuda_graphs": True, "grow": True, "batch": GROW_ROWS,
+           "repeats": 5}
+    block = load_model_dir(base["path"], verify=False).config.block_size
+    bound = len({graph_bucket(n, GROW_ROWS) for n in range(1, GROW_ROWS + 1)}) * (max(block // 64, 1).bit_length() + 1)
+    t = time.perf_counter()
+    try:
+        m = run_worker(job)
+    except Exception as e:
+        return chk.add(Step(f"speed grows B={GROW_ROWS}", model, dtype, False, round(time.perf_counter() - t, 1), str(e)))
+    return chk.add(Step(f"speed grows B={GROW_ROWS}", model, dtype, m["graph_ids"] <= bound,
+                        round(time.perf_counter() - t, 1),
+                        f"{m['decode_tok_s']:.0f} tok/s decode, {m['runs'] + 1} runs, {m['graph_ids']} decode graphs "
+                        f"kept (at most {bound})", m))
 
 
 def targets(chk: GpuCheck, ms: dict, model: str, dtype: str) -> None:

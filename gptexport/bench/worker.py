@@ -40,7 +40,10 @@ Generator = Callable[[np.ndarray, int, Callable[[], None]], None]
 
 def gptexport_generator(job: dict) -> Generator:
     """The rows of the prompt as sequences of the generation engine (the scheduler that `gptexport
-    generate`, `--prompts` and the server run), greedy; stamped as the first row samples each token."""
+    generate`, `--prompts` and the server run), greedy; stamped as the first row samples each token.
+    With `grow`, the other rows run first with an eighth of the tokens, so the first row's admission
+    grows the cache in every run; the generator's `graph_ids()` then says how many decode graphs the
+    runner keeps (bounded however many runs: batchcache.GraphArena)."""
     from ..artifacts.modeldir import load_model_dir
     from ..runtime.backends import open_runner
     from ..runtime.params import GenerationParams
@@ -50,13 +53,21 @@ def gptexport_generator(job: dict) -> Generator:
     runner = open_runner(BACKEND_OF[job["runtime"]], load_model_dir(job["path"], verify=False), job["threads"],
                          cuda_graphs=job.get("cuda_graphs"))
     runner.activate()
+    grow = bool(job.get("grow"))
 
     def gen(prompt: np.ndarray, n: int, stamp: Callable[[], None]) -> None:
         s = Scheduler(runner, None, max_batch=len(prompt))
         params = GenerationParams(n, SamplingParams(0.0), 0)
-        for i, row in enumerate(prompt):
+        if grow:
+            for row in prompt[1:]:
+                s.submit(row.tolist(), GenerationParams(max(1, n // 8), SamplingParams(0.0), 0))
+            s.step()  # admitted with a short reach: the cache is small until the first row comes
+        for i, row in enumerate(prompt[:1] if grow else prompt):
             s.submit(row.tolist(), params, on_delta=(lambda ids, text: stamp()) if i == 0 else None)
         s.run()
+
+    arenas = getattr(runner, "graph_arenas", None)
+    gen.graph_ids = lambda: arenas.graph_ids() if arenas is not None else 0
     return gen
 
 
@@ -162,8 +173,11 @@ def measure(job: dict) -> dict:
         runs.append(_token_times(gen, prompt, n))
     first = statistics.median(r[0] for r in runs)
     step = statistics.median((r[-1] - r[0]) / (n - 1) for r in runs)
-    return {"prefill_tok_s": B * T / first, "decode_tok_s": B / step, "ttft_ms": first * 1e3,
-            "ms_per_token": step * 1e3, "runs": len(runs), "peak_rss_mb": peak_rss() / MB}
+    result = {"prefill_tok_s": B * T / first, "decode_tok_s": B / step, "ttft_ms": first * 1e3,
+              "ms_per_token": step * 1e3, "runs": len(runs), "peak_rss_mb": peak_rss() / MB}
+    if hasattr(gen, "graph_ids"):
+        result["graph_ids"] = gen.graph_ids()
+    return result
 
 
 def peak_rss() -> int:

@@ -34,8 +34,10 @@ def test_dry_run_writes_one_table_and_one_json(tmp_path):
     assert report["steps"][3]["data"]["tolerance"]["name"] == "tf32"
     assert report["steps"][4]["data"]["ms_per_token"] > 0
     batched = {s["step"]: s for s in report["steps"] if s["step"].startswith("speed batched")}
-    assert sorted(batched) == sorted(f"speed batched B={b}{g}" for b in (1, 4, 16) for g in ("", " no graphs"))
+    assert sorted(batched) == sorted(f"speed batched B={b}{g}" for b in (1, 3, 4, 16) for g in ("", " no graphs"))
     assert all(s["ok"] and s["data"]["decode_tok_s"] > 0 for s in batched.values())
+    grows = next(s for s in report["steps"] if s["step"] == "speed grows B=4")
+    assert grows["ok"] and grows["data"]["decode_tok_s"] > 0 and grows["data"]["graph_ids"] == 0  # no graphs on the CPU
     table = proc.stdout[proc.stdout.index("=== gpu_check: OK"):]
     assert "result  step" in table and re.search(r"\nok +parity onnxruntime +tiny ", table)
 

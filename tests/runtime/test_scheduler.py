@@ -280,12 +280,12 @@ def test_bad_settings_are_refused_by_name(runner):
 
 def test_power_of_two_buckets_give_the_same_logits_as_exact_ones(tiny_model_dir):
     """What CUDA graphs run: a decode of n rows at the next power of two, the extra rows idle."""
-    from gptexport.runtime.backends.batchcache import BatchCache, graph_bucket
+    from gptexport.runtime.backends.batchcache import BatchCache, GraphArenas, graph_bucket
 
     r = OrtRunner(load_model_dir(tiny_model_dir), threads=1)
     with r:
         exact = r.new_batch_cache(8, 14)
-        padded = BatchCache(r.memory, r.spec, r.config, 8, 14, r._execute, r._decode, pow2_buckets=True)
+        padded = BatchCache(r.memory, r.spec, r.config, 8, 14, r._execute, r._decode, graphs=GraphArenas())
         for cache in (exact, padded):
             for row in range(5):
                 cache.prefill(row, np.arange(1, row + 3))
@@ -293,7 +293,7 @@ def test_power_of_two_buckets_give_the_same_logits_as_exact_ones(tiny_model_dir)
             ids = np.arange(5) + step
             a, b = np.array(exact.decode(ids)), np.array(padded.decode(ids))
             np.testing.assert_allclose(a, b, atol=1e-5)
-        assert sorted(padded.buckets) == [8] and sorted(exact.buckets) == [5]
-        assert [graph_bucket(n) for n in (1, 2, 3, 5, 8, 9, 16)] == [1, 2, 4, 8, 8, 16, 16]
+        assert sorted(padded.arena.buckets) == [(8, 16)] and sorted(exact.buckets) == [5]  # capacity 14 -> 16
+        assert [graph_bucket(n, 16) for n in (1, 2, 3, 5, 8, 9, 16)] == [1, 2, 4, 8, 8, 16, 16]
         exact.close()
         padded.close()

@@ -17,25 +17,30 @@ what lets one 3-D copy cross every layer at once). A sequence lives in one row w
   length), so a step costs what the longest context so far costs, not what the longest reach
   (prompt + every token still to come) would: allocated at the reach, batch-1 decode of 16 + 256
   tokens ran at 0.84-0.87x the old single-sequence loop, whose cache grew this way (issue 26).
-  A runner that captures its decode steps in CUDA graphs passes room_step = block_size: one
-  allocation, so the addresses a graph recorded never move.
+  Under CUDA graphs the capacities are 64, 128, ... block_size instead, laid out in an arena
+  whose addresses never move (GraphArena).
 
 Per decode step of n rows the memory core is asked for n + 3 copies: the token ids and the
 lengths up, one append per row, the logits down (tests/runtime/test_scheduler.py counts them on the
 host twin).
 
 A decode step's inputs and outputs sit at fixed addresses per *bucket* (a batch size the step is
-run at: n itself on the CPU; 1, 2, 4, 8, 16... with CUDA graphs, so a few graphs serve every n):
-rows n..bucket-1 of a bucket are idle (token 0, length 0); their outputs are ignored and never
-appended. A runner's decode step (an IOBinding, a CUDA graph) binds a bucket once and may capture
-it: `decode_buffers()` are its fixed addresses, `graph_id` its CUDA graph's id, `backend_state` what
-the runner keeps with them.
+run at: n itself on the CPU; with CUDA graphs 1, 2, 4, 8... up to the cache's rows, so a few graphs
+serve every n, and no bucket is larger than the past buffers or the engine's profiles): rows
+n..bucket-1 of a bucket are idle (token 0, length 0); their outputs are ignored and never appended.
+A runner's decode step (an IOBinding, a CUDA graph) binds a bucket once and may capture it:
+`decode_buffers()` are its fixed addresses, `graph_id` its CUDA graph's id, `backend_state` what the
+runner keeps with them.
+
+With CUDA graphs the past buffers and the buckets live in a `GraphArena` that the runner keeps
+across caches, so that captured graphs are reused rather than piling up (see GraphArena).
 """
 
 from __future__ import annotations
 
 import itertools
 import math
+import threading
 from dataclasses import dataclass
 from typing import Callable
 
@@ -51,7 +56,7 @@ Run = Callable[[object, dict, dict, dict], None]
 # run_bucket(bucket): a runner's decode step at the bucket's fixed buffers (bound once, maybe captured)
 RunBucket = Callable[["Bucket"], None]
 
-ROOM_STEP = 64  # positions: the buffers grow to the next multiple of this as the longest row does
+ROOM_STEP = 64  # positions: without graphs the buffers grow to the next multiple of this as the longest row does
 
 # gpu_graph_id of each bucket: unique in the process
 _GRAPH_IDS = itertools.count(1_000_000)
@@ -93,6 +98,15 @@ class DecodeBuffers:
     positions: np.ndarray  # the host source of logit_positions' upload, alive as long as the buffers
 
 
+def graph_capacity(capacity: int, block_size: int) -> int:
+    """The capacity a cache under CUDA graphs is laid out at: the next of 64, 128, 256, ... capped
+    at block_size, so a server sees a few (bucket, capacity) graphs, not one per length."""
+    bucket = 64
+    while bucket < capacity:
+        bucket *= 2
+    return min(bucket, block_size)
+
+
 @dataclass(frozen=True)
 class Copy3D:
     """A cudaMemcpy3D between linear buffers: `depth` slices of `height` rows of `width` bytes; rows
@@ -110,9 +124,10 @@ class Copy3D:
     depth: int
 
 
-def graph_bucket(n: int) -> int:
-    """The batch a decode step of n rows runs at with CUDA graphs: the next power of two."""
-    return 1 << (n - 1).bit_length()
+def graph_bucket(n: int, rows: int) -> int:
+    """The batch a decode step of n rows runs at with CUDA graphs: the next power of two, but never
+    more than the cache's `rows` (its past buffers hold no more, nor do the engine's profiles)."""
+    return min(1 << (n - 1).bit_length(), rows)
 
 
 def tensor_stride(rows_bytes: int, pitch: int) -> int:
@@ -123,27 +138,30 @@ def tensor_stride(rows_bytes: int, pitch: int) -> int:
 
 
 class Bucket:
-    """A decode step of `size` rows at fixed addresses: what a runner binds once (and may capture)."""
+    """A decode step of `size` rows at fixed addresses: what a runner binds once (and may capture).
+    Its past inputs are rows 0..size-1 of the past buffers at `past`, laid out at `capacity`."""
 
-    def __init__(self, cache: "BatchCache", size: int):
-        self.cache, self.size, self.graph_id = cache, size, next(_GRAPH_IDS)
+    def __init__(self, memory: DeviceMemory, spec: IOSpec, config: GPTConfig, size: int, capacity: int,
+                 past: dict[str, int]):
+        self.memory, self.spec, self.config = memory, spec, config
+        self.size, self.capacity, self.past, self.graph_id = size, capacity, dict(past), next(_GRAPH_IDS)
         self.decode: DecodeBuffers | None = None
         self.backend_state = None
         self.release_state: Callable[[object], None] | None = None
         self.new_stride = 0
-        self.owned: list[int] = []  # the allocations this bucket made (not the cache's past buffers)
+        self.owned: list[int] = []  # the allocations this bucket made (not the past buffers)
 
     def decode_buffers(self) -> DecodeBuffers:
-        """The step's buffers, allocated on first use; the past inputs are the cache's own rows 0..size-1."""
+        """The step's buffers, allocated on first use."""
         if self.decode is None:
-            c, spec, m, B = self.cache, self.cache.spec, self.cache.memory, self.size
-            ins = step_shapes(spec, B, 1, c.capacity, 1)
+            spec, m, B = self.spec, self.memory, self.size
+            ins = step_shapes(spec, B, 1, self.capacity, 1)
             outs = output_shapes(spec, B, 1, 1)
-            pitch = c.config.head_dim * c.itemsize  # one position of one head: a new output's row
-            self.new_stride = tensor_stride(B * c.config.n_head * pitch, pitch)
+            pitch = self.config.head_dim * numpy_dtype(spec.cache_dtype).itemsize  # one new output's row
+            self.new_stride = tensor_stride(B * self.config.n_head * pitch, pitch)
             block = m.allocate(len(spec.past_names) * self.new_stride)
             self.owned.append(block)
-            addresses = dict(c.past)
+            addresses = dict(self.past)
             addresses.update({n.replace("past_", "new_", 1): block + i * self.new_stride
                               for i, n in enumerate(spec.past_names)})
             for t in (*spec.inputs, *spec.outputs):
@@ -170,21 +188,101 @@ class Bucket:
             self.release_state(self.backend_state)
         self.backend_state = None
         for ptr in self.owned:
-            if ptr in self.cache.memory.sizes:  # not already freed by the memory's close()
-                self.cache.memory.free(ptr)
+            if ptr in self.memory.sizes:  # not already freed by the memory's close()
+                self.memory.free(ptr)
         self.owned, self.decode = [], None
+
+
+def past_stride(config: GPTConfig, itemsize: int, rows: int, capacity: int) -> int:
+    """Bytes from one past tensor, (rows, n_head, capacity, head_dim), to the next in a block."""
+    pitch = capacity * config.head_dim * itemsize
+    return tensor_stride(rows * config.n_head * pitch, pitch)
+
+
+class GraphArena:
+    """The past buffers and decode buckets of a batch cache under CUDA graphs, kept by the runner
+    from one cache to the next, so that a captured graph is captured once and replayed for good.
+
+    What this relies on: ONNX Runtime captures a decode step on the first run with a new
+    gpu_graph_id and from then on replays that capture (its addresses, its shapes) for every run
+    with the id; an id cannot be captured again ("Trying to capture a graph with annotation id N
+    that already used", CUDAGraphManager::CaptureBegin in onnxruntime/core/providers/cuda/
+    cuda_graph.cc), and its graphs are destroyed only with the session (no API deletes one). A
+    TensorRT graph (trt.py) replays its addresses too. So addresses never change here: one
+    allocation with room for `rows` rows of block_size positions, made once; a cache of capacity c
+    lays its past buffers out in it at c (attention then reads c positions, not block_size), and
+    the buckets, one per (size, capacity), keep their buffers and graph ids as long as the arena.
+    Capacities are 64, 128, ... block_size (graph_capacity), so an arena holds at most
+    (bucket sizes) x (capacities) graphs however long a server runs.
+    """
+
+    def __init__(self, memory: DeviceMemory, spec: IOSpec, config: GPTConfig, rows: int):
+        self.memory, self.spec, self.config, self.rows = memory, spec, config, rows
+        itemsize = numpy_dtype(spec.cache_dtype).itemsize
+        self.block = memory.allocate(len(spec.past_names) * past_stride(config, itemsize, rows, config.block_size))
+        self.buckets: dict[tuple[int, int], Bucket] = {}
+
+    def bucket(self, size: int, capacity: int, past: dict[str, int]) -> Bucket:
+        key = (size, capacity)
+        if key not in self.buckets:
+            self.buckets[key] = Bucket(self.memory, self.spec, self.config, size, capacity, past)
+        return self.buckets[key]
+
+    def free(self) -> None:
+        for bucket in self.buckets.values():
+            bucket.free()
+        self.buckets = {}
+        if self.block in self.memory.sizes:
+            self.memory.free(self.block)
+
+
+class GraphArenas:
+    """A runner's arenas, each lent to one batch cache at a time (two caches at once get two);
+    closed with the runner's session, which frees their graphs."""
+
+    def __init__(self):
+        self._free: dict[int, list[GraphArena]] = {}
+        self.all: list[GraphArena] = []
+        self._lock = threading.Lock()
+
+    def take(self, memory: DeviceMemory, spec: IOSpec, config: GPTConfig, rows: int) -> GraphArena:
+        with self._lock:
+            free = self._free.get(rows)
+            if free:
+                return free.pop()
+            arena = GraphArena(memory, spec, config, rows)
+            self.all.append(arena)
+            return arena
+
+    def give(self, arena: GraphArena) -> None:
+        with self._lock:
+            if arena in self.all:
+                self._free.setdefault(arena.rows, []).append(arena)
+
+    def graph_ids(self) -> int:
+        """How many buckets (graph ids) the arenas hold: what bounds the graphs captured."""
+        return sum(len(a.buckets) for a in self.all)
+
+    def close(self) -> None:
+        with self._lock:
+            for arena in self.all:
+                arena.free()
+            self._free, self.all = {}, []
 
 
 class BatchCache:
     """The KV cache of up to `rows` sequences at their own lengths (see the module docstring)."""
 
     def __init__(self, memory: DeviceMemory, spec: IOSpec, config: GPTConfig, rows: int, capacity: int,
-                 run: Run, run_bucket: RunBucket, pow2_buckets: bool = False, room_step: int = ROOM_STEP):
+                 run: Run, run_bucket: RunBucket, graphs: GraphArenas | None = None, room_step: int = ROOM_STEP):
         self.memory, self.spec, self.config, self.rows = memory, spec, config, rows
         self.room_step = room_step
         self.run, self.run_bucket = run, run_bucket
-        # decode of n rows at n, or (for CUDA graphs: a few captures serve every n) at graph_bucket(n)
-        self.bucket_of = graph_bucket if pow2_buckets else (lambda n: n)
+        # decode of n rows at n, or (for CUDA graphs: a few captures serve every n) at
+        # graph_bucket(n, rows), in an arena whose addresses outlive this cache
+        self.arena = graphs.take(memory, spec, config, rows) if graphs is not None else None
+        self.graphs = graphs
+        self.bucket_of = (lambda n: graph_bucket(n, rows)) if graphs is not None else (lambda n: n)
         self.itemsize = numpy_dtype(spec.cache_dtype).itemsize
         self.lengths = np.zeros(rows, np.int64)
         self.capacity, self.block, self.past = 0, None, {}
@@ -201,7 +299,7 @@ class BatchCache:
 
     @property
     def stride(self) -> int:
-        return tensor_stride(self.rows * self.config.n_head * self.pitch, self.pitch)
+        return past_stride(self.config, self.itemsize, self.rows, self.capacity)
 
     @property
     def bytes_per_row(self) -> int:
@@ -210,22 +308,34 @@ class BatchCache:
 
     def _allocate(self, capacity: int) -> tuple[int, dict[str, int]]:
         self.capacity = capacity
-        # zeroed: a NaN in a masked slot still poisons the output (0 * NaN = NaN in probs @ v_past);
-        # on the host twin calloc's lazy zero pages cost nothing until a position is written
-        block = self.memory.allocate_zeroed(len(self.spec.past_names) * self.stride)
+        size = len(self.spec.past_names) * self.stride
+        if self.arena is not None:  # the arena's one allocation, laid out at this capacity
+            block = self.arena.block
+            self.memory.zero(block, size)  # what an earlier cache left (a NaN, too) is not this one's
+        else:
+            # zeroed: a NaN in a masked slot still poisons the output (0 * NaN = NaN in probs @ v_past);
+            # on the host twin calloc's lazy zero pages cost nothing until a position is written
+            block = self.memory.allocate_zeroed(size)
         return block, {name: block + i * self.stride for i, name in enumerate(self.spec.past_names)}
 
     def ensure_capacity(self, capacity: int) -> None:
-        """Room for `capacity` positions per row (rounded up to room_step, at most block_size); growing
-        copies every row into a new allocation (and drops the buckets, whose bindings and graphs name
-        the old addresses)."""
+        """Room for `capacity` positions per row; growing copies every row into the new layout (a new
+        allocation, or with graphs the arena's own through a temporary one) and drops the buckets
+        whose bindings name the old layout (an arena keeps them: their layout comes back)."""
         if capacity <= self.capacity:
             return
         if capacity > self.config.block_size:
             raise GptExportError(f"internal error: cache capacity {capacity} > block_size {self.config.block_size}")
-        capacity = min(self.config.block_size, -(-capacity // self.room_step) * self.room_step)
+        if self.arena is not None:
+            capacity = graph_capacity(capacity, self.config.block_size)
+        else:
+            capacity = min(self.config.block_size, -(-capacity // self.room_step) * self.room_step)
         old = self.block
         old_pitch, old_stride = (self.pitch, self.stride) if old is not None else (0, 0)
+        if old is not None and self.arena is not None:  # the new layout overlaps the old one: copy it aside
+            old = self.memory.allocate(len(self.spec.past_names) * old_stride)
+            self.memory.copy3d(old, self.block, Copy3D(0, old_stride, old_stride, 0, old_stride, old_stride,
+                                                       old_stride, 1, len(self.spec.past_names)))
         self.block, self.past = self._allocate(capacity)
         if old is not None:
             self.memory.copy3d(self.block, old, Copy3D(0, self.pitch, self.stride, 0, old_pitch, old_stride,
@@ -243,7 +353,10 @@ class BatchCache:
     def close(self) -> None:
         self._drop_buckets()
         self.scratch.free()
-        if self.block is not None and self.block in self.memory.sizes:
+        if self.arena is not None:
+            self.graphs.give(self.arena)  # its allocation and buckets stay, for the next cache
+            self.arena = None
+        elif self.block is not None and self.block in self.memory.sizes:
             self.memory.free(self.block)
         self.block, self.past = None, {}
 
@@ -308,6 +421,13 @@ class BatchCache:
         logits = logits if all_positions else logits[:, 0]
         return logits[0] if one else logits
 
+    def _bucket(self, size: int) -> Bucket:
+        if self.arena is not None:
+            return self.arena.bucket(size, self.capacity, self.past)
+        if size not in self.buckets:
+            self.buckets[size] = Bucket(self.memory, self.spec, self.config, size, self.capacity, self.past)
+        return self.buckets[size]
+
     def decode(self, ids: np.ndarray) -> np.ndarray:
         """One token for each of rows 0..n-1 (ids (n,)), each at its own length; (n, V) logits, a view
         of the bucket's buffer valid until its next step."""
@@ -317,7 +437,7 @@ class BatchCache:
             raise GptExportError(f"internal error: decode of {n} rows at lengths {lengths.tolist()}, "
                                  f"capacity {self.capacity}")
         size = self.bucket_of(n)
-        bucket = self.buckets.get(size) or self.buckets.setdefault(size, Bucket(self, size))
+        bucket = self._bucket(size)
         m = self.memory
         with m.lock:
             d = bucket.decode_buffers()

@@ -10,7 +10,14 @@ runs is what the test suite ran on the CPU; only the methods of `CudaMemory` tou
 Both implementations check every access against their own allocation table (base pointer and
 size; a pointer may point inside an allocation, as the cache's per-layer tensors do), so a copy
 plan that would write past a buffer fails loudly on the CPU in CI instead of silently corrupting
-device memory.
+device memory. The same holds for the tensors the runners bind (`check_tensor`): ONNX Runtime and
+TensorRT read and write whatever a bound shape spans, so a shape larger than its buffer (a decode
+bucket of more rows than the cache has) is refused before either is given it.
+
+The addresses a CUDA graph was captured with are replayed for as long as the graph lives, and
+ONNX Runtime frees its graphs only with the session (see ort.py): buffers a graph names must
+outlive it, which is why the batch cache's decode buckets live in arenas the runner keeps
+(batchcache.GraphArena) rather than in each cache.
 
 What CudaMemory relies on (CUDA Runtime API, as exposed by cuda-python's `cuda.bindings.runtime`):
 - every call returns (cudaError_t, *values); `cuda_call` unwraps it and raises on an error;
@@ -135,6 +142,11 @@ class DeviceMemory(ABC):
         self._copy3d(dst + p.dst_offset, p.dpitch, p.dslice, src + p.src_offset, p.spitch, p.sslice,
                      p.width, p.height, p.depth)
 
+    def check_tensor(self, ptr: int, shape: tuple, dtype) -> None:
+        """A tensor of `shape` and `dtype` at `ptr` lies inside one allocation (what a runner checks
+        before binding it: ONNX Runtime and TensorRT read and write whatever the shape spans)."""
+        self._check(ptr, 0, int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize)
+
     def close(self) -> None:
         """Free every allocation still live."""
         for ptr in list(self.sizes):
@@ -212,9 +224,7 @@ class HostMemory(DeviceMemory):
 
     def view(self, ptr: int, shape: tuple, dtype) -> np.ndarray:
         """A numpy array over the buffer at `ptr` (for runners that run the graph on host arrays)."""
-        dtype = np.dtype(dtype)
-        size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        self._check(ptr, 0, size)
+        self.check_tensor(ptr, shape, dtype)
         raw, raw_address = self._owners[self.base_of(ptr)]
         return np.ndarray(shape, dtype, raw, ptr - raw_address)
 

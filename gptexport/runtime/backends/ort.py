@@ -15,10 +15,15 @@ before later steps feeds a GPU provider stale inputs; that made every decode ste
 The same code runs on the CPU provider: "cpu" pointers into the host memory core, which the CPU
 provider uses in place (its logits are read from the output buffer itself, no copy).
 
-Decode steps (one token per sequence) bind fixed addresses once per bucket of the batch cache
-(batchcache.py). With CUDA graphs (ort-cuda, on by default) ONNX Runtime captures that step on the
-first run with the bucket's `gpu_graph_id` and replays it afterwards; every other run passes
-gpu_graph_id -1.
+Decode steps (one token per sequence) bind fixed addresses once per batch-cache bucket. With CUDA graphs (ort-cuda, on by default) ONNX Runtime captures that step on the first run
+with its `gpu_graph_id` and replays it afterwards; every other run passes gpu_graph_id -1. What this
+relies on (onnxruntime/core/providers/cuda/cuda_graph.cc, inference_session.cc): a run with a
+captured id replays the capture, at its addresses and shapes, whatever is bound; an id cannot be
+captured again; no graph is freed before the session closes. So the addresses of an id never
+change: the batch cache's buckets live in arenas this runner keeps across caches (batchcache.GraphArena), a bounded number of ids in all.
+
+Building the session (providers, options, the CUDA-graph fallback) is ort_session.SessionLoader's;
+this runner runs what it returns, as Polygraphy splits its loaders from its runners.
 """
 
 from __future__ import annotations
@@ -28,12 +33,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from ...artifacts.modeldir import ModelDir
-from ...errors import BackendUnavailable, GptExportError, ModelDirError, UsageError
+from ...config import numpy_dtype
+from ...errors import BackendUnavailable, GptExportError, UsageError
 from .base import Runner, notice
-from .batchcache import ROOM_STEP, BatchCache
+from .batchcache import BatchCache, GraphArenas
 from .device import DeviceMemory, HostMemory, open_memory
-from .ort_session import (ELEMENT_TYPES, ORT_TRT_MAX_BATCH, PROVIDERS, create_session, first_line, import_ort,
-                          provider_options, run_options)
+from .ort_session import ELEMENT_TYPES, ORT_TRT_MAX_BATCH, PROVIDERS, SessionLoader, first_line, run_options
 
 
 @dataclass
@@ -44,6 +49,7 @@ class DecodeBinding:
     binding: object
     options: object  # RunOptions with the bucket's gpu_graph_id (or -1), None without CUDA graphs
     captured: bool = False  # a run with the bucket's graph id succeeded: the graph exists
+
 
 
 class OrtRunner(Runner):
@@ -61,8 +67,10 @@ class OrtRunner(Runner):
         # CUDA graphs on the CUDA provider only, on unless turned off (the TensorRT provider's own
         # graph mode is a different mechanism that we have never run)
         self.cuda_graphs = provider == "cuda" and cuda_graphs is not False
+        self.loader = SessionLoader(model_dir, provider, threads, tf32, self.cuda_graphs)  # builds; this runs
         self.session = self.ort = None
         self.memory: DeviceMemory | None = HostMemory() if provider == "cpu" else None
+        self.graph_arenas: GraphArenas | None = None  # the batch caches' buckets under CUDA graphs
         self._plain = None  # run options of every run that must not be captured
 
     # ---- loading ----
@@ -70,12 +78,6 @@ class OrtRunner(Runner):
     def activate(self) -> None:
         if self.session is not None:
             return
-        ort = import_ort()
-        wanted = PROVIDERS[self.provider]
-        available = ort.get_available_providers()
-        if wanted not in available:
-            raise BackendUnavailable(f"ONNX Runtime provider {wanted} is not available here; "
-                                     f"available: {', '.join(available)}")
         memory, memory_error = self.memory, None
         if memory is None:
             try:
@@ -85,33 +87,21 @@ class OrtRunner(Runner):
                 # what it says about that is the more useful error
                 memory_error = e
         try:
-            self.session = self._session(ort, memory.stream_handle if memory else 0)
+            loaded = self.loader(memory.stream_handle if memory else 0)
             if memory_error is not None:
                 raise memory_error
         except BaseException:
-            self.session = None
             if memory is not None and memory is not self.memory:
                 memory.close()
             raise
-        self.ort, self.memory = ort, memory
-        self._plain = run_options(ort, -1) if self.cuda_graphs else None
-
-    def _session(self, ort, stream: int):
-        opts = provider_options(self.provider, self.model_dir, stream, self.tf32, self.cuda_graphs)
-        try:
-            return create_session(ort, self.model_dir, self.provider, self.threads, opts)
-        except ModelDirError as e:
-            if not (self.cuda_graphs and "cuda graph" in str(e).lower()):
-                raise
-            # e.g. "This session cannot use the CUDA Graph feature ... all compute graph nodes have
-            # not been partitioned to the CUDA EP": run without graphs rather than not at all
-            notice(f"ONNX Runtime cannot use a CUDA graph for this model ({first_line(e.__cause__ or e)}); "
-                   f"decode runs with plain launches")
-            self.cuda_graphs = False
-            return create_session(ort, self.model_dir, self.provider, self.threads, {**opts, "enable_cuda_graph": "0"})
+        self.ort, self.session, self.memory, self.cuda_graphs = loaded.ort, loaded.session, memory, loaded.cuda_graphs
+        self.graph_arenas = GraphArenas() if self.cuda_graphs else None
+        self._plain = run_options(self.ort, -1) if self.cuda_graphs else None
 
     def deactivate(self) -> None:
-        self.session = None
+        if self.graph_arenas is not None:
+            self.graph_arenas.close()  # the session's graphs go with it
+        self.session, self.graph_arenas = None, None
         if self.memory is not None and not isinstance(self.memory, HostMemory):
             self.memory.close()  # device buffers die with the session; host buffers may outlive it
             self.memory = None
@@ -120,11 +110,12 @@ class OrtRunner(Runner):
 
     def new_batch_cache(self, rows: int, capacity: int) -> BatchCache:
         """The scheduler's cache in this runner's memory core, run through the pointer binding (the
-        CPU provider's too); with CUDA graphs decode runs at power-of-two buckets of rows."""
+        CPU provider's too); with CUDA graphs decode runs at power-of-two buckets of rows, in an
+        arena this runner keeps, so each bucket's graph is captured once (batchcache.GraphArena)."""
         self.activate()
         return BatchCache(self.memory, self.spec, self.config, rows, capacity, self._execute, self._decode,
-                          pow2_buckets=self.cuda_graphs,
-                          room_step=self.config.block_size if self.cuda_graphs else ROOM_STEP)
+                          graphs=self.graph_arenas)
+
 
     def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         self.activate()
@@ -138,10 +129,12 @@ class OrtRunner(Runner):
     def _bind(self, ins: dict, outs: dict, addresses: dict):
         """An IOBinding of every input and output to its buffer's address, with its shape."""
         binding, device = self.session.io_binding(), self.memory.ort_device
-        for t in self.spec.inputs:
-            binding.bind_input(t.name, device, 0, ELEMENT_TYPES[t.dtype], ins[t.name], addresses[t.name])
-        for t in self.spec.outputs:
-            binding.bind_output(t.name, device, 0, ELEMENT_TYPES[t.dtype], outs[t.name], addresses[t.name])
+        for tensors, shapes, bind in ((self.spec.inputs, ins, binding.bind_input),
+                                      (self.spec.outputs, outs, binding.bind_output)):
+            for t in tensors:
+                # ONNX Runtime reads and writes whatever the shape spans: it must lie in the buffer
+                self.memory.check_tensor(addresses[t.name], shapes[t.name], numpy_dtype(t.dtype))
+                bind(t.name, device, 0, ELEMENT_TYPES[t.dtype], shapes[t.name], addresses[t.name])
         return binding
 
     def _execute(self, bucket, ins: dict, outs: dict, addresses: dict) -> None:

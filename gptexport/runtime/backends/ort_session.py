@@ -18,9 +18,11 @@ import re
 import sys
 import tempfile
 import threading
+from dataclasses import dataclass
 
 from ...artifacts.modeldir import ModelDir
-from ...errors import BackendUnavailable, ModelDirError, first_line
+from ...errors import BackendUnavailable, GptExportError, ModelDirError, first_line
+from .base import notice
 
 PROVIDERS = {
     "cpu": "CPUExecutionProvider",
@@ -100,7 +102,8 @@ def run_options(ort, graph_id: int | None):
 
 
 def create_session(ort, model_dir: ModelDir, provider: str, threads: int | None, options: dict):
-    """An InferenceSession whose first provider is the one asked for; BackendUnavailable otherwise."""
+    """An InferenceSession whose first provider is the one asked for; BackendUnavailable otherwise,
+    GraphCaptureRefused where ONNX Runtime will not capture this model in CUDA graphs."""
     wanted = PROVIDERS[provider]
     providers = [(wanted, options)]
     if wanted != "CPUExecutionProvider":
@@ -117,6 +120,8 @@ def create_session(ort, model_dir: ModelDir, provider: str, threads: int | None,
         except Exception as e:  # onnxruntime raises its own types for unreadable or invalid models
             error = e
     if error is not None:
+        if is_graph_capture_refusal(error):  # the provider started; it only will not capture this graph
+            raise GraphCaptureRefused(f"{_error_gist(error)}{memcpy_warning(log.text)}") from error
         if wanted != "CPUExecutionProvider" and _is_provider_failure(error, log.text, wanted):
             raise BackendUnavailable(not_started(ort, wanted, None, log.text, error)) from error
         raise ModelDirError(f"{model_dir.onnx_path}: ONNX Runtime cannot load it "
@@ -127,10 +132,81 @@ def create_session(ort, model_dir: ModelDir, provider: str, threads: int | None,
     return session
 
 
+class GraphCaptureRefused(GptExportError):
+    """ONNX Runtime will not capture this model in CUDA graphs (the session can run without them)."""
+
+
+# ONNX Runtime refuses CUDA graphs while creating the session when a compute node of the model runs
+# outside the CUDA provider (inference_session.cc). Older releases say "This session cannot use the
+# CUDA Graph feature as requested by the user  as all compute graph nodes have not been partitioned
+# to the CUDA EP.", newer ones "This session cannot use the graph capture feature as requested by the
+# user as all compute graph nodes have not been partitioned to the CUDAExecutionProvider"; both name
+# the provider, as does the WARNING that gives the cause ("N Memcpy nodes are added to the graph
+# main_graph for CUDAExecutionProvider. It might have negative impact on performance (including unable
+# to run CUDA graph)..."), so neither may be read as the provider failing to start.
+GRAPH_CAPTURE_REFUSALS = ("cannot use the cuda graph feature", "cannot use the graph capture feature")
+
+
+def is_graph_capture_refusal(error: Exception) -> bool:
+    """Whether ONNX Runtime's error is its refusal to capture CUDA graphs (either wording)."""
+    text = str(error).lower()
+    return any(s in text for s in GRAPH_CAPTURE_REFUSALS)
+
+
+def memcpy_warning(log: str) -> str:
+    """'; <N> Memcpy nodes ...' where ONNX Runtime's log says why it refused graphs, else ''."""
+    found = re.search(r"\d+ Memcpy nodes are added to the graph \S+ for \S+?\.", _strip_ansi(log))
+    return f"; {found.group(0)}" if found else ""
+
+
 def _is_provider_failure(error: Exception, log: str, wanted: str) -> bool:
+    if is_graph_capture_refusal(error):
+        return False  # it names the provider, which did start
     text = f"{error}\n{log}"
     return any(s in text for s in ("Failed to load library", "Failed to create", "install TensorRT",
                                    "GPU requirements", wanted, "CUDA failure", "cudaError"))
+
+
+@dataclass
+class LoadedSession:
+    """What a SessionLoader built: the session, the onnxruntime module, and whether decode steps may
+    be captured in CUDA graphs (False where asked for but refused)."""
+
+    ort: object
+    session: object
+    cuda_graphs: bool
+
+
+@dataclass
+class SessionLoader:
+    """Builds a model directory's InferenceSession on one provider, as Polygraphy's loaders build
+    what its runners run: the provider's options, the session's, the check that the provider asked
+    for is the one running, and the CUDA-graph fallback (a refusal is one notice and a session
+    without graphs). OrtRunner only runs what this returns."""
+
+    model_dir: ModelDir
+    provider: str = "cpu"
+    threads: int | None = None
+    tf32: bool = False
+    cuda_graphs: bool = False
+
+    def __call__(self, stream: int = 0, ort=None) -> LoadedSession:
+        """The session, its kernels on `stream` (a CUDA stream handle; 0: the provider's own)."""
+        ort = ort or import_ort()
+        wanted, available = PROVIDERS[self.provider], ort.get_available_providers()
+        if wanted not in available:
+            raise BackendUnavailable(f"ONNX Runtime provider {wanted} is not available here; "
+                                     f"available: {', '.join(available)}")
+        opts = provider_options(self.provider, self.model_dir, stream, self.tf32, self.cuda_graphs)
+        try:
+            return LoadedSession(ort, create_session(ort, self.model_dir, self.provider, self.threads, opts),
+                                 self.cuda_graphs)
+        except GraphCaptureRefused as e:
+            if not self.cuda_graphs:
+                raise
+            notice(f"ONNX Runtime cannot use CUDA graphs for this model ({e}); decode runs with plain launches")
+            opts = {**opts, "enable_cuda_graph": "0"}
+            return LoadedSession(ort, create_session(ort, self.model_dir, self.provider, self.threads, opts), False)
 
 
 def not_started(ort, wanted: str, got: str | None, log: str, error: Exception | None) -> str:

@@ -10,13 +10,17 @@ Decode steps are captured in a CUDA graph, as trtexec's --useCudaGraph does it: 
 enqueued plainly (TensorRT does its shape-dependent set-up on that first enqueue, outside the
 capture), then the next step's `execute_async_v3` is recorded between cudaStreamBeginCapture and
 cudaStreamEndCapture, instantiated, and launched; later steps only launch it. A graph replays the
-addresses and shapes it was recorded with, so it belongs to one bucket of the batch cache and is
-replayed only while the decode context was last set up by that bucket; if another bucket used the
-context in between, the step is enqueued plainly again and recaptured. If TensorRT or
-CUDA refuses the capture, a notice says so and decode continues with plain enqueues.
+addresses and shapes it was recorded with, and the state of the execution context it was recorded
+on. So each decode bucket of the scheduler's batch cache has an execution context of its own
+(batchcache.GraphArena keeps the buckets, their addresses and these contexts across caches): it is
+set up once, captured on its second step and launched from then on, whatever the other buckets do.
+If TensorRT or CUDA refuses the capture, a notice says so and decode continues with plain enqueues
+(without graphs every step sets up the profile's shared context and enqueues).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -26,9 +30,8 @@ from ...config import numpy_dtype
 from ...errors import GptExportError, ModelDirError, UsageError
 from ...profiles import describe_profiles, output_shapes, select_profile
 from .base import Runner, notice
-from .batchcache import ROOM_STEP, BatchCache
+from .batchcache import BatchCache, Bucket, GraphArenas, ScratchBuffers
 from .device import CudaMemory, current_device
-from .batchcache import Bucket, ScratchBuffers
 
 
 class TrtRunner(Runner):
@@ -43,7 +46,7 @@ class TrtRunner(Runner):
         self.cuda_graphs = cuda_graphs is not False
         self.engine = self.memory = None
         self.contexts: list = []
-        self._last: dict[int, Bucket | None] = {}  # profile -> the bucket whose decode step last set its context up
+        self.graph_arenas: GraphArenas | None = None  # the batch caches' buckets, each with its own context
 
     # ---- loading ----
 
@@ -67,7 +70,8 @@ class TrtRunner(Runner):
             self.contexts, self.memory = [], None
             memory.close()
             raise
-        self.engine, self._last = engine, {}
+        self.engine = engine
+        self.graph_arenas = GraphArenas() if self.cuda_graphs else None
 
     def _check_io(self, engine) -> None:
         trt = self.trt
@@ -95,18 +99,23 @@ class TrtRunner(Runner):
         return context
 
     def deactivate(self) -> None:
+        if self.graph_arenas is not None:
+            self.graph_arenas.close()  # destroys the captured graphs before their memory goes
         if self.memory is not None:
             self.memory.close()
-        self.contexts, self.engine, self.memory, self._last = [], None, None, {}
+        self.contexts, self.engine, self.memory = [], None, None
+        self.graph_arenas = None
 
     # ---- running ----
 
     def new_batch_cache(self, rows: int, capacity: int) -> BatchCache:
-        """The scheduler's cache on the device; decode at power-of-two buckets of rows, each captured."""
+        """The scheduler's cache on the device; with CUDA graphs decode runs at power-of-two buckets of
+        rows (at most `rows`), each on its own execution context and captured once."""
         self.activate()
-        return BatchCache(self.memory, self.spec, self.config, rows, capacity, self._execute, self._decode,
-                          pow2_buckets=self.cuda_graphs,
-                          room_step=self.config.block_size if self.cuda_graphs else ROOM_STEP)
+        if rows > self.max_batch:  # the scheduler checks this first; no profile would take the steps
+            raise UsageError(f"{rows} rows: {self.record.engine} takes batches up to {self.max_batch}")
+        return BatchCache(self.memory, self.spec, self.config, rows, capacity, self._execute,
+                          self._decode_bucket if self.cuda_graphs else self._decode, graphs=self.graph_arenas)
 
     def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One forward from host arrays to host arrays, every output (for parity)."""
@@ -129,28 +138,47 @@ class TrtRunner(Runner):
             scratch.free()
         return result
 
-    def _execute(self, bucket: Bucket, ins: dict, outs: dict, addresses: dict) -> None:
+    def _execute(self, bucket, ins: dict, outs: dict, addresses: dict) -> None:
+        self._check_extents(ins, outs, addresses)
         self._enqueue(ins, addresses)
 
-    def _decode(self, slot: Bucket) -> None:
-        """Launch the slot's captured decode step, or enqueue it plainly (capturing it next time)."""
-        d = slot.decode_buffers()
-        profile = self._profile(d.input_shapes)
-        graph = slot.backend_state
-        if graph is not None and self._last.get(profile) is slot:
-            self.memory.launch(graph)
+    def _check_extents(self, ins: dict, outs: dict, addresses: dict) -> None:
+        """Every tensor the step reads or writes lies in its buffer (TensorRT trusts the shapes)."""
+        for tensors, shapes in ((self.spec.inputs, ins), (self.spec.outputs, outs)):
+            for t in tensors:
+                self.memory.check_tensor(addresses[t.name], shapes[t.name], numpy_dtype(t.dtype))
+
+    def _decode_bucket(self, bucket: Bucket) -> None:
+        """A batch-cache bucket's decode step on the bucket's own execution context: set up and
+        enqueued plainly on its first step, captured on its second, launched from then on."""
+        context = bucket.backend_state
+        if context is None:
+            d = bucket.decode_buffers()
+            self._check_extents(d.input_shapes, d.output_shapes, d.addresses)
+            context = bucket.backend_state = BucketContext(self._context(self.engine, self._profile(d.input_shapes)))
+            bucket.release_state = self._release_context
+            self._set_up(context.context, d.input_shapes, d.addresses)
+        elif context.graph is not None:
+            self.memory.launch(context.graph)
             return
-        if graph is not None:  # another slot set the context up since: record again after a plain step
-            self.memory.destroy_graph(graph)
-            slot.backend_state = None
-        if self.cuda_graphs and self._last.get(profile) is slot:  # the previous step was the warm-up
-            graph = self._capture(self.contexts[profile])
-            if graph is not None:
-                slot.backend_state, slot.release_state = graph, self.memory.destroy_graph
-                self.memory.launch(graph)  # capturing recorded the step without running it
+        elif self.cuda_graphs:  # its one plain step ran: TensorRT's set-up is done, record the next
+            context.graph = self._capture(context.context)
+            if context.graph is not None:
+                self.memory.launch(context.graph)  # capturing recorded the step without running it
                 return
+        if not context.context.execute_async_v3(self.memory.stream_handle):
+            raise GptExportError("TensorRT execute_async_v3 failed (its log above says why)")
+
+    def _release_context(self, context: "BucketContext") -> None:
+        if context.graph is not None:
+            self.memory.destroy_graph(context.graph)
+        context.graph = context.context = None
+
+    def _decode(self, bucket: Bucket) -> None:
+        """A decode step without CUDA graphs: the decode profile's shared context, set up and enqueued."""
+        d = bucket.decode_buffers()
+        self._check_extents(d.input_shapes, d.output_shapes, d.addresses)
         self._enqueue(d.input_shapes, d.addresses)
-        self._last[profile] = slot
 
     def _capture(self, context):
         """The context's next enqueue recorded as an executable CUDA graph, or None (with a notice)."""
@@ -176,19 +204,30 @@ class TrtRunner(Runner):
         """Pick the profile holding these shapes, set shapes and addresses, enqueue on the stream."""
         profile = self._profile(shapes)
         context = self.contexts[profile]
+        self._set_up(context, shapes, addresses)
+        if not context.execute_async_v3(self.memory.stream_handle):
+            raise GptExportError("TensorRT execute_async_v3 failed (its log above says why)")
+
+    @staticmethod
+    def _set_up(context, shapes: dict[str, tuple], addresses: dict[str, int]) -> None:
         for name, shape in shapes.items():
             if not context.set_input_shape(name, shape):
                 raise GptExportError(f"TensorRT refused shape {shape} for {name}")
         for name, ptr in addresses.items():
             context.set_tensor_address(name, ptr)
-        self._last[profile] = None  # set up for this call: no captured graph matches it now
-        if not context.execute_async_v3(self.memory.stream_handle):
-            raise GptExportError("TensorRT execute_async_v3 failed (its log above says why)")
+
+
+@dataclass
+class BucketContext:
+    """A batch-cache bucket's own execution context, set up for its addresses, and its graph once captured."""
+
+    context: object
+    graph: object = None
 
 
 def _describe(shapes: dict[str, tuple]) -> str:
     ids = shapes.get("input_ids", ())
-    past = next((s for n, s in shapes.items() if n.startswith("past_")), None)
+    past = next((s for n, s in shapes.items() if n.startswith("past_") and len(s) == 4), None)  # not past_length
     text = f"batch {ids[0]}, sequence {ids[1]}" if len(ids) == 2 else str(shapes)
     return text + (f", past_sequence {past[2]}" if past else "")
 
