@@ -59,6 +59,9 @@ class DeviceMemory(ABC):
     def __init__(self):
         self.sizes: dict[int, int] = {}  # base pointer -> bytes, of every live allocation
         self._bases: list[int] = []  # the same base pointers, sorted: which allocation holds a pointer
+        # the table is read by every thread's checks and changed by any thread's allocation: a free
+        # between another thread's bisect and its read of the list would hand it a wrong base
+        self._table = threading.Lock()
         # One stream is shared by all of a runner's caches, so a step (upload, run, append, download,
         # synchronize) must not interleave with another thread's. Host memory has no stream: no lock.
         self.lock = contextlib.nullcontext()
@@ -97,22 +100,23 @@ class DeviceMemory(ABC):
     # ---- the checked interface the runners use ----
 
     def allocate(self, nbytes: int) -> int:
-        ptr = self._malloc(max(int(nbytes), 1))
-        self.sizes[ptr] = int(nbytes)
-        bisect.insort(self._bases, ptr)
+        return self._record(self._malloc(max(int(nbytes), 1)), nbytes)
+
+    def _record(self, ptr: int, nbytes: int) -> int:
+        with self._table:
+            self.sizes[ptr] = int(nbytes)
+            bisect.insort(self._bases, ptr)
         return ptr
 
     def allocate_zeroed(self, nbytes: int) -> int:
         """An allocation filled with zeros (on CUDA, by the time queued work reads it)."""
-        ptr = self._malloc_zeroed(max(int(nbytes), 1))
-        self.sizes[ptr] = int(nbytes)
-        bisect.insort(self._bases, ptr)
-        return ptr
+        return self._record(self._malloc_zeroed(max(int(nbytes), 1)), nbytes)
 
     def free(self, ptr: int) -> None:
         """Free an allocation: `ptr` must be what allocate() returned."""
-        self.sizes.pop(ptr)
-        self._bases.remove(ptr)
+        with self._table:
+            self.sizes.pop(ptr)
+            self._bases.remove(ptr)
         self._free(ptr)
 
     def zero(self, ptr: int, nbytes: int) -> None:
@@ -154,14 +158,15 @@ class DeviceMemory(ABC):
 
     def base_of(self, ptr: int) -> int:
         """The allocation `ptr` points into (its base pointer)."""
-        i = bisect.bisect_right(self._bases, ptr) - 1
-        if i < 0 or ptr >= self._bases[i] + max(self.sizes[self._bases[i]], 1):
-            raise GptExportError(f"internal error: {ptr:#x} is not in a buffer of this {type(self).__name__}")
-        return self._bases[i]
+        with self._table:
+            i = bisect.bisect_right(self._bases, ptr) - 1
+            if i >= 0 and ptr < self._bases[i] + max(self.sizes[self._bases[i]], 1):
+                return self._bases[i]
+        raise GptExportError(f"internal error: {ptr:#x} is not in a buffer of this {type(self).__name__}")
 
     def _check(self, ptr: int, offset: int, nbytes: int) -> None:
         base = self.base_of(ptr)
-        start, size = ptr - base + offset, self.sizes[base]
+        start, size = ptr - base + offset, self.sizes.get(base, 0)
         if offset < 0 or start + nbytes > size:
             raise GptExportError(f"internal error: bytes {start}..{start + nbytes} are outside a buffer of {size}")
 
