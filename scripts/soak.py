@@ -45,12 +45,13 @@ def soak(model_dir: Path, tokens: int, every: int, warmup: int, backend: str = "
     prompt = tokenizer.encode("\n") if tokenizer else [0]
     samples = [(0, rss_mb())]
     count = 0
-    text = TextStream(tokenizer, lambda s: None)  # decode as the CLI does, print nothing
+    text = TextStream(tokenizer) if tokenizer else None  # decode as the CLI does, print nothing
 
     def on_token(token: np.ndarray) -> None:
         nonlocal count
         count += 1
-        text.write([int(token[0])])
+        if text is not None:
+            text.feed([int(token[0])])
         if count % every == 0 or count == warmup:
             samples.append((count, rss_mb()))
 

@@ -59,13 +59,13 @@ def scheduler_generator(runner) -> Generator:
     `generate --prompts` run), greedy; stamped as the first row samples each token."""
     from ..runtime.sampling import SamplingParams
     from ..runtime.params import GenerationParams
-    from ..runtime.scheduler import Scheduler
+    from ..runtime.scheduler import Scheduler, Sequence
 
     def gen(prompt: np.ndarray, n: int, stamp: Callable[[], None]) -> None:
-        s = Scheduler(runner, None, max_batch=len(prompt))
+        s = Scheduler(runner, max_batch=len(prompt))
         params = GenerationParams(n, SamplingParams(0.0), 0)
         for i, row in enumerate(prompt):
-            s.submit(row.tolist(), params, on_delta=(lambda ids, text: stamp()) if i == 0 else None)
+            s.submit(Sequence(row.tolist(), params, (lambda seq, ids, text: stamp()) if i == 0 else None))
         s.run()
     return gen
 

@@ -33,7 +33,7 @@ def test_a_sequence_is_the_loop_with_its_own_seeded_generator(tiny_model_dir):
     with GenerationSession.open(tiny_model_dir) as session:
         want = generate(session.runner, np.array([[1, 2, 3]]), 30, params.sampling, np.random.default_rng(7))[0]
         deltas = []
-        outcome = session.generate([1, 2, 3], params, lambda ids, text: deltas.append((ids, text)))
+        outcome = session.generate([1, 2, 3], params, lambda seq, ids, text: deltas.append((ids, text)))
     assert outcome.tokens == want.tolist() and outcome.finish == "length"
     assert [i for ids, _ in deltas for i in ids] == outcome.tokens
 

@@ -89,7 +89,7 @@ def test_log_probs_are_those_of_the_distribution_sampled_from(served, tiny_model
 
     req = served.parse(request_tensors(text_input="To be", max_tokens=8, temperature=0.9, top_k=10, seed=4,
                                        return_log_probs=True), {})
-    outcome = served.run(req, lambda ids, text: None)
+    outcome = served.run(req, lambda seq, ids, text: None)
     assert len(outcome.logprobs) == 8 and all(lp <= 0 for lp in outcome.logprobs)
     # recompute: the lone run's logits at each step, through the same distribution
     from gptexport.runtime.backends.base import HostCache  # noqa: F401  (the runner's own cache below)
