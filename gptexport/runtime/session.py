@@ -19,7 +19,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Mapping
 
 import numpy as np
 
@@ -99,7 +99,7 @@ class GenerationSession:
         """Text -> token ids with this model's tokenizer; errors name `param`."""
         return encode(self.tokenizer, text, param)
 
-    def params(self, settings: dict, base: GenerationParams = GenerationParams()) -> GenerationParams:
+    def params(self, settings: Mapping[str, object], base: GenerationParams = GenerationParams()) -> GenerationParams:
         """`base` with named settings (params.SETTINGS) set; bad words given as text are encoded here."""
         return params_from(settings, base, self.tokenizer)
 
