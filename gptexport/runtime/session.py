@@ -7,8 +7,9 @@ sequence in flight in one forward per step. Each sequence has
 - its own numpy.random.Generator, seeded from `params.seed` (or handed on from the previous
   sample, as nanoGPT's sample.py draws all its samples from one seed), consumed exactly as the
   generation loop consumes it, so the same seed gives the same tokens whoever asks;
-- its text streamed as deltas: the tokens sampled since the last delta and their text, never
-  half a UTF-8 character (a byte-level BPE token can end mid-character);
+- its text streamed as deltas by a TextStream the session attaches (textstream.py): the tokens
+  sampled since the last delta and their text, never half a UTF-8 character (a byte-level BPE
+  token can end mid-character), handed to `on_delta(seq, ids, text)`;
 - its stop: max_new_tokens, a stop word completed (the delta that completes it is sent), or
   `cancelled()` turning true (checked before each delta).
 Never imports torch.
