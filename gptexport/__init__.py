@@ -14,7 +14,7 @@ onnxruntime and TensorRT are imported by the modules that need them, when they a
 
   convert_checkpoint(ckpt, out_dir, dtype=..., ...) -> Path      a model directory (needs torch)
   load_model_dir(path) -> ModelDir                                read and verify one
-  generate(model_dir, prompt, max_new_tokens=..., ...) -> [Sample]  sample text (no torch)
+  generate(model_dir, prompt, params=..., **settings) -> [Sample]  sample text (no torch)
   parity(model_dir, ckpt | golden=..., options=...) -> ParityReport  check every backend
   open_runner(backend, model_dir) -> Runner                       one backend, for your own loop
 """

@@ -25,7 +25,7 @@ from gptexport.artifacts.modeldir import load_model_dir
 from gptexport.runtime.backends import open_runner
 from gptexport.runtime.sampling import SamplingParams
 from gptexport.runtime.params import GenerationParams
-from gptexport.runtime.scheduler import Scheduler
+from gptexport.runtime.scheduler import Scheduler, Sequence
 
 
 def requests(n: int, prompt_tokens: int, new_tokens: int, vocab: int) -> list[tuple[list[int], GenerationParams]]:
@@ -37,12 +37,13 @@ def requests(n: int, prompt_tokens: int, new_tokens: int, vocab: int) -> list[tu
 
 def run(runner, reqs, max_batch: int) -> tuple[float, list[list[int]], list[float]]:
     """(seconds, every sequence's tokens, every sequence's time to first token)."""
-    s = Scheduler(runner, None, max_batch)
+    s = Scheduler(runner, max_batch)
     first: dict[int, float] = {}
     t0 = time.perf_counter()
     seqs = []
     for i, (ids, params) in enumerate(reqs):
-        seqs.append(s.submit(ids, params, on_delta=lambda _ids, _text, i=i: first.setdefault(i, time.perf_counter())))
+        on_delta = lambda _seq, _ids, _text, i=i: first.setdefault(i, time.perf_counter())  # noqa: E731
+        seqs.append(s.submit(Sequence(ids, params, on_delta)))
     s.run()
     seconds = time.perf_counter() - t0
     return seconds, [q.tokens for q in seqs], [first[i] - t0 for i in range(len(reqs))]

@@ -41,7 +41,7 @@ def soak(model_dir: Path, tokens: int, every: int, warmup: int, backend: str = "
     samples = [(0, rss_mb())]
     count = 0
 
-    def on_delta(ids: list[int], _text) -> None:
+    def on_delta(_seq, ids: list[int], _text) -> None:  # the session decodes as the CLI does
         nonlocal count
         for _ in ids:
             count += 1

@@ -131,13 +131,13 @@ def engine_generate(runner, prompt, max_new_tokens: int, params, seed: int = 0, 
     """Each row of `prompt` (B, T) as a sequence of the generation engine (the scheduler), seeded `seed`:
     (B, max_new_tokens) tokens."""
     from gptexport.runtime.params import GenerationParams
-    from gptexport.runtime.scheduler import Scheduler
+    from gptexport.runtime.scheduler import Scheduler, Sequence
 
     prompt = np.asarray(prompt, np.int64)
-    scheduler = Scheduler(runner, None, max_batch or len(prompt))
+    scheduler = Scheduler(runner, max_batch or len(prompt))
     try:
-        seqs = [scheduler.submit(row.tolist(), GenerationParams(max_new_tokens, params, seed), notice=lambda m: None)
-                for row in prompt]
+        seqs = [scheduler.submit(Sequence(row.tolist(), GenerationParams(max_new_tokens, params, seed),
+                                          notice=lambda m: None)) for row in prompt]
         scheduler.run()
     finally:
         scheduler.close()

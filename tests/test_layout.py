@@ -141,7 +141,7 @@ def test_serving_code_without_torch(tiny_model_dir, tmp_path):
             f"m = open_served_model({str(tiny_model_dir)!r}, 'onnxruntime', 64)\n"
             "req = m.parse({'text_input': np.array([[b'To be']], dtype=object)}, {})\n"
             "out = []\n"
-            "print(len(m.run(req, lambda ids, text: out.append(text)).tokens), len(out))\n")
+            "print(len(m.run(req, lambda seq, ids, text: out.append(text)).tokens), len(out))\n")
     result = run_without_torch(tmp_path, code)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["64", "64"]

@@ -38,11 +38,14 @@ class ModelDir:
         return self.manifest["dtype"]
 
     def tokenizer(self):
-        """The tokenizer the model was exported with, or None (raw token ids only)."""
+        """The tokenizer the model was exported with, or None (raw token ids only); built once per
+        ModelDir, as building a GPT-2 tokenizer hashes its files."""
         from .tokenizer import tokenizer_from_json
 
-        d = self.manifest.get("tokenizer")
-        return None if d is None else tokenizer_from_json(d, self.path)
+        if "_tokenizer" not in self.__dict__:
+            d = self.manifest.get("tokenizer")
+            self._tokenizer = None if d is None else tokenizer_from_json(d, self.path)
+        return self._tokenizer
 
 
 def load_model_dir(path: str | Path | ModelDir, verify: bool = True) -> ModelDir:

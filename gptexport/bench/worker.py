@@ -48,7 +48,7 @@ def gptexport_generator(job: dict) -> Generator:
     from ..runtime.backends import open_runner
     from ..runtime.params import GenerationParams
     from ..runtime.sampling import SamplingParams
-    from ..runtime.scheduler import Scheduler
+    from ..runtime.scheduler import Scheduler, Sequence
 
     runner = open_runner(BACKEND_OF[job["runtime"]], load_model_dir(job["path"], verify=False), job["threads"],
                          cuda_graphs=job.get("cuda_graphs"))
@@ -56,14 +56,14 @@ def gptexport_generator(job: dict) -> Generator:
     grow = bool(job.get("grow"))
 
     def gen(prompt: np.ndarray, n: int, stamp: Callable[[], None]) -> None:
-        s = Scheduler(runner, None, max_batch=len(prompt))
+        s = Scheduler(runner, max_batch=len(prompt))
         params = GenerationParams(n, SamplingParams(0.0), 0)
         if grow:
             for row in prompt[1:]:
-                s.submit(row.tolist(), GenerationParams(max(1, n // 8), SamplingParams(0.0), 0))
+                s.submit(Sequence(row.tolist(), GenerationParams(max(1, n // 8), SamplingParams(0.0), 0)))
             s.step()  # admitted with a short reach: the cache is small until the first row comes
         for i, row in enumerate(prompt[:1] if grow else prompt):
-            s.submit(row.tolist(), params, on_delta=(lambda ids, text: stamp()) if i == 0 else None)
+            s.submit(Sequence(row.tolist(), params, (lambda seq, ids, text: stamp()) if i == 0 else None))
         s.run()
 
     arenas = getattr(runner, "graph_arenas", None)

@@ -66,45 +66,36 @@ def convert(ckpt: Path, out_dir: Path, dtype: str, tokenizer: Path | None, force
 @click.option("--no-cuda-graphs", is_flag=True, help="ort-cuda, tensorrt: run decode steps without CUDA graphs.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of streaming text.")
 def generate(model_dir: Path, prompt: str | None, prompt_file: Path | None, prompt_tokens: str | None,
-             prompts_file: Path | None, max_batch: int, max_new_tokens: int, temperature: float, top_k: int,
-             top_p: float | None, seed: int, repetition_penalty: float, presence_penalty: float,
-             frequency_penalty: float, stop_words: tuple[str, ...], bad_words: tuple[str, ...], end_id: int | None,
-             min_tokens: int, logprobs: bool, num_samples: int, backend: str, threads: int | None, tf32: bool,
-             no_cuda_graphs: bool, as_json: bool) -> None:
+             prompts_file: Path | None, max_batch: int, num_samples: int, backend: str, threads: int | None,
+             tf32: bool, no_cuda_graphs: bool, as_json: bool, **settings) -> None:
     """Sample text from a model directory, streaming it as it is produced (or many prompts at once)."""
     from ..artifacts.modeldir import load_model_dir
-    from ..runtime.session import generate_samples
+    from ..runtime.session import GenerationSession, generate_samples
 
-    options = dict(backend=backend, threads=threads, tf32=tf32, cuda_graphs=False if no_cuda_graphs else None)
+    # settings: the flags named as params.SETTINGS names them (--top-k is top_k)
+    runner_options = dict(tf32=tf32, cuda_graphs=False if no_cuda_graphs else None)
     if prompts_file is not None:
-        from ..runtime.batch import BatchItem
-
         if any(x is not None for x in (prompt, prompt_file, prompt_tokens)) or num_samples != 1:
             raise UsageError("--prompts: give the prompts in the file, without --prompt, --prompt-file, "
                              "--prompt-tokens or --num-samples")
-        defaults = BatchItem(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                             seed=seed, stop_words=stop_words, min_tokens=min_tokens, end_id=end_id,
-                             repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
-                             frequency_penalty=frequency_penalty, bad_words=bad_words, logprobs=logprobs)
-        return generate_many(model_dir, prompts_file, defaults, max_batch, options)
-    md = load_model_dir(model_dir)
+        items, line_numbers = inputs.read_batch_file(prompts_file)
+        with GenerationSession.open(model_dir, backend, threads, max_batch, **runner_options) as session:
+            return generate_many(session, prompts_file, items, line_numbers, session.params(settings))
+    md = load_model_dir(model_dir)  # once: the session below takes it as loaded, and its tokenizer
     ids = inputs.prompt_ids(prompt, prompt_file, prompt_tokens, md.tokenizer(), md.config.vocab_size)
     stream = None if as_json else (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
-    samples = generate_samples(md, prompt_ids=ids, max_new_tokens=max_new_tokens, temperature=temperature,
-                               top_k=top_k, top_p=top_p, seed=seed, num_samples=num_samples, stop_words=stop_words,
-                               min_tokens=min_tokens, end_id=end_id, repetition_penalty=repetition_penalty,
-                               presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
-                               bad_words=bad_words, logprobs=logprobs, stream=stream, **options)
+    with GenerationSession.open(md, backend, threads, **runner_options) as session:
+        samples = generate_samples(session, prompt_ids=ids, params=session.params(settings),
+                                   num_samples=num_samples, stream=stream)
     if as_json:
         click.echo(json.dumps({"samples": [s.to_dict() for s in samples]}, ensure_ascii=False))
 
 
-def generate_many(model_dir: Path, prompts_file: Path, defaults, max_batch: int, options: dict) -> None:
+def generate_many(session, prompts_file: Path, items: list, line_numbers: list[int], params) -> None:
     """`generate --prompts FILE`: every line through the scheduler; JSON Lines in input order on
     stdout as they complete, a progress line on stderr."""
     from ..runtime.batch import generate_batch
 
-    items, line_numbers = inputs.read_batch_file(prompts_file, defaults)
     tty = sys.stderr.isatty()
 
     def write(i: int, sample) -> None:
@@ -118,7 +109,7 @@ def generate_many(model_dir: Path, prompts_file: Path, defaults, max_batch: int,
                        f"{p.tokens / max(p.seconds, 1e-9):.0f} tok/s", err=True, nl=False)
 
     try:
-        samples = generate_batch(model_dir, items, max_batch=max_batch, on_result=write, progress=progress, **options)
+        samples = generate_batch(session, items, params=params, on_result=write, progress=progress)
     except ParameterError as e:
         if not e.param.startswith("items["):
             raise

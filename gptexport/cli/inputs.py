@@ -27,7 +27,8 @@ def flag_error(e: ParameterError) -> UsageError:
 def prompt_ids(prompt: str | None, prompt_file: Path | None, prompt_tokens: str | None, tokenizer,
                vocab_size: int) -> list[int]:
     """The prompt as token ids, from exactly one of --prompt, --prompt-file and --prompt-tokens
-    (default: a newline, as nanoGPT's sample.py). Errors name the option (and file)."""
+    (default: a newline, as nanoGPT's sample.py). Errors name the option (and file); typed ids
+    are checked here, before the model loads, in the option's words."""
     given = [x is not None for x in (prompt, prompt_file, prompt_tokens)]
     if sum(given) > 1:
         raise UsageError("give only one of --prompt, --prompt-file and --prompt-tokens")
@@ -51,8 +52,7 @@ def prompt_ids(prompt: str | None, prompt_file: Path | None, prompt_tokens: str 
         raise TokenizerError(f"{source}: {e}") from None
     if not ids:  # a file is input data (exit 1); an empty --prompt is a usage error (exit 2)
         raise (GptExportError if from_file else UsageError)(f"{source} is empty: give at least one character")
-    check_token_ids(ids, vocab_size)
-    return ids
+    return ids  # the model's own tokenizer: its ids are the model's (load_model_dir checked the vocabularies)
 
 
 def parse_token_ids(s: str) -> list[int]:
@@ -131,12 +131,12 @@ def read_eval_text(path: Path) -> str:
 
 # ---- gptexport generate --prompts FILE ------------------------------------------------------------
 
-def read_batch_file(path: Path, defaults):
+def read_batch_file(path: Path):
     """--prompts FILE as BatchItems: one prompt per line (blank lines skipped, a literal \\n is a
     newline), or JSON Lines, when every non-blank line is a JSON object: {"prompt": ... or
-    "prompt_tokens": [...], and any of "max_new_tokens", "temperature", "top_k", "top_p", "seed",
-    "stop_words", "logprobs", ...: BatchItem's fields}. What a line does not set, the command's flags (`defaults`) do. Errors name the
-    file and line."""
+    "prompt_tokens": [...], and any of the settings ("max_new_tokens", "temperature", "top_k",
+    "stop_words", "logprobs", ...: params.SETTINGS)}. What a line does not set, the command's flags
+    do. Errors name the file and line."""
     import json
 
     from ..runtime.batch import BatchItem
@@ -156,15 +156,12 @@ def read_batch_file(path: Path, defaults):
         items = []
         for (n, _), record in zip(lines, records):
             try:
-                items.append(BatchItem.from_dict(record, defaults))
+                items.append(BatchItem.from_dict(record))
             except ParameterError as e:
-                raise GptExportError(f"{path} line {n}: {e}") from None
-            except TypeError as e:
                 raise GptExportError(f"{path} line {n}: {e}") from None
         return items, [n for n, _ in lines]
     if any(r is not None for r in records):
         n = next(n for (n, _), r in zip(lines, records) if r is None)
         raise GptExportError(f"{path} line {n}: not a JSON object, but other lines are: give JSON Lines or "
                              f"plain prompts, one per line")
-    return [BatchItem.from_dict({"prompt": line.replace("\\n", "\n")}, defaults) for _, line in lines], \
-        [n for n, _ in lines]
+    return [BatchItem(prompt=line.replace("\\n", "\n")) for _, line in lines], [n for n, _ in lines]

@@ -299,12 +299,12 @@ def window_logits(runner, windows: np.ndarray) -> np.ndarray:
     """(n, T, V) logits at every position of each window: the windows prefilled together on the engine."""
     from ..runtime.params import GenerationParams
     from ..runtime.sampling import SamplingParams
-    from ..runtime.scheduler import Probe, Scheduler
+    from ..runtime.scheduler import Probe, Scheduler, Sequence
 
-    scheduler = Scheduler(runner, None, max_batch=len(windows))
+    scheduler = Scheduler(runner, max_batch=len(windows))
     try:
-        seqs = [scheduler.submit(w.tolist(), GenerationParams(1, SamplingParams(0.0)), probe=Probe(all_positions=True))
-                for w in windows]
+        seqs = [scheduler.submit(Sequence(w.tolist(), GenerationParams(1, SamplingParams(0.0)),
+                                          probe=Probe(all_positions=True))) for w in windows]
         scheduler.run()
     finally:
         scheduler.close()

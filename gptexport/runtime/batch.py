@@ -10,60 +10,36 @@ gets alone with the same seed.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 from ..artifacts.modeldir import ModelDir
 from ..errors import ParameterError
-from .sampling import DEFAULT_MAX_NEW_TOKENS, DEFAULT_SAMPLING, DEFAULT_SEED, SamplingParams
-from .params import GenerationParams
-from .session import DEFAULT_MAX_BATCH, GenerationSession, Sample, outcome_of
+from .params import SETTINGS, GenerationParams
+from .session import DEFAULT_MAX_BATCH, GenerationSession, Sample, opened, outcome_of
+
+PROMPT_KEYS = ("prompt", "prompt_ids", "prompt_tokens")  # prompt_tokens: prompt_ids' name in a JSON line
 
 
 @dataclass(frozen=True)
 class BatchItem:
-    """One prompt and the settings it runs with; text items are encoded by the model's tokenizer."""
+    """One prompt (text, encoded by the model's tokenizer, or token ids) and the settings it sets
+    (params.SETTINGS' names); what it leaves unset, the batch's params say."""
 
     prompt: str | None = None
     prompt_ids: list[int] | None = None
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
-    temperature: float = DEFAULT_SAMPLING.temperature
-    top_k: int | None = DEFAULT_SAMPLING.top_k
-    top_p: float | None = DEFAULT_SAMPLING.top_p
-    seed: int = DEFAULT_SEED
-    stop_words: tuple[str, ...] = field(default=())
-    min_tokens: int = 0
-    end_id: int | None = None
-    repetition_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    bad_words: tuple[str, ...] = field(default=())
-    logprobs: bool = False
+    settings: Mapping[str, object] = field(default_factory=dict)
 
     @classmethod
-    def from_dict(cls, record: dict, defaults: "BatchItem | None" = None) -> "BatchItem":
-        """A JSON Lines record ({"prompt": ..., "temperature": ...}); unset keys take `defaults`'."""
-        known = {f.name for f in fields(cls)} | {"prompt_tokens"}
-        unknown = sorted(set(record) - known)
+    def from_dict(cls, record: dict) -> "BatchItem":
+        """A JSON Lines record ({"prompt": ..., "temperature": ...})."""
+        known = (*PROMPT_KEYS, *SETTINGS)
+        unknown = sorted(set(record) - set(known))
         if unknown:
             raise ParameterError(unknown[0], f"is not a setting of an item; valid: {', '.join(sorted(known))}")
-        record = dict(record)
-        if "prompt_tokens" in record:
-            record["prompt_ids"] = record.pop("prompt_tokens")
-        base = {f.name: getattr(defaults or cls(), f.name) for f in fields(cls)}
-        if "prompt" in record or "prompt_ids" in record:  # an item's prompt replaces the default's
-            base["prompt"] = base["prompt_ids"] = None
-        base.update(record)
-        base["stop_words"] = tuple(base["stop_words"] or ())
-        base["bad_words"] = tuple(base["bad_words"] or ())
-        return cls(**base)
-
-    def params(self, session: GenerationSession) -> GenerationParams:
-        return GenerationParams(self.max_new_tokens, SamplingParams(self.temperature, self.top_k, self.top_p),
-                                self.seed, self.stop_words, self.min_tokens, self.end_id, self.repetition_penalty,
-                                self.presence_penalty, self.frequency_penalty, session.encode_words(self.bad_words),
-                                logprobs=self.logprobs)
+        ids = record.get("prompt_tokens", record.get("prompt_ids"))
+        return cls(record.get("prompt"), ids, {k: v for k, v in record.items() if k not in PROMPT_KEYS})
 
     def ids(self, session: GenerationSession) -> list[int]:
         if (self.prompt is None) == (self.prompt_ids is None):
@@ -87,39 +63,48 @@ class BatchProgress:
     seconds: float
 
 
-def generate_batch(model_dir: str | Path | ModelDir, items: list[BatchItem], *, max_batch: int = DEFAULT_MAX_BATCH,
+def generate_batch(model: str | Path | ModelDir | GenerationSession, items: list[BatchItem], *,
+                   params: GenerationParams = GenerationParams(), max_batch: int = DEFAULT_MAX_BATCH,
                    backend: str = "onnxruntime", threads: int | None = None,
                    on_result: Callable[[int, Sample], None] | None = None,
-                   progress: Callable[[BatchProgress], None] | None = None, **runner_options) -> list[Sample]:
+                   progress: Callable[[BatchProgress], None] | None = None) -> list[Sample]:
     """Generate every item, up to `max_batch` at once; returns the samples in input order.
 
-    `on_result(i, sample)` is called for each item in input order as soon as it and every item
-    before it are done (so results can be written out while the rest still run). An item whose
-    settings are invalid raises a ParameterError naming `items[i].setting` before anything runs.
+    Each item runs with `params` and its own settings set on top. `model`: a model directory,
+    or a GenerationSession already open (its own max_batch and backend then). `on_result(i,
+    sample)` is called for each item in input order as soon as it and every item before it are
+    done (so results can be written out while the rest still run). An item whose settings are
+    invalid raises a ParameterError naming `items[i].setting` before anything runs.
     """
-    with GenerationSession.open(model_dir, backend, threads, max_batch, **runner_options) as session:
+    with opened(model, backend, threads, max_batch) as session:
         prepared = []
         for i, item in enumerate(items):
             try:
-                prepared.append((item.ids(session), item.params(session)))
+                prepared.append((item.ids(session), session.params(item.settings, params)))
             except ParameterError as e:
                 raise ParameterError(f"items[{i}].{e.param}", e.problem) from None
-        sequences = [session.submit(ids, params) for ids, params in prepared]
-        samples: list[Sample | None] = [None] * len(items)
-        t0, reported, tokens = time.perf_counter(), 0, 0
-        while reported < len(items):
-            if session.scheduler.busy:
-                session.scheduler.step()
-            while reported < len(items) and sequences[reported].done.is_set():
-                outcome = outcome_of(sequences[reported])
-                samples[reported] = Sample(outcome.tokens, session.decode(outcome.tokens), outcome.finish,
-                                           outcome.logprobs if items[reported].logprobs else None)
-                tokens += len(outcome.tokens)
-                if on_result is not None:
-                    on_result(reported, samples[reported])
-                reported += 1
-            if progress is not None:
-                done = sum(s.done.is_set() for s in sequences)
-                progress(BatchProgress(done, len(items), tokens + sum(len(s.tokens) for s in sequences[reported:]),
-                                       time.perf_counter() - t0))
+        sequences = [session.submit(ids, item_params) for ids, item_params in prepared]
+        return _collect(session, sequences, on_result, progress)
+
+
+def _collect(session: GenerationSession, sequences: list, on_result, progress) -> list[Sample]:
+    """Step the scheduler until every sequence is done, reporting results in input order."""
+    samples: list[Sample | None] = [None] * len(sequences)
+    t0, reported, tokens = time.perf_counter(), 0, 0
+    while reported < len(sequences):
+        if session.scheduler.busy:
+            session.scheduler.step()
+        while reported < len(sequences) and sequences[reported].done.is_set():
+            seq = sequences[reported]
+            outcome = outcome_of(seq)
+            samples[reported] = Sample(outcome.tokens, session.decode(outcome.tokens), outcome.finish,
+                                       outcome.logprobs if seq.params.logprobs else None)
+            tokens += len(outcome.tokens)
+            if on_result is not None:
+                on_result(reported, samples[reported])
+            reported += 1
+        if progress is not None:
+            done = sum(s.done.is_set() for s in sequences)
+            progress(BatchProgress(done, len(sequences), tokens + sum(len(s.tokens) for s in sequences[reported:]),
+                                   time.perf_counter() - t0))
     return samples

@@ -145,6 +145,16 @@ def _vector(logits: np.ndarray) -> np.ndarray:
     return logits
 
 
+def check_penalties(repetition: float, presence: float, frequency: float,
+                    names: tuple[str, str, str] = ("repetition", "presence", "frequency")) -> None:
+    """Each penalty a finite number, the repetition penalty > 0; errors call them by `names`."""
+    for name, value in zip(names, (repetition, presence, frequency)):
+        if isinstance(value, bool) or not (isinstance(value, (int, float)) and math.isfinite(value)):
+            raise ParameterError(name, f"must be a finite number, got {value}")
+    if repetition <= 0:  # TensorRT-LLM's SamplingConfig checks the same
+        raise ParameterError(names[0], f"must be > 0 (1: no penalty), got {repetition}")
+
+
 def apply_penalties(logits: np.ndarray, history: np.ndarray, repetition: float = 1.0,
                     presence: float = 0.0, frequency: float = 0.0) -> np.ndarray:
     """(V,) logits -> new (V,) float64 logits, penalized for the tokens in `history` (may repeat).
@@ -157,11 +167,7 @@ def apply_penalties(logits: np.ndarray, history: np.ndarray, repetition: float =
     with temperature 1 (the repetition penalty commutes with temperature; the other two do not).
     At 1.0 / 0 / 0 the logits come back exactly equal.
     """
-    for name, value in (("repetition", repetition), ("presence", presence), ("frequency", frequency)):
-        if isinstance(value, bool) or not (isinstance(value, (int, float)) and math.isfinite(value)):
-            raise ParameterError(name, f"must be a finite number, got {value}")
-    if repetition <= 0:  # TensorRT-LLM's SamplingConfig checks the same
-        raise ParameterError("repetition", f"must be > 0 (1.0: no penalty), got {repetition}")
+    check_penalties(repetition, presence, frequency)
     logits = _vector(logits)
     seen, counts = np.unique(_token_ids(history, logits.shape[0], "history"), return_counts=True)
     if seen.size == 0:
@@ -174,16 +180,6 @@ def apply_penalties(logits: np.ndarray, history: np.ndarray, repetition: float =
         logits[seen] -= presence
     if frequency != 0.0:
         logits[seen] -= frequency * counts
-    return logits
-
-
-def mask_tokens(logits: np.ndarray, token_ids: np.ndarray) -> np.ndarray:
-    """(V,) logits -> new (V,) float64 logits with `token_ids` at -inf: they can never be drawn.
-
-    For bad words: which ids to pass at this step is what banned_tokens works out.
-    """
-    logits = _vector(logits)
-    logits[_token_ids(token_ids, logits.shape[0], "token_ids")] = -np.inf
     return logits
 
 

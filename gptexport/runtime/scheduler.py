@@ -49,8 +49,16 @@ def to_stderr(msg: str) -> None:
     print(msg, file=sys.stderr)
 
 
-# on_delta(ids, text): the tokens of one delta and their text (None for a model without a tokenizer)
-OnDelta = Callable[[list[int], "str | None"], None]
+# on_delta(seq, ids, text): the tokens of one delta of `seq` and their text (None without a tokenizer)
+OnDelta = Callable[["Sequence", list[int], "str | None"], None]
+
+
+def _no_delta(seq: "Sequence", ids: list[int], text: str | None) -> None:
+    pass
+
+
+def _never() -> bool:
+    return False
 
 
 @dataclass
@@ -67,16 +75,21 @@ class Probe:
 
 @dataclass
 class Sequence:
-    """One sequence: its request, its own generator, and what it has produced so far."""
+    """One sequence: its request, its own generator, and what it has produced so far.
+
+    `rng` continues a generator (default: a new one seeded with params.seed); `text` (attached by
+    the session for a model with a tokenizer) turns its tokens into text deltas and finds its
+    stop words; `on_done(seq)` is called once, when it is retired (on the thread that steps).
+    """
 
     prompt_ids: list[int]
     params: GenerationParams
-    rng: np.random.Generator
-    on_delta: OnDelta
-    cancelled: Callable[[], bool]
-    tokenizer: object = None
+    on_delta: OnDelta | None = None  # None: nobody listens
+    cancelled: Callable[[], bool] | None = None  # None: never cancelled
     notice: Callable[[str], None] | None = None
+    rng: np.random.Generator | None = None
     on_done: Callable[["Sequence"], None] | None = None  # called once, when it is retired
+    text: TextStream | None = None
     probe: Probe | None = None
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)  # of each token, with params.logprobs
@@ -86,9 +99,12 @@ class Sequence:
     done: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self) -> None:
-        self._pending: list[int] = []  # sampled, not yet sent: the start of an unfinished UTF-8 character
-        self._text = ""
-        self._stream = TextStream(self.tokenizer, self._on_text)
+        if self.on_delta is None:
+            self.on_delta = _no_delta
+        if self.cancelled is None:
+            self.cancelled = _never
+        if self.rng is None:
+            self.rng = np.random.default_rng(self.params.seed)
 
     @property
     def last(self) -> int:
@@ -105,7 +121,10 @@ class Sequence:
         if self.probe is not None and self._probed(logits):
             return
         p = self.params
-        z, sampling = prepare(logits, p, self.prompt_ids + self.tokens, len(self.tokens))
+        if p.plain:  # nanoGPT's settings: the logits as they come (no history to gather)
+            z, sampling = logits, p.sampling
+        else:
+            z, sampling = prepare(logits, p, self.prompt_ids + self.tokens, len(self.tokens))
         token = int(next_token(z[None], sampling, self.rng)[0])
         if token == p.end_id and len(self.tokens) >= p.min_tokens:
             return self.retire("stop")  # the end token itself is not output (as TensorRT-LLM)
@@ -113,9 +132,11 @@ class Sequence:
             self.logprobs.append(token_logprob(z, sampling, token))
         self.tokens.append(token)
         self.context.append(token)
-        self._pending.append(token)
-        self._stream.write([token])
-        if self.finish is None and len(self.tokens) == self.params.max_new_tokens:
+        if self.text is None:
+            self.on_delta(self, [token], None)
+        else:
+            self._send_text(token)
+        if self.finish is None and len(self.tokens) == p.max_new_tokens:
             self.retire("length")
 
     def _probed(self, logits: np.ndarray) -> bool:
@@ -134,26 +155,21 @@ class Sequence:
             self.retire("length")
         return True
 
-    def _on_text(self, text: str) -> None:
-        ids, self._pending = self._pending, []
-        if self.tokenizer is None:
-            self.on_delta(ids, None)
-            return
-        before = len(self._text)
-        self._text += text
-        self.on_delta(ids, text)
-        # a stop word may span deltas: look only where it could end in this one
-        if self.finish is None and len(self.tokens) >= self.params.min_tokens and \
-                any(w in self._text[max(0, before - len(w) + 1):] for w in self.params.stop_words):
+    def _send_text(self, token: int) -> None:
+        delta = self.text.feed([token])
+        if delta is None:
+            return  # held back: half a character
+        self.on_delta(self, *delta)
+        stop = self.text.stops(delta[1])  # every delta, so a word spanning deltas is found
+        if stop and self.finish is None and len(self.tokens) >= self.params.min_tokens:
             self.retire("stop")
 
     def retire(self, finish: str, error: Exception | None = None) -> None:
         if self.finish is not None:
             return
         self.finish, self.error = finish, error
-        if self._pending and finish not in ("cancelled", "error"):
-            ids, self._pending = self._pending, []
-            self.on_delta(ids, "")  # the bytes of a character cut off by max_new_tokens: ids, no text
+        if self.text is not None and self.text.pending and finish not in ("cancelled", "error"):
+            self.on_delta(self, self.text.flush(), "")  # a character cut off by max_new_tokens: ids, no text
         self.done.set()
         if self.on_done is not None:
             self.on_done(self)
@@ -162,13 +178,13 @@ class Sequence:
 class Scheduler:
     """Runs sequences on one runner, every running one in the same forward (see the module docstring)."""
 
-    def __init__(self, runner: Runner, tokenizer=None, max_batch: int = 16):
+    def __init__(self, runner: Runner, max_batch: int = 16):
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise ParameterError("max_batch", f"must be an integer >= 1, got {max_batch}")
         limit = getattr(runner, "max_batch", None)
         if limit is not None and max_batch > limit:
             raise ParameterError("max_batch", f"is {max_batch}, more than {runner.name} takes ({limit})")
-        self.runner, self.tokenizer, self.max_batch = runner, tokenizer, max_batch
+        self.runner, self.max_batch = runner, max_batch
         self.config = runner.config
         self.queue: deque[Sequence] = deque()
         self.rows: list[Sequence] = []  # decode rows 0..n-1 of the cache, packed
@@ -180,26 +196,19 @@ class Scheduler:
 
     # ---- what callers use ----
 
-    def submit(self, prompt_ids: list[int], params: GenerationParams = GenerationParams(),
-               on_delta: OnDelta | None = None, cancelled: Callable[[], bool] | None = None,
-               rng: np.random.Generator | None = None, notice: Callable[[str], None] | None = None,
-               on_done: Callable[[Sequence], None] | None = None, probe: Probe | None = None) -> Sequence:
-        """Queue a sequence; `rng` continues a generator (default: a new one seeded with params.seed);
-        `on_done(seq)` is called when it is retired (from the thread that steps); `probe`: see Probe."""
+    def submit(self, seq: Sequence) -> Sequence:
+        """Queue a sequence, once its prompt and settings are found valid for this model."""
         from ..artifacts.tokenizer import check_token_ids
         from ..errors import UsageError
 
-        if not prompt_ids:
+        if not seq.prompt_ids:
             raise ParameterError("prompt_ids", "is empty: give at least one token")
         try:
-            check_token_ids(list(prompt_ids), self.config.vocab_size)
+            check_token_ids(seq.prompt_ids, self.config.vocab_size)
         except UsageError as e:
             raise ParameterError("prompt_ids", f"has {e}") from None
-        params.check_vocab(self.config.vocab_size)
-        seq = Sequence(list(prompt_ids), params, np.random.default_rng(params.seed) if rng is None else rng,
-                       on_delta or (lambda ids, text: None), cancelled or (lambda: False), self.tokenizer, notice,
-                       on_done, probe)
-        if params.max_new_tokens == 0:
+        seq.params.check_vocab(self.config.vocab_size)
+        if seq.params.max_new_tokens == 0:
             seq.retire("length")
             return seq
         with self.lock:

@@ -7,8 +7,9 @@ sequence in flight in one forward per step. Each sequence has
 - its own numpy.random.Generator, seeded from `params.seed` (or handed on from the previous
   sample, as nanoGPT's sample.py draws all its samples from one seed), consumed exactly as the
   generation loop consumes it, so the same seed gives the same tokens whoever asks;
-- its text streamed as deltas: the tokens sampled since the last delta and their text, never
-  half a UTF-8 character (a byte-level BPE token can end mid-character);
+- its text streamed as deltas by a TextStream the session attaches (textstream.py): the tokens
+  sampled since the last delta and their text, never half a UTF-8 character (a byte-level BPE
+  token can end mid-character), handed to `on_delta(seq, ids, text)`;
 - its stop: max_new_tokens, a stop word completed (the delta that completes it is sent), or
   `cancelled()` turning true (checked before each delta).
 Never imports torch.
@@ -16,18 +17,18 @@ Never imports torch.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator, Mapping
 
 import numpy as np
 
 from ..artifacts.modeldir import ModelDir, load_model_dir
-from ..errors import ParameterError, TokenizerError
+from ..errors import ParameterError
 from .backends import open_runner
 from .backends.base import Runner
-from .sampling import DEFAULT_MAX_NEW_TOKENS, DEFAULT_SAMPLING, DEFAULT_SEED, SamplingParams
-from .params import GenerationParams
+from .params import GenerationParams, encode, params_from
 from .scheduler import OnDelta, Scheduler, Sequence
 from .textstream import TextStream
 
@@ -61,24 +62,22 @@ class GenerationSession:
 
     runner: Runner
     tokenizer: object = None
-    model_dir: ModelDir | None = field(default=None, repr=False)
     max_batch: int = DEFAULT_MAX_BATCH
 
     def __post_init__(self) -> None:
-        self.scheduler = Scheduler(self.runner, self.tokenizer, self.max_batch)
+        self.scheduler = Scheduler(self.runner, self.max_batch)
 
     @classmethod
     def open(cls, model_dir: str | Path | ModelDir, backend: str = "onnxruntime", threads: int | None = None,
              max_batch: int = DEFAULT_MAX_BATCH, **runner_options) -> "GenerationSession":
-        """Load a model directory (every hash checked), open its runner on `backend` and activate it.
-
-        `runner_options` are open_runner's: tf32, cuda_graphs.
+        """Load a model directory (every hash checked; a ModelDir is taken as loaded), open its runner
+        on `backend` and activate it. `runner_options` are open_runner's: tf32, cuda_graphs.
         """
         md = load_model_dir(model_dir)
         runner = open_runner(backend, md, threads, **runner_options)
         runner.activate()
         try:
-            return cls(runner, md.tokenizer(), md, max_batch)
+            return cls(runner, md.tokenizer(), max_batch)
         except BaseException:
             runner.deactivate()
             raise
@@ -99,18 +98,11 @@ class GenerationSession:
 
     def encode(self, text: str, param: str = "prompt") -> list[int]:
         """Text -> token ids with this model's tokenizer; errors name `param`."""
-        if self.tokenizer is None:
-            raise ParameterError(param, "cannot be text: this model directory has no tokenizer (give token ids)")
-        if not text:
-            raise ParameterError(param, "is empty: give at least one character")
-        try:
-            return self.tokenizer.encode(text)
-        except TokenizerError as e:
-            raise ParameterError(param, f"cannot be encoded: {e}") from None
+        return encode(self.tokenizer, text, param)
 
-    def encode_words(self, words: tuple[str, ...], param: str = "bad_words") -> tuple[tuple[int, ...], ...]:
-        """Words (an empty one skipped) -> their token ids, for GenerationParams.bad_words."""
-        return tuple(tuple(self.encode(w, param)) for w in words if w)
+    def params(self, settings: Mapping[str, object], base: GenerationParams = GenerationParams()) -> GenerationParams:
+        """`base` with named settings (params.SETTINGS) set; bad words given as text are encoded here."""
+        return params_from(settings, base, self.tokenizer)
 
     def decode(self, tokens: list[int]) -> str | None:
         """Token ids -> text, or None for a model directory without a tokenizer."""
@@ -120,9 +112,12 @@ class GenerationSession:
                on_delta: OnDelta | None = None, cancelled: Callable[[], bool] | None = None,
                notice: Callable[[str], None] | None = None, rng: np.random.Generator | None = None,
                on_done: Callable[[Sequence], None] | None = None) -> Sequence:
-        """Queue one sequence; it runs when the scheduler steps (`generate`, a server's loop);
-        `on_done(seq)` is called when it ends (on the thread that steps)."""
-        return self.scheduler.submit(prompt_ids, params, on_delta, cancelled, rng, notice, on_done)
+        """Queue one sequence (Sequence's arguments, in its order); it runs when the scheduler steps
+        (`generate`, a server's loop). Its text is streamed and its stop words found by a
+        TextStream of this model's tokenizer."""
+        text = None if self.tokenizer is None else TextStream(self.tokenizer, params.stop_words)
+        seq = Sequence(list(prompt_ids), params, on_delta, cancelled, notice, rng, on_done, text)
+        return self.scheduler.submit(seq)
 
     def generate(self, prompt_ids: list[int], params: GenerationParams = GenerationParams(),
                  on_delta: OnDelta | None = None, cancelled: Callable[[], bool] | None = None,
@@ -141,44 +136,62 @@ def outcome_of(seq: Sequence) -> Outcome:
     return Outcome(seq.tokens, seq.finish, seq.logprobs)
 
 
-def generate_samples(model_dir: str | Path | ModelDir, prompt: str | None = None, *,
-                     prompt_ids: list[int] | None = None, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-                     temperature: float = DEFAULT_SAMPLING.temperature, top_k: int | None = DEFAULT_SAMPLING.top_k,
-                     top_p: float | None = DEFAULT_SAMPLING.top_p, seed: int = DEFAULT_SEED, num_samples: int = 1,
-                     stop_words: tuple[str, ...] = (), min_tokens: int = 0, end_id: int | None = None,
-                     repetition_penalty: float = 1.0, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
-                     bad_words: tuple[str, ...] = (), logprobs: bool = False, backend: str = "onnxruntime",
-                     threads: int | None = None, stream: Callable[[str], None] | None = None,
-                     separator: str = "\n---------------\n", **runner_options) -> list[Sample]:
+@contextmanager
+def opened(model: str | Path | ModelDir | GenerationSession, backend: str = "onnxruntime",
+           threads: int | None = None, max_batch: int = DEFAULT_MAX_BATCH) -> Iterator[GenerationSession]:
+    """`model` if it is an open session (left open), else a session opened on it (closed after)."""
+    if isinstance(model, GenerationSession):
+        yield model
+        return
+    with GenerationSession.open(model, backend, threads, max_batch) as session:
+        yield session
+
+
+def generate_samples(model: str | Path | ModelDir | GenerationSession, prompt: str | None = None, *,
+                     prompt_ids: list[int] | None = None, params: GenerationParams = GenerationParams(),
+                     num_samples: int = 1, stream: Callable[[str], None] | None = None,
+                     separator: str = "\n---------------\n", backend: str = "onnxruntime",
+                     threads: int | None = None, **settings) -> list[Sample]:
     """Draw `num_samples` samples one after another from one seeded generator, as nanoGPT's sample.py.
 
-    The prompt is text (`prompt`, default a newline as in sample.py) or `prompt_ids`. `stream`
-    receives the prompt's text, then every delta, and `separator` between samples (a newline
-    after the last). The TensorRT-LLM settings (min_tokens ... logprobs) are GenerationParams';
-    `bad_words` are text, encoded by the model's tokenizer. `runner_options` are open_runner's
-    (tf32, cuda_graphs).
+    `model`: a model directory, or a GenerationSession already open (for runner options such as
+    tf32: GenerationSession.open's). The prompt is text (`prompt`, default a newline as in
+    sample.py) or `prompt_ids`. The settings are `params` with any named setting given as a keyword
+    on top (max_new_tokens=100, temperature=0.9, bad_words=("the",) as text: params.SETTINGS).
+    `stream` receives the prompt's text, then every delta, and `separator` between samples (a
+    newline after the last).
     """
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise ParameterError("num_samples", f"must be an integer >= 1, got {num_samples}")
     if prompt is not None and prompt_ids is not None:
         raise ParameterError("prompt", "and prompt_ids: give only one")
-    with GenerationSession.open(model_dir, backend, threads, **runner_options) as session:
+    with opened(model, backend, threads) as session:
         ids = list(prompt_ids) if prompt_ids is not None else session.encode("\n" if prompt is None else prompt)
-        params = GenerationParams(max_new_tokens, SamplingParams(temperature, top_k, top_p), seed, tuple(stop_words),
-                                  min_tokens, end_id, repetition_penalty, presence_penalty, frequency_penalty,
-                                  session.encode_words(bad_words), logprobs=logprobs)
+        params = session.params(settings, params)
         rng = np.random.default_rng(params.seed)
+        show = None if stream is None else (lambda seq, ids, text: stream(_shown(ids, text)))
         samples = []
         for i in range(num_samples):
+            seq = session.submit(ids, params, show, rng=rng)  # checked before anything is printed
             if stream is not None:
-                TextStream(session.tokenizer, stream).write(ids)
-            on_delta = None if stream is None else (lambda ids, text: stream(_shown(ids, text)))
-            outcome = session.generate(ids, params, on_delta, rng=rng)
+                _show_prompt(ids, session.tokenizer, stream)
+            session.scheduler.run(until=seq)
+            outcome = outcome_of(seq)
             if stream is not None:
                 stream(separator if i < num_samples - 1 else "\n")
             samples.append(Sample(outcome.tokens, session.decode(outcome.tokens), outcome.finish,
-                                  outcome.logprobs if logprobs else None))
+                                  outcome.logprobs if params.logprobs else None))
     return samples
+
+
+def _show_prompt(ids: list[int], tokenizer, stream: Callable[[str], None]) -> None:
+    """The prompt as `gptexport generate` prints it before the sample (not a trailing half character)."""
+    if tokenizer is None:
+        stream(_shown(ids, None))
+        return
+    delta = TextStream(tokenizer).feed(list(ids))
+    if delta is not None:
+        stream(delta[1])
 
 
 def _shown(ids: list[int], text: str | None) -> str:

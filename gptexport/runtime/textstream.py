@@ -1,34 +1,45 @@
-"""Text as it is generated: a delta per token, never half a UTF-8 character.
+"""A sequence's tokens as text: a delta per token, never half a UTF-8 character, and its stop words.
+
+The session attaches one to each sequence of a model with a tokenizer (the scheduler never sees
+text). A byte-level BPE token can end mid-character: its ids are held back until a later token
+completes the character, and sent together with it.
 """
 
 from __future__ import annotations
 
-from typing import Callable
-
 
 class TextStream:
-    """Streams decoded text, holding back an incomplete UTF-8 sequence of a BPE token."""
+    """Turns one sequence's tokens into text deltas and finds its stop words in them."""
 
-    def __init__(self, tokenizer, sink: Callable[[str], None] | None):
-        self.tokenizer, self.sink = tokenizer, sink
-        self.tokens: list[int] = []
-        self.printed = 0
+    def __init__(self, tokenizer, stop_words: tuple[str, ...] = ()):
+        self.tokenizer, self.stop_words = tokenizer, stop_words
+        self.pending: list[int] = []  # ids not yet sent: the start of an unfinished character
+        self._tail = ""  # the end of the text sent, as long as a stop word less one character
+        self._keep = max((len(w) for w in stop_words), default=1) - 1
 
-    def write(self, ids: list[int]) -> None:
-        if self.sink is None:
-            return
-        if self.tokenizer is None:
-            self.sink("".join(f"{i} " for i in ids))
-            return
-        self.tokens += ids
-        text = self.tokenizer.decode(self.tokens)
+    def feed(self, ids: list[int]) -> tuple[list[int], str] | None:
+        """The delta that `ids` complete: the ids held back with them, and their text; None while a
+        character is incomplete. Text sent ends on a whole character, so decoding only what
+        follows it gives the same text as decoding everything again."""
+        pending = self.pending
+        pending += ids
+        text = self.tokenizer.decode(pending)
         if text.endswith("\ufffd"):
-            return  # wait for the rest of a multi-byte character
-        self.sink(text[self.printed:])
-        self.printed = len(text)
-        if len(self.tokens) > 64:  # keep decoding cheap: restart from what has been printed
-            self.tokens, self.printed = [], 0
+            return None  # wait for the rest of a multi-byte character
+        self.pending = []
+        return pending, text
 
-    def end(self, separator: str) -> None:
-        if self.sink is not None:
-            self.sink(separator)
+    def stops(self, text: str) -> bool:
+        """Whether a stop word ends in `text`, the delta just sent (a word may span deltas: look only
+        where it could end in this one). Every delta must pass here, in order."""
+        if not self.stop_words:
+            return False
+        window = self._tail + text
+        found = any(w in window[max(0, len(self._tail) - len(w) + 1):] for w in self.stop_words)
+        self._tail = window[max(0, len(window) - self._keep):] if self._keep else ""
+        return found
+
+    def flush(self) -> list[int]:
+        """The ids held back (a character cut off when the sequence ended)."""
+        ids, self.pending = self.pending, []
+        return ids

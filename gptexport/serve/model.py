@@ -66,7 +66,7 @@ class ServedModel:
                notice: Callable[[str], None] | None = None, on_done: Callable[[Sequence], None] | None = None,
                params=None) -> Sequence:
         """Queue one sequence of a request (`params`: one of request.sequence_params(), default its first):
-        exactly `gptexport generate`'s with the same seed and settings; `emit(ids, text)` receives
+        exactly `gptexport generate`'s with the same seed and settings; `emit(seq, ids, text)` receives
         every delta, `on_done(seq)` the end."""
         return self.session.submit(request.prompt_ids, params or request.params, emit, cancelled, notice,
                                    on_done=on_done)
@@ -224,43 +224,41 @@ class TritonPythonModel:
         inputs = {t.name(): t.as_numpy() for t in request.inputs()}
         req = self.model.parse(inputs, json.loads(request.parameters() or "{}"))
         request_id, several = request.request_id(), req.num_return_sequences > 1
-        left = [req.num_return_sequences]  # sequences not done yet: the final flag comes after the last
+        left = req.num_return_sequences  # sequences not done yet: the final flag comes after the last
         lock = threading.Lock()
-
-        def submit(index: int, params) -> None:
-            sent, cum, holder, ready = [0], [0.0], [], threading.Event()  # cum: the log-probs sent so far, summed
-
-            def emit(ids: list[int], text: str | None) -> None:
-                if req.stream:
-                    ready.wait()  # the scheduler's thread may step before submit() below has returned
-                    seq = holder[0]
-                    start, sent[0] = sent[0], sent[0] + len(ids)
-                    lp = seq.logprobs[start:sent[0]] if params.logprobs else None
-                    if lp is not None:
-                        cum[0] += sum(lp)
-                    self.responder.send(sender, self._response(response_tensors(
-                        ids, text, len(req.prompt_ids), sent[0], lp, cum[0] if lp is not None else None,
-                        index if several else None)))
-                else:
-                    sent[0] += len(ids)
-
-            def done(seq: Sequence) -> None:  # on the scheduler's thread: never raise into it
-                try:
-                    with lock:
-                        left[0] -= 1
-                        last = left[0] == 0
-                    self._finish(req, seq, sender, request_id, index if several else None, last)
-                except Exception:
-                    self.log.log_error(f"gptexport: {traceback.format_exc()}")
-
-            holder.append(self.model.submit(req, emit, cancelled=cancelled.is_set,
-                                            notice=lambda msg: self.log.log_info(f"gptexport: {msg}"),
-                                            on_done=done, params=params))
-            ready.set()
-
         cancelled = self.responder.watch(sender)
+
+        def done(seq: Sequence, index: int | None) -> None:  # on the scheduler's thread: never raise
+            nonlocal left
+            try:
+                with lock:
+                    left -= 1
+                    last = left == 0
+                self._finish(req, seq, sender, request_id, index, last)
+            except Exception:
+                self.log.log_error(f"gptexport: {traceback.format_exc()}")
+
         for i, params in enumerate(req.sequence_params()):
-            submit(i, params)
+            index = i if several else None
+            self.model.submit(req, self._streamer(req, sender, index) if req.stream else None,
+                              cancelled=cancelled.is_set, notice=lambda msg: self.log.log_info(f"gptexport: {msg}"),
+                              on_done=lambda seq, index=index: done(seq, index), params=params)
+
+    def _streamer(self, req: ServeRequest, sender, index: int | None):
+        """on_delta of one streamed sequence: a response per delta, with the log-probs of its tokens
+        and their running sum when asked for."""
+        cum = 0.0  # the log-probs sent so far, summed
+
+        def emit(seq: Sequence, ids: list[int], text: str | None) -> None:
+            nonlocal cum
+            sent = len(seq.tokens)  # every token made so far is in this delta or was sent before
+            lp = seq.logprobs[sent - len(ids):sent] if seq.params.logprobs else None
+            if lp is not None:
+                cum += sum(lp)
+            self.responder.send(sender, self._response(response_tensors(
+                ids, text, len(req.prompt_ids), sent, lp, cum if lp is not None else None, index)))
+
+        return emit
 
     def _finish(self, req: ServeRequest, seq: Sequence, sender, request_id: str, index: int | None,
                 last: bool) -> None:

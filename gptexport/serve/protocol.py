@@ -18,8 +18,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from ..errors import ParameterError, TokenizerError, UsageError
-from ..runtime.sampling import DEFAULT_MAX_NEW_TOKENS, DEFAULT_SAMPLING, DEFAULT_SEED, SamplingParams
-from ..runtime.params import GenerationParams
+from ..runtime.params import GenerationParams, params_from
+from ..runtime.sampling import DEFAULT_MAX_NEW_TOKENS, DEFAULT_SEED
 
 
 @dataclass(frozen=True)
@@ -113,7 +113,7 @@ OUTPUTS = (
     TensorSpec("sequence_index", "TYPE_INT32", (1,)),
 )
 # the library's parameter -> the request input that sets it, where the names differ
-INPUT_NAMES = {"max_new_tokens": "max_tokens"}
+INPUT_NAMES = {"max_new_tokens": "max_tokens", "embedding_bias": "embedding_bias_words", "logprobs": "return_log_probs"}
 
 
 def tensors(specs: tuple[TensorSpec, ...], with_text: bool) -> tuple[TensorSpec, ...]:
@@ -166,24 +166,31 @@ def parse_request(inputs: dict[str, np.ndarray], parameters: dict, tokenizer, vo
     pad_id = _scalar(inputs, "pad_id", int, 0)
     if not 0 <= pad_id < vocab_size:  # outputs are never padded here; the id is still checked
         raise UsageError(f"pad_id must be a token id 0..{vocab_size - 1}, got {pad_id}")
-    d = DEFAULT_SAMPLING
     try:
-        sampling = SamplingParams(_scalar(inputs, "temperature", float, d.temperature),
-                                  _scalar(inputs, "top_k", int, d.top_k), _scalar(inputs, "top_p", float, d.top_p))
-        params = GenerationParams(
-            max_tokens, sampling, _seed(inputs), tuple(w for w in (_strings(inputs, "stop_words") or []) if w),
-            min_tokens=_min_tokens(inputs), end_id=_scalar(inputs, "end_id", int, None),
-            repetition_penalty=_scalar(inputs, "repetition_penalty", float, 1.0),
-            presence_penalty=_scalar(inputs, "presence_penalty", float, 0.0),
-            frequency_penalty=_scalar(inputs, "frequency_penalty", float, 0.0),
-            bad_words=_words(inputs, "bad_words", tokenizer), embedding_bias=_bias(inputs, tokenizer),
-            logprobs=_scalar(inputs, "return_log_probs", bool, False))
+        params = params_from(_settings(inputs, tokenizer, max_tokens))
         params.check_vocab(vocab_size)
     except ParameterError as e:  # the library's wording, with the request's names
         raise UsageError(e.worded(INPUT_NAMES.get(e.param, e.param))) from None
     return ServeRequest(prompt_ids=prompt_ids, prompt_text=text, params=params,
                         stream=_scalar(inputs, "stream", bool, False),
                         exclude_input=_scalar(inputs, "exclude_input_in_output", bool, False), num_return_sequences=n)
+
+
+def _settings(inputs: dict[str, np.ndarray], tokenizer, max_tokens: int) -> dict[str, object]:
+    """The request's inputs as the named settings of GenerationParams (params.SETTINGS); an input
+    not given is left out, so it keeps `gptexport generate`'s default."""
+    settings: dict[str, object] = {"max_new_tokens": max_tokens}
+    for name, kind in (("temperature", float), ("top_k", int), ("top_p", float)):
+        if name in inputs:
+            settings[name] = _scalar(inputs, name, kind, None)
+    settings.update(seed=_seed(inputs), stop_words=tuple(w for w in (_strings(inputs, "stop_words") or []) if w),
+                    min_tokens=_min_tokens(inputs))
+    for name in ("end_id", "repetition_penalty", "presence_penalty", "frequency_penalty"):
+        if name in inputs:
+            settings[name] = _scalar(inputs, name, int if name == "end_id" else float, None)
+    settings.update(bad_words=_words(inputs, "bad_words", tokenizer), embedding_bias=_bias(inputs, tokenizer),
+                    logprobs=_scalar(inputs, "return_log_probs", bool, False))
+    return settings
 
 
 def _refuse_unsupported(inputs: dict[str, np.ndarray]) -> None:

@@ -33,7 +33,7 @@ def crop_probe(ref: Reference, block_size: int) -> np.ndarray:
 
 def run_together(runner: Runner, prompts: list[np.ndarray], steps: list[int], seed: int) -> list[tuple]:
     """Greedy (tokens, logits) of each prompt as a row of one scheduler, the i-th submitted at step i."""
-    scheduler = Scheduler(runner, None, max_batch=len(prompts))
+    scheduler = Scheduler(runner, max_batch=len(prompts))
     try:
         seqs = []
         for prompt, n in zip(prompts, steps):

@@ -25,8 +25,8 @@ def quiet(_message: str) -> None:
 def probed(scheduler: Scheduler, prompt, steps: int, params: SamplingParams, seed: int,
            probe: Probe | None = None) -> Sequence:
     """Queue `prompt` for `steps` tokens with a probe (default: one recording the logits)."""
-    return scheduler.submit(list(map(int, prompt)), GenerationParams(steps, params, seed),
-                            notice=quiet, probe=probe or Probe())
+    return scheduler.submit(Sequence(list(map(int, prompt)), GenerationParams(steps, params, seed), notice=quiet,
+                                     probe=probe or Probe()))
 
 
 def recorded(seq: Sequence) -> tuple[np.ndarray, np.ndarray]:
@@ -39,7 +39,7 @@ def recorded(seq: Sequence) -> tuple[np.ndarray, np.ndarray]:
 def generate_recorded(runner: Runner, prompt: np.ndarray, steps: int, params: SamplingParams,
                       seed: int) -> tuple[np.ndarray, np.ndarray]:
     """One prompt alone on the engine: (steps,) tokens and the (steps, V) logits behind them."""
-    scheduler = Scheduler(runner, None, max_batch=1)
+    scheduler = Scheduler(runner, max_batch=1)
     try:
         seq = probed(scheduler, prompt, steps, params, seed)
         scheduler.run()
@@ -53,7 +53,7 @@ def teacher_forced(runner: Runner, prompt: np.ndarray, tokens: np.ndarray) -> np
     cache. Feeding stops when the context fills block_size: (T + k, V), k = min(len(tokens), block - T)."""
     k = max(0, min(len(tokens), runner.config.block_size - len(prompt)))
     probe = Probe(all_positions=True, forced=[int(t) for t in tokens[:k]])
-    scheduler = Scheduler(runner, None, max_batch=1)
+    scheduler = Scheduler(runner, max_batch=1)
     try:
         seq = probed(scheduler, prompt, k + 1, SamplingParams(0.0), 0, probe)
         scheduler.run()
@@ -67,7 +67,7 @@ def teacher_forced(runner: Runner, prompt: np.ndarray, tokens: np.ndarray) -> np
 def recompute_last(runner: Runner, contexts: list[np.ndarray]) -> np.ndarray:
     """Last-position logits of each context (cropped to block_size) from scratch: one fresh prefill each,
     (len(contexts), V)."""
-    scheduler = Scheduler(runner, None, max_batch=8)
+    scheduler = Scheduler(runner, max_batch=8)
     try:
         seqs = [probed(scheduler, c[-runner.config.block_size:], 1, SamplingParams(0.0), 0) for c in contexts]
         scheduler.run()

@@ -45,5 +45,5 @@ def test_long_prompt_is_cropped_with_a_notice(tiny_model_dir):
 def test_streams_each_token(tiny_model_dir):
     seen = []
     with GenerationSession.open(tiny_model_dir) as session:
-        out = session.generate([1], GenerationParams(5, SamplingParams(1.0)), lambda ids, text: seen.extend(ids))
+        out = session.generate([1], GenerationParams(5, SamplingParams(1.0)), lambda seq, ids, text: seen.extend(ids))
     assert seen == out.tokens and len(seen) == 5

@@ -41,7 +41,7 @@ from gptexport.runtime.backends.ort_session import SessionLoader, _is_provider_f
 from gptexport.runtime.backends.trt import TrtRunner
 from gptexport.runtime.params import GenerationParams
 from gptexport.runtime.sampling import SamplingParams
-from gptexport.runtime.scheduler import Scheduler
+from gptexport.runtime.scheduler import Scheduler, Sequence
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -204,7 +204,8 @@ def workload(scheduler: Scheduler, rows: int) -> list:
     seqs = []
     for wave, new in enumerate((8, 50, 90, 140)):
         for i in range(rows + 1):
-            seqs.append(scheduler.submit([1 + i, 2 + wave], GenerationParams(new + 3 * i, SamplingParams(0.0), 0)))
+            params = GenerationParams(new + 3 * i, SamplingParams(0.0), 0)
+            seqs.append(scheduler.submit(Sequence([1 + i, 2 + wave], params)))
         scheduler.step()
     scheduler.run()
     return [s.tokens for s in seqs]
@@ -215,11 +216,11 @@ def test_graph_ids_are_reused_across_growth_and_caches(long_model_dir):
     hands out no new graph id, and the tokens are those of the exact (no-graph) layout."""
     exact = pointer_runner(long_model_dir)
     with exact, GraphLayoutRunner(long_model_dir) as graphs:
-        want = workload(Scheduler(exact, None, 3), 3)
+        want = workload(Scheduler(exact, 3), 3)
         first = next(batchcache._GRAPH_IDS)
-        assert workload(Scheduler(graphs, None, 3), 3) == want
+        assert workload(Scheduler(graphs, 3), 3) == want
         second = next(batchcache._GRAPH_IDS)
-        assert workload(Scheduler(graphs, None, 3), 3) == want
+        assert workload(Scheduler(graphs, 3), 3) == want
         assert next(batchcache._GRAPH_IDS) == second + 1  # only the probe's own id: nothing new
         # buckets 1, 2, 3 at capacities 64, 128, 160: at most nine graphs
         assert second - first - 1 == graphs.arenas.graph_ids() <= 9
@@ -344,10 +345,10 @@ def test_tensorrt_runs_a_non_power_of_two_max_batch(tiny_model_dir):
     with pointer_runner(tiny_model_dir) as inner:
         trt = host_trt_runner(tiny_model_dir, inner, 3)
         params = [GenerationParams(6, SamplingParams(0.0), 0) for _ in range(3)]
-        want = Scheduler(inner, None, 3)
-        got = Scheduler(trt, None, 3)
-        expected = [want.submit([1 + i, 2], p) for i, p in enumerate(params)]
-        seqs = [got.submit([1 + i, 2], p) for i, p in enumerate(params)]
+        want = Scheduler(inner, 3)
+        got = Scheduler(trt, 3)
+        expected = [want.submit(Sequence([1 + i, 2], p)) for i, p in enumerate(params)]
+        seqs = [got.submit(Sequence([1 + i, 2], p)) for i, p in enumerate(params)]
         want.run()
         got.run()
         assert [s.tokens for s in seqs] == [s.tokens for s in expected]

@@ -14,7 +14,6 @@ from gptexport.runtime.sampling import (
     apply_penalties,
     banned_tokens,
     logits_to_probs,
-    mask_tokens,
     next_token,
     token_logprob,
 )
@@ -94,7 +93,6 @@ def test_returns_a_new_array():
     logits = np.array([1.0, 2.0, 3.0])
     out = apply_penalties(logits, np.array([0, 1]), 2.0, 1.0, 1.0)
     assert out is not logits and (logits == [1.0, 2.0, 3.0]).all()
-    assert mask_tokens(logits, [1]) is not logits and logits[1] == 2.0
 
 
 def test_empty_history_changes_nothing():
@@ -128,19 +126,6 @@ def test_bad_history_is_refused(history):
 def test_batched_logits_are_refused():
     with pytest.raises(ParameterError):
         apply_penalties(np.zeros((2, 4)), np.array([1]))
-
-
-def test_mask_tokens():
-    logits = np.arange(6, dtype=np.float32)
-    out = mask_tokens(logits, np.array([1, 4, 4]))
-    assert out.dtype == np.float64
-    assert np.isneginf(out[[1, 4]]).all()
-    np.testing.assert_array_equal(out[[0, 2, 3, 5]], [0, 2, 3, 5])
-    np.testing.assert_array_equal(mask_tokens(logits, []), logits)
-    probs = logits_to_probs(out[None, :], 1.0)
-    assert probs[0, 1] == 0 and probs[0, 4] == 0 and math.isclose(probs.sum(), 1.0)
-    with pytest.raises(ParameterError):
-        mask_tokens(logits, [6])
 
 
 def test_banned_tokens_follow_tensorrt_llm():

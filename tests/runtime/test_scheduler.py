@@ -24,7 +24,8 @@ from gptexport.runtime.backends.device import HostMemory
 from gptexport.runtime.backends.ort import OrtRunner
 from gptexport.runtime.sampling import SamplingParams, logits_to_probs
 from gptexport.runtime.params import GenerationParams
-from gptexport.runtime.scheduler import Scheduler
+from gptexport.runtime.scheduler import Scheduler, Sequence
+from gptexport.runtime.textstream import TextStream
 
 NEAR_TIE = 1e-4  # logits this close can swap under a batched forward's rounding
 
@@ -87,7 +88,7 @@ request = st.tuples(st.lists(st.integers(0, 50), min_size=1, max_size=20),  # pr
        cancel_after=st.lists(st.integers(0, 12), max_size=3), data=st.data())
 def test_every_sequence_gets_its_lone_tokens_whatever_the_interleaving(runner, requests, max_batch,
                                                                       cancel_after, data):
-    s = Scheduler(runner, None, max_batch)
+    s = Scheduler(runner, max_batch)
     submitted, pending = [], list(requests)
     cancelled = {data.draw(st.integers(0, len(requests) - 1)): k for k in cancel_after}
     step = 0
@@ -97,7 +98,7 @@ def test_every_sequence_gets_its_lone_tokens_whatever_the_interleaving(runner, r
             i = len(submitted)
             flag = threading.Event()
             params = GenerationParams(n, sp, seed)
-            submitted.append((prompt, params, s.submit(prompt, params, cancelled=flag.is_set), flag, i))
+            submitted.append((prompt, params, s.submit(Sequence(prompt, params, cancelled=flag.is_set)), flag, i))
         if s.busy:
             s.step()
         step += 1
@@ -120,9 +121,10 @@ def test_stop_words_end_only_their_sequence(runner, tiny_model_dir):
     params = GenerationParams(30, SamplingParams(0.0), 1)
     full, _ = alone(runner, tok.encode("To be"), params)
     word = tok.decode(full)[5:7]  # a stop word the greedy text reaches at character 7
-    s = Scheduler(runner, tok, 4)
-    stopped = s.submit(tok.encode("To be"), GenerationParams(30, SamplingParams(0.0), 1, (word,)))
-    other = s.submit(tok.encode("To be"), params)
+    s = Scheduler(runner, 4)
+    stopped = s.submit(Sequence(tok.encode("To be"), GenerationParams(30, SamplingParams(0.0), 1, (word,)),
+                                text=TextStream(tok, (word,))))
+    other = s.submit(Sequence(tok.encode("To be"), params, text=TextStream(tok)))
     s.run()
     assert stopped.finish == "stop" and word in tok.decode(stopped.tokens)
     assert stopped.tokens == full[:len(stopped.tokens)] and len(stopped.tokens) < 30
@@ -193,10 +195,10 @@ def test_the_batch_cache_grows_with_the_longest_row(runner):
 
 
 def test_an_idle_scheduler_frees_its_cache(runner):
-    s = Scheduler(runner, None, 4)
-    short = s.submit([1, 2], GenerationParams(3, SamplingParams(0.0), 0))
+    s = Scheduler(runner, 4)
+    short = s.submit(Sequence([1, 2], GenerationParams(3, SamplingParams(0.0), 0)))
     s.step()
-    long = s.submit([3], GenerationParams(12, SamplingParams(0.0), 0))
+    long = s.submit(Sequence([3], GenerationParams(12, SamplingParams(0.0), 0)))
     s.run()
     assert short.finish == long.finish == "length" and s.cache is None
     assert long.tokens == alone(runner, [3], GenerationParams(12, SamplingParams(0.0), 0))[0]
@@ -220,10 +222,10 @@ class PoisonedRunner(Runner):
 
 def test_one_sequence_failing_leaves_the_others_alone(tiny_model_dir, runner):
     r = PoisonedRunner(runner)
-    s = Scheduler(r, None, 4)
-    good = [s.submit([1, 2, 3], GenerationParams(10, SamplingParams(0.0), 0)),
-            s.submit([4, 5], GenerationParams(10, SamplingParams(0.9, 5), 3))]
-    bad = s.submit([3, PoisonedRunner.POISON], GenerationParams(10, SamplingParams(0.0), 0))
+    s = Scheduler(r, 4)
+    good = [s.submit(Sequence([1, 2, 3], GenerationParams(10, SamplingParams(0.0), 0))),
+            s.submit(Sequence([4, 5], GenerationParams(10, SamplingParams(0.9, 5), 3)))]
+    bad = s.submit(Sequence([3, PoisonedRunner.POISON], GenerationParams(10, SamplingParams(0.0), 0)))
     s.run()
     assert bad.finish == "error" and "NaN" in str(bad.error)
     for seq, (prompt, params) in zip(good, [([1, 2, 3], GenerationParams(10, SamplingParams(0.0), 0)),
@@ -234,9 +236,9 @@ def test_one_sequence_failing_leaves_the_others_alone(tiny_model_dir, runner):
 
 
 def test_max_batch_one_runs_them_one_after_another(runner):
-    s = Scheduler(runner, None, 1)
-    a = s.submit([1], GenerationParams(5, SamplingParams(0.0), 0))
-    b = s.submit([2], GenerationParams(5, SamplingParams(0.0), 0))
+    s = Scheduler(runner, 1)
+    a = s.submit(Sequence([1], GenerationParams(5, SamplingParams(0.0), 0)))
+    b = s.submit(Sequence([2], GenerationParams(5, SamplingParams(0.0), 0)))
     s.step()
     assert len(s.rows) == 1 and len(s.queue) == 1
     s.run()
@@ -244,7 +246,7 @@ def test_max_batch_one_runs_them_one_after_another(runner):
 
 
 def test_a_loop_thread_serves_sequences_submitted_from_other_threads(runner):
-    s = Scheduler(runner, None, 4)
+    s = Scheduler(runner, 4)
     stop = threading.Event()
     loop = threading.Thread(target=s.loop, args=(stop,), daemon=True)
     loop.start()
@@ -252,7 +254,7 @@ def test_a_loop_thread_serves_sequences_submitted_from_other_threads(runner):
     seqs = [None] * 6
 
     def submit(i):
-        seqs[i] = s.submit([1 + i, 2], params[i])
+        seqs[i] = s.submit(Sequence([1 + i, 2], params[i]))
 
     threads = [threading.Thread(target=submit, args=(i,)) for i in range(6)]
     for t in threads:
@@ -269,13 +271,13 @@ def test_a_loop_thread_serves_sequences_submitted_from_other_threads(runner):
 
 
 def test_bad_settings_are_refused_by_name(runner):
-    s = Scheduler(runner, None, 2)
+    s = Scheduler(runner, 2)
     with pytest.raises(ParameterError, match="prompt_ids is empty"):
-        s.submit([], GenerationParams())
+        s.submit(Sequence([], GenerationParams()))
     with pytest.raises(ParameterError, match="prompt_ids has token ids out of range: 999"):
-        s.submit([999], GenerationParams())
+        s.submit(Sequence([999], GenerationParams()))
     with pytest.raises(ParameterError, match="max_batch must be an integer >= 1"):
-        Scheduler(runner, None, 0)
+        Scheduler(runner, 0)
 
 
 def test_power_of_two_buckets_give_the_same_logits_as_exact_ones(tiny_model_dir):

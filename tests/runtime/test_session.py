@@ -32,7 +32,7 @@ def test_a_sequence_is_nanogpts_loop_with_its_own_seeded_generator(tiny_model_di
     with GenerationSession.open(tiny_model_dir) as session:
         want = nanogpt_generate(session.runner, np.array([[1, 2, 3]]), 30, params.sampling, np.random.default_rng(7))[0]
         deltas = []
-        outcome = session.generate([1, 2, 3], params, lambda ids, text: deltas.append((ids, text)))
+        outcome = session.generate([1, 2, 3], params, lambda seq, ids, text: deltas.append((ids, text)))
     assert outcome.tokens == want.tolist() and outcome.finish == "length"
     assert [i for ids, _ in deltas for i in ids] == outcome.tokens
 
@@ -141,3 +141,20 @@ def test_a_bad_prompts_file_names_its_line(tiny_model_dir, tmp_path, text, words
     prompts = tmp_path / "p.jsonl"
     prompts.write_text(text)
     assert_error(cli("generate", tiny_model_dir, "--prompts", prompts), 1, prompts, *words)
+
+
+def test_generate_loads_the_model_directory_and_builds_its_tokenizer_once(tiny_model_dir, monkeypatch):
+    import gptexport.artifacts.modeldir as modeldir
+    import gptexport.artifacts.tokenizer as tokenizer
+
+    calls = {"verify_files": 0, "tokenizer_from_json": 0}
+    for module, name in ((modeldir, "verify_files"), (tokenizer, "tokenizer_from_json")):
+        def counted(*args, _f=getattr(module, name), _name=name):
+            calls[_name] += 1
+            return _f(*args)
+        monkeypatch.setattr(module, name, counted)
+    for args in (["--prompt", "To be"], ["--prompt-tokens", "1,2", "--num-samples", "2"]):
+        calls.update(verify_files=0, tokenizer_from_json=0)
+        result = cli("generate", tiny_model_dir, *args, "--max-new-tokens", "3", "--json")
+        assert result.exit_code == 0, result.stderr
+        assert calls == {"verify_files": 1, "tokenizer_from_json": 1}

@@ -35,7 +35,7 @@ def request_tensors(**values) -> dict[str, np.ndarray]:
 
 def collect(served, request, **kw):
     deltas = []
-    outcome = served.run(request, lambda ids, text: deltas.append((ids, text)), **kw)
+    outcome = served.run(request, lambda seq, ids, text: deltas.append((ids, text)), **kw)
     return outcome, deltas
 
 
@@ -152,7 +152,7 @@ def test_byte_level_bpe_never_sends_half_a_character():
     request = parse_request(request_tensors(text_input="x", max_tokens=4, temperature=0.0), {}, tok, 50257, 16)
     deltas = []
     GenerationSession(ScriptedRunner(script), tok).generate(request.prompt_ids, request.params,
-                                                            lambda ids, text: deltas.append((ids, text)))
+                                                            lambda seq, ids, text: deltas.append((ids, text)))
     assert deltas == [([script[0]], "Hi"), (script[1:3], " 😀"), ([script[3]], "!")]
 
 
@@ -162,7 +162,7 @@ def test_cut_off_character_ends_with_its_ids_and_no_text():
     request = parse_request(request_tensors(text_input="x", max_tokens=2, temperature=0.0), {}, tok, 50257, 16)
     deltas = []
     GenerationSession(ScriptedRunner(script), tok).generate(request.prompt_ids, request.params,
-                                                            lambda ids, text: deltas.append((ids, text)))
+                                                            lambda seq, ids, text: deltas.append((ids, text)))
     assert deltas == [([script[0]], "Hi"), ([script[1]], "")]
 
 

@@ -3,15 +3,17 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
 import pytest
-from conftest import nanogpt_generate
+from conftest import cli, nanogpt_generate
 from test_serve import collect, request_tensors
 
 import gptexport
 from gptexport.errors import UsageError
+from gptexport.runtime.params import SETTINGS, params_from
 from gptexport.runtime.sampling import SamplingParams, logits_to_probs
 from gptexport.serve.protocol import INPUTS, REFUSED
 
@@ -90,7 +92,7 @@ def test_log_probs_are_those_of_the_distribution_sampled_from(served, tiny_model
 
     req = served.parse(request_tensors(text_input="To be", max_tokens=8, temperature=0.9, top_k=10, seed=4,
                                        return_log_probs=True), {})
-    outcome = served.run(req, lambda ids, text: None)
+    outcome = served.run(req, lambda seq, ids, text: None)
     assert len(outcome.logprobs) == 8 and all(lp <= 0 for lp in outcome.logprobs)
     # recompute: the lone run's logits at each step (nanoGPT's full forward), through the same distribution
     runner, ids = served.runner, list(req.prompt_ids)
@@ -143,3 +145,32 @@ def test_accepted_inputs_without_an_effect_here(served):
     assert req.params == served.parse(request_tensors(text_input="To be"), {}).params
     with pytest.raises(UsageError, match="pad_id must be a token id"):
         served.parse(request_tensors(text_input="To be", pad_id=10**6), {})
+
+
+# ---- one set of settings: a request's inputs are the named settings of params_from ----
+
+def test_a_served_request_and_named_settings_give_one_params(served):
+    tok = served.tokenizer
+    named = dict(max_new_tokens=12, temperature=1.1, top_k=7, top_p=0.9, seed=4, stop_words=["e"], min_tokens=2,
+                 end_id=3, repetition_penalty=1.2, presence_penalty=0.5, frequency_penalty=0.25, bad_words=["th"],
+                 embedding_bias=[[tok.encode("z")[0], 2.0]], logprobs=True)
+    assert set(named) == set(SETTINGS)
+    request = served.parse(request_tensors(
+        text_input="To be", max_tokens=12, temperature=1.1, top_k=7, top_p=0.9, seed=4, stop_words=["e"],
+        min_tokens=2, end_id=3, repetition_penalty=1.2, presence_penalty=0.5, frequency_penalty=0.25,
+        bad_words=["th"], embedding_bias_words=["z"], embedding_bias_weights=[2.0], return_log_probs=True), {})
+    assert request.params == params_from(named, tokenizer=tok)
+    assert request.params.bad_words == (tuple(tok.encode("th")),)
+
+
+def test_a_json_line_sets_what_a_request_sets(tiny_model_dir, served, tmp_path):
+    """embedding_bias from a --prompts line does what the served request's embedding_bias_words do."""
+    z = served.tokenizer.encode("z")[0]
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "To be", "temperature": 0, "embedding_bias": [[z, 50.0]]}) + "\n")
+    result = cli("generate", tiny_model_dir, "--prompts", prompts, "--max-new-tokens", "20")
+    assert result.exit_code == 0, result.stderr
+    request = served.parse(request_tensors(text_input="To be", max_tokens=20, temperature=0.0,
+                                           embedding_bias_words=["z"], embedding_bias_weights=[50.0]), {})
+    outcome = served.run(request, lambda seq, ids, text: None)
+    assert json.loads(result.stdout)["tokens"] == outcome.tokens and outcome.tokens.count(z) > 10

@@ -20,12 +20,15 @@ from gptexport.cli import main
 from gptexport.config import GPTConfig
 from gptexport.errors import BackendUnavailable, UsageError
 from gptexport.runtime.sampling import logits_to_probs
-from gptexport.verify.checks import generation_check, sampler_check, sampling_check
+from gptexport.artifacts.modeldir import load_model_dir
+from gptexport.runtime.backends.ort import OrtRunner
+from gptexport.runtime.sampling import SamplingParams
+from gptexport.verify.checks import backend_checks, generation_check, sampler_check, sampling_check
 from gptexport.verify.golden import Outputs, Reference
 from gptexport.verify.metrics import (error_stats, greedy_divergence, kl_divergence, needed_tolerance,
                                       sampled_divergence, top1_agreement, topk_overlap)
-from gptexport.verify.parity import ParityOptions, run_parity
-from gptexport.verify.reference import nanogpt_probs
+from gptexport.verify.parity import ParityOptions, resolve_prompts, run_parity
+from gptexport.verify.reference import build_reference, nanogpt_probs
 from gptexport.verify.tolerance import PRESETS, Tolerance, tolerance_for
 
 FP32 = PRESETS["fp32"]
@@ -91,11 +94,46 @@ def failed(report) -> set[str]:
 def test_passes_on_a_good_export(tiny_ckpt, tiny_model_dir):
     report = run_parity(tiny_model_dir, tiny_ckpt, options=OPTIONS)
     assert report, report.table()
-    assert [c.name for c in report.checks] == ["sampler", "forward", "generation", "sampling", "cache"]
+    assert [c.name for c in report.checks] == ["sampler", "forward", "generation", "sampling", "cache", "batched"]
+    rows = report.checks[-1].details["rows"]
+    assert len(rows) == 4 and all(r["ok"] and r["identical_to_alone"] for r in rows)  # 3 prompts and the probe
     forward = report.checks[1].details
     assert forward["max_abs"] < 1e-5 and forward["top1_agreement"] == 1.0 and forward["kl_max"] < 1e-9
     assert len(forward["per_position"]["max_abs"]) == forward["positions"]
-    assert report.checks[-1].details["steps_past_block_size"] > 0  # the crop is covered
+    assert report.checks[-2].details["steps_past_block_size"] > 0  # the crop is covered
+
+
+class CorruptingRunner(OrtRunner):
+    """Adds noise to row 0's newest cache position at the first decode step of two rows or more:
+    a broken row write, as a wrong copy plan or row move would make it. Only the batched check runs
+    several rows at once."""
+
+    def new_batch_cache(self, rows: int, capacity: int):
+        cache = super().new_batch_cache(rows, capacity)
+        decode, c, done = cache.decode, self.config, []
+
+        def corrupting(ids):
+            logits = decode(ids)
+            if len(ids) >= 2 and not done:
+                done.append(True)
+                for name in self.spec.past_names:
+                    shape = (rows, c.n_head, cache.capacity, c.head_dim)
+                    cache.memory.view(cache.past[name], shape, np.float32)[0, :, cache.lengths[0] - 1] += 1.0
+            return logits
+        cache.decode = corrupting
+        return cache
+
+
+def test_a_broken_row_write_fails_batched_and_no_other_row(tiny_ckpt, tiny_model_dir):
+    md = load_model_dir(tiny_model_dir)
+    ref = build_reference(tiny_ckpt, resolve_prompts(None, md), 20, SamplingParams(0.0), 0)
+    with CorruptingRunner(md) as runner:
+        checks = backend_checks("onnxruntime", runner, ref, FP32)
+    assert {c.name: c.ok for c in checks} == {"forward": True, "generation": True, "sampling": True, "cache": True,
+                                              "batched": False}
+    rows = checks[-1].details["rows"]
+    assert sorted(r["ok"] for r in rows) == [False, True, True, True], rows
+    assert "1/4 rows wrong" in checks[-1].figure
 
 
 def test_model_dir_from_another_checkpoint_fails_forward(tiny_model_dir, tmp_path):
