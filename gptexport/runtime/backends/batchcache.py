@@ -21,8 +21,8 @@ what lets one 3-D copy cross every layer at once). A sequence lives in one row w
   whose addresses never move (GraphArena).
 
 Per decode step of n rows the memory core is asked for n + 3 copies: the token ids and the
-lengths up, one append per row, the logits down (tests/runtime/test_scheduler.py counts them on the
-host twin).
+lengths up, one append per row, the logits down; in host memory the logits are read where the
+graph wrote them, n + 2 (tests/runtime/test_scheduler.py counts them on the host twin).
 
 A decode step's inputs and outputs sit at fixed addresses per *bucket* (a batch size the step is
 run at: n itself on the CPU; with CUDA graphs 1, 2, 4, 8... up to the cache's rows, so a few graphs
