@@ -5,9 +5,14 @@ Every other check runs each prompt alone. Here the reference's prompts and the c
 are submitted to one scheduler one step apart: rows at different lengths, admitted at different
 steps, the cache growing under them, decoded together in one forward per step. Each row's tokens
 must be those of the same prompt run alone on the same backend (a divergence only at a near-tie of
-the alone run's logits), and its logits within tolerance of the alone run's and, for the reference's
-prompts, of the reference's, up to where the tokens part. A row whose cache was written wrong fails
-by itself: the check reports every row.
+the alone run's logits) and its logits within tolerance of the alone run's, up to where the tokens
+part: a row whose cache was written wrong fails by itself, and the check names every row. The
+reference's prompts' logits, pooled over the rows as the forward check pools its positions, must be
+within tolerance of the reference's at the preset's share, or, where the prompts alone already fall
+short of it (a quantized model's decode steps can: int8 on the shipped model is 98.2 % within alone),
+at that share of the alone runs' own: batching may not take the rows further from the reference than
+the preset allows of the model itself. (Quantized activations are scaled per tensor, across the
+rows, so a quantized batched row is not bit-equal to it alone.)
 """
 
 from __future__ import annotations
@@ -57,15 +62,25 @@ def _compare(label: str, got: tuple, alone: tuple, ref: tuple | None, tol: Toler
            "within_vs_alone": vs_alone}
     ok = (div is None or div.excused) and vs_alone >= tol.within
     if ref is not None:
-        ref_tokens, ref_logits = ref
-        parted = np.flatnonzero(ref_tokens[:len(tokens)] != tokens)
-        n = len(tokens) if not len(parted) else int(parted[0]) + 1
-        r = ref_logits[:n].astype(np.float64)
-        row.update(max_abs_vs_reference=error_stats(r, logits[:n])["max_abs"],
-                   within_vs_reference=within_fraction(r, logits[:n], tol))
-        ok = ok and row["within_vs_reference"] >= tol.within
+        r, g = reference_rows(got, ref)
+        row["max_abs_vs_reference"] = error_stats(r, g)["max_abs"]
     row["ok"] = bool(ok)
     return row
+
+
+def reference_rows(got: tuple, ref: tuple) -> tuple[np.ndarray, np.ndarray]:
+    """The reference's logits and a row's, up to and including the first step where their tokens part."""
+    (tokens, logits), (ref_tokens, ref_logits) = got, ref
+    parted = np.flatnonzero(ref_tokens[:len(tokens)] != tokens)
+    n = len(tokens) if not len(parted) else int(parted[0]) + 1
+    return ref_logits[:n].astype(np.float64), logits[:n]
+
+
+def pooled_vs_reference(runs: list[tuple], refs: list[tuple | None], tol: Tolerance) -> tuple[float, float]:
+    """Share of logits within tolerance, and max |d|, of the reference prompts' rows against the reference."""
+    pairs = [reference_rows(t, r) for t, r in zip(runs, refs) if r is not None]
+    r, g = np.concatenate([p[0] for p in pairs]), np.concatenate([p[1] for p in pairs])
+    return within_fraction(r, g, tol), error_stats(r, g)["max_abs"]
 
 
 def batched_verdict(runner: Runner, ref: Reference, got: Outputs, tol: Tolerance) -> tuple[bool, str, dict]:
@@ -85,17 +100,23 @@ def batched_verdict(runner: Runner, ref: Reference, got: Outputs, tol: Tolerance
     rows = [_compare(f"{label} (admitted at step {i})", t, a, r, tol)
             for i, (label, t, a, r) in enumerate(zip(labels, together, alone, refs))]
     bad = [r for r in rows if not r["ok"]]
+    vs_ref, worst_ref = pooled_vs_reference(together, refs, tol)
+    alone_vs_ref, _ = pooled_vs_reference(alone, refs, tol)
+    needed = min(tol.within, alone_vs_ref * tol.within)
     same = sum(r["identical_to_alone"] for r in rows)
     worst = max(r["max_abs_vs_alone"] for r in rows)
     if bad:
         r = bad[0]
         why = (f"tokens diverged from alone at step {r['divergence']['step']}" if r["divergence"] and
-               not r["divergence"]["excused"] else
-               f"logits off alone by {r['max_abs_vs_alone']:.1e}" if r["within_vs_alone"] < tol.within else
-               f"logits off the reference by {r.get('max_abs_vs_reference', 0):.1e}")
+               not r["divergence"]["excused"] else f"logits off alone by {r['max_abs_vs_alone']:.1e}")
         figure = f"{len(bad)}/{len(rows)} rows wrong: row {r['row']}: {why}"
+    elif vs_ref < needed:
+        figure = (f"the rows' logits off the reference: {vs_ref:.2%} within (alone {alone_vs_ref:.2%}), "
+                  f"max|d| {worst_ref:.1e}")
     else:
-        vs_ref = max(r.get("max_abs_vs_reference", 0.0) for r in rows)
+        within = "" if vs_ref == 1.0 else f" ({vs_ref:.2%} within)"
         figure = (f"{len(rows)} rows admitted a step apart, one crossing block_size {block}: {same}/{len(rows)} "
-                  f"identical to alone; max|d| vs alone {worst:.1e}, vs reference {vs_ref:.1e}")
-    return not bad, figure, {"rows": rows, "block_size": block}
+                  f"identical to alone; max|d| vs alone {worst:.1e}, vs reference {worst_ref:.1e}{within}")
+    details = {"rows": rows, "block_size": block, "within_vs_reference": vs_ref, "max_abs_vs_reference": worst_ref,
+               "alone_within_vs_reference": alone_vs_ref, "needed_within_vs_reference": needed}
+    return not bad and vs_ref >= needed, figure, details
