@@ -55,8 +55,9 @@ def test_worker_measures_in_its_own_process(tiny_model_dir):
            "vocab_size": load_model_dir(tiny_model_dir).config.vocab_size, "batch": 2, "prompt_tokens": 3,
            "new_tokens": 4}
     m = bench.run_worker(job)
-    assert set(m) == {"prefill_tok_s", "decode_tok_s", "ttft_ms", "ms_per_token", "runs", "peak_rss_mb", "others_cpu"}
-    assert 0 <= m["others_cpu"] <= 1
+    assert set(m) == {"prefill_tok_s", "decode_tok_s", "ttft_ms", "ms_per_token", "runs", "peak_rss_mb", "others_cpu",
+                      "graph_ids"}
+    assert 0 <= m["others_cpu"] <= 1 and m["graph_ids"] == 0  # no CUDA graphs on the CPU
     assert 10 < m["peak_rss_mb"] < 2000
 
 
