@@ -55,7 +55,7 @@ class Job:
             self.prompt_tokens = delta.num_input
             choice = self.choices[delta.index]
             text = choice.add(delta)
-            self.timer.tokens(len(delta.ids))
+            self.timer.tokens(len(delta.ids), delta.index)
             yield choice, text, delta
 
     async def start(self) -> None:

@@ -22,7 +22,9 @@ class FrontMetrics:
     """The front's series in a registry of its own (not the process-wide default one)."""
 
     def __init__(self, triton_metrics_url: str | None = None):
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+
+        disable_created_metrics()  # no `_created` twin of every series (Triton's and vLLM's have none)
 
         self.registry = CollectorRegistry()
         self.triton_metrics_url = triton_metrics_url
@@ -38,7 +40,7 @@ class FrontMetrics:
                              buckets=TTFT_BUCKETS)
         self.tpot = labelled(Histogram, "time_per_output_token_seconds", "Between a sequence's tokens after the first.",
                              buckets=TPOT_BUCKETS)
-        self.finished = labelled(Counter, "request_success", "Requests finished, by finish_reason.",
+        self.finished = labelled(Counter, "request_success", "Sequences (choices) finished, by finish_reason.",
                                  ("model_name", "finished_reason"))
         self.errors = labelled(Counter, "request_errors", "Requests answered with an error, by HTTP status.",
                                ("model_name", "status"))
@@ -63,20 +65,21 @@ class RequestTimer:
 
     def __init__(self, metrics: FrontMetrics, model: str):
         self.m, self.model = metrics, model
-        self.start = self.last = time.perf_counter()
+        self.start = time.perf_counter()
+        self.last: dict[int, float] = {}  # sequence (choice) -> when its last tokens came
         self.first = False
         metrics.waiting.labels(model).inc()
 
-    def tokens(self, count: int) -> None:
+    def tokens(self, count: int, sequence: int = 0) -> None:
         now = time.perf_counter()
         if not self.first:
             self.first = True
             self.m.ttft.labels(self.model).observe(now - self.start)
             self.m.waiting.labels(self.model).dec()
             self.m.running.labels(self.model).inc()
-        elif count:
-            self.m.tpot.labels(self.model).observe((now - self.last) / count)
-        self.last = now
+        elif count and sequence in self.last:
+            self.m.tpot.labels(self.model).observe((now - self.last[sequence]) / count)
+        self.last[sequence] = now
         self.m.generation_tokens.labels(self.model).inc(count)
 
     def end(self, prompt_tokens: int | None = None, reasons: list[str] = (), status: int | None = None,
