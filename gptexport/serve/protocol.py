@@ -163,16 +163,16 @@ def parse_request(inputs: dict[str, np.ndarray], parameters: dict, tokenizer, vo
     if not 1 <= n <= MAX_RETURN_SEQUENCES:
         raise UsageError(f"num_return_sequences must be in 1..{MAX_RETURN_SEQUENCES}, got {n}")
     _scalar(inputs, "length_penalty", float, 0.0)  # beam search only: no effect at beam_width 1, as in TensorRT-LLM
-    pad_id = _scalar(inputs, "pad_id", int, 0)
-    if not 0 <= pad_id < vocab_size:  # outputs are never padded here; the id is still checked
-        raise UsageError(f"pad_id must be a token id 0..{vocab_size - 1}, got {pad_id}")
+    # pad_id only pads outputs, which are never padded here: unchecked, as TensorRT-LLM leaves it (a client
+    # built for GPT-2 sends 50256 to every model)
+    _scalar(inputs, "pad_id", int, 0)
     d = DEFAULT_SAMPLING
     try:
         sampling = SamplingParams(_scalar(inputs, "temperature", float, d.temperature),
                                   _scalar(inputs, "top_k", int, d.top_k), _scalar(inputs, "top_p", float, d.top_p))
         params = GenerationParams(
             max_tokens, sampling, _seed(inputs), tuple(w for w in (_strings(inputs, "stop_words") or []) if w),
-            min_tokens=_min_tokens(inputs), end_id=_scalar(inputs, "end_id", int, None),
+            min_tokens=_min_tokens(inputs), end_id=_end_id(inputs, vocab_size),
             repetition_penalty=_scalar(inputs, "repetition_penalty", float, 1.0),
             presence_penalty=_scalar(inputs, "presence_penalty", float, 0.0),
             frequency_penalty=_scalar(inputs, "frequency_penalty", float, 0.0),
@@ -200,6 +200,16 @@ def _seed(inputs: dict[str, np.ndarray]) -> int:
     if seed is not None and random_seed is not None and seed != random_seed:
         raise UsageError(f"seed {seed} and random_seed {random_seed} differ: give one (they are the same input)")
     return next((v for v in (seed, random_seed) if v is not None), DEFAULT_SEED)
+
+
+def _end_id(inputs: dict[str, np.ndarray], vocab_size: int) -> int | None:
+    """`end_id` in [-1, vocabulary), as TensorRT-LLM takes it: -1 means no end token."""
+    end_id = _scalar(inputs, "end_id", int, None)
+    if end_id == -1:
+        return None
+    if end_id is not None and not 0 <= end_id < vocab_size:
+        raise UsageError(f"end_id must be a token id 0..{vocab_size - 1}, or -1 for no end token, got {end_id}")
+    return end_id
 
 
 def _min_tokens(inputs: dict[str, np.ndarray]) -> int:
