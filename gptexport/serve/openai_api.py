@@ -74,6 +74,9 @@ def create_app(models: dict[str, FrontModel], grpc_url: str, metrics: FrontMetri
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request, e: RequestValidationError):
         first = e.errors()[0]
+        if first.get("type") == "json_invalid":
+            return JSONResponse(error_body(400, f"the body is not valid JSON ({first.get('ctx', {}).get('error', '')})"),
+                                status_code=400)
         loc = [str(p) for p in first.get("loc", ()) if p != "body"]
         field = loc[0] if loc else None
         where = ".".join(loc) or "the body"
