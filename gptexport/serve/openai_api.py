@@ -192,15 +192,18 @@ def note_unknown(body) -> None:
         log.warning("ignored unknown field(s) of a request: %s", ", ".join(body.unknown_fields()))
 
 
-async def sse(chunks: AsyncIterator[dict]) -> AsyncIterator[str]:
-    """Server-sent events: `data: {chunk}` each, `data: [DONE]` at the end, an error as `data: {"error"}`."""
+async def sse(batches: AsyncIterator[list[dict]]) -> AsyncIterator[str]:
+    """Server-sent events: `data: {chunk}` each (a batch in one write), `data: [DONE]` at the end, an
+    error as `data: {"error": ...}`."""
     try:
-        async for chunk in chunks:
-            yield f"data: {json.dumps(chunk)}\n\n"
-    except ModelError as e:
-        yield f"data: {json.dumps(error_body(500, str(e)))}\n\n"
+        async for batch in batches:
+            if batch:
+                yield "".join(f"data: {json.dumps(chunk)}\n\n" for chunk in batch)
     except FrontError as e:
         yield f"data: {json.dumps(e.body())}\n\n"
+    except Exception as e:  # the model's error mid-stream (or the link's): the client's APIError
+        log.warning("request failed mid-stream: %s", e)
+        yield f"data: {json.dumps(error_body(500, str(e) if isinstance(e, ModelError) else f'{type(e).__name__}: {e}'))}\n\n"
     yield "data: [DONE]\n\n"
 
 
@@ -208,7 +211,7 @@ def _with_usage(body) -> bool:
     return bool(body.stream_options and body.stream_options.include_usage)
 
 
-async def completion_chunks(job: Job, body: CompletionRequest, prompt_text: str) -> AsyncIterator[dict]:
+async def completion_chunks(job: Job, body: CompletionRequest, prompt_text: str) -> AsyncIterator[list[dict]]:
     base = {"id": job.id, "object": "text_completion", "created": job.created, "model": body.model}
     extra = {"usage": None} if _with_usage(body) else {}
     offsets = [len(prompt_text)] * body.n
@@ -218,20 +221,20 @@ async def completion_chunks(job: Job, body: CompletionRequest, prompt_text: str)
                 **extra}
 
     if body.echo:
-        for i in range(body.n):
-            yield chunk(i, prompt_text)
-    async for choice, text, delta in job.events():
-        lp = None
-        if body.logprobs is not None:
-            lp = legacy_logprobs(delta.ids, delta.logprobs or [], job.model.tokenizer, offsets[choice.index],
-                                 body.logprobs > 0)
-            offsets[choice.index] += sum(map(len, lp["tokens"]))
-        if text or lp:
-            yield chunk(choice.index, text, lp)
-    for choice, rest, reason in job.finish():
-        yield chunk(choice.index, rest, finish=reason)
-    if extra:
-        yield {**base, "choices": [], "usage": job.usage()}
+        yield [chunk(i, prompt_text) for i in range(body.n)]
+    async for batch in job.batches():
+        chunks = []
+        for choice, text, delta in batch:
+            lp = None
+            if body.logprobs is not None:
+                lp = legacy_logprobs(delta.ids, delta.logprobs or [], job.model.tokenizer, offsets[choice.index],
+                                     body.logprobs > 0)
+                offsets[choice.index] += sum(map(len, lp["tokens"]))
+            if text or lp:
+                chunks.append(chunk(choice.index, text, lp))
+        yield chunks
+    yield [chunk(choice.index, rest, finish=reason) for choice, rest, reason in job.finish()] + \
+        ([{**base, "choices": [], "usage": job.usage()}] if extra else [])
 
 
 def completion_body(job: Job, body: CompletionRequest, prompt_text: str) -> dict:
@@ -245,7 +248,7 @@ def completion_body(job: Job, body: CompletionRequest, prompt_text: str) -> dict
             "choices": choices, "usage": job.usage()}
 
 
-async def chat_chunks(job: Job, body: ChatCompletionRequest) -> AsyncIterator[dict]:
+async def chat_chunks(job: Job, body: ChatCompletionRequest) -> AsyncIterator[list[dict]]:
     base = {"id": job.id, "object": "chat.completion.chunk", "created": job.created, "model": body.model}
     extra = {"usage": None} if _with_usage(body) else {}
 
@@ -253,16 +256,16 @@ async def chat_chunks(job: Job, body: ChatCompletionRequest) -> AsyncIterator[di
         return {**base, "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}],
                 **extra}
 
-    for i in range(body.n):
-        yield chunk(i, {"role": "assistant", "content": ""})
-    async for choice, text, delta in job.events():
-        lp = chat_logprobs(delta.ids, delta.logprobs or [], job.model.tokenizer) if body.logprobs else None
-        if text or lp:
-            yield chunk(choice.index, {"content": text}, lp)
-    for choice, rest, reason in job.finish():
-        yield chunk(choice.index, {"content": rest} if rest else {}, finish=reason)
-    if extra:
-        yield {**base, "choices": [], "usage": job.usage()}
+    yield [chunk(i, {"role": "assistant", "content": ""}) for i in range(body.n)]
+    async for batch in job.batches():
+        chunks = []
+        for choice, text, delta in batch:
+            lp = chat_logprobs(delta.ids, delta.logprobs or [], job.model.tokenizer) if body.logprobs else None
+            if text or lp:
+                chunks.append(chunk(choice.index, {"content": text}, lp))
+        yield chunks
+    yield [chunk(choice.index, {"content": rest} if rest else {}, finish=reason)
+           for choice, rest, reason in job.finish()] + ([{**base, "choices": [], "usage": job.usage()}] if extra else [])
 
 
 def chat_body(job: Job, body: ChatCompletionRequest) -> dict:

@@ -34,7 +34,14 @@ class FrontModel:
     created: int
 
 
+END = object()  # the model's final response was read
+
+
 class Job:
+    """A reader task takes the model's responses as they come; the endpoint takes them in batches:
+    all that arrived since its last look, so a front that falls behind writes several tokens to
+    its client in one send instead of one send (and one system call) per token."""
+
     def __init__(self, link: TritonLink, model: FrontModel, arrays: dict[str, np.ndarray], n: int,
                  stops: tuple[str, ...], max_tokens: int, metrics: FrontMetrics, prefix: str):
         self.link, self.model, self.arrays, self.max_tokens = link, model, arrays, max_tokens
@@ -44,46 +51,65 @@ class Job:
         self.prompt_tokens = 0
         self.timer = RequestTimer(metrics, model.name)
         self._ended = False
-        self._raw = link.stream(model.name, arrays, self.id)
-        self._stream = self._deltas()
-        self._first: tuple[Choice, str, Delta] | None = None
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._reader: asyncio.Task | None = None
+        self._first: object = None
 
-    async def _deltas(self) -> AsyncIterator[tuple[Choice, str, Delta]]:
-        async for delta in self._raw:
-            if not 0 <= delta.index < len(self.choices):
-                raise ModelError(f"the model answered sequence {delta.index} of {len(self.choices)}")
-            self.prompt_tokens = delta.num_input
-            choice = self.choices[delta.index]
-            text = choice.add(delta)
-            self.timer.tokens(len(delta.ids), delta.index)
-            yield choice, text, delta
+    async def _read(self) -> None:
+        try:
+            async for delta in self.link.stream(self.model.name, self.arrays, self.id):
+                self._queue.put_nowait(delta)
+            self._queue.put_nowait(END)
+        except Exception as e:  # handed to the endpoint, which answers it
+            self._queue.put_nowait(e)
+
+    def _apply(self, delta: Delta) -> tuple[Choice, str, Delta]:
+        if not 0 <= delta.index < len(self.choices):
+            raise ModelError(f"the model answered sequence {delta.index} of {len(self.choices)}")
+        self.prompt_tokens = delta.num_input
+        choice = self.choices[delta.index]
+        text = choice.add(delta)
+        self.timer.tokens(len(delta.ids), delta.index)
+        return choice, text, delta
 
     async def start(self) -> None:
         """Send the request and wait for its first tokens: a bad request fails here, with its status."""
         import grpc
 
+        self._reader = asyncio.ensure_future(self._read())
         try:
-            self._first = await self._stream.__anext__()
-        except StopAsyncIteration:
-            self._first = None
-        except ModelError as e:
-            self.fail(400)
-            raise FrontError(400, str(e), param_of(str(e))) from None
-        except grpc.aio.AioRpcError as e:
-            self.fail(503)
-            raise FrontError(503, f"the model server cannot be reached ({e.code().name}: {e.details()})") from None
+            first = await self._queue.get()
         except BaseException:
-            self.cancel()
             await self.close()
+            self.cancel()
             raise
+        if isinstance(first, ModelError):
+            self.fail(400)
+            raise FrontError(400, str(first), param_of(str(first)))
+        if isinstance(first, grpc.aio.AioRpcError):
+            self.fail(503)
+            raise FrontError(503, f"the model server cannot be reached ({first.code().name}: {first.details()})")
+        self._first = first
 
-    async def events(self) -> AsyncIterator[tuple[Choice, str, Delta]]:
-        """Every delta after start(), with the text it releases; a ModelError mid-stream propagates."""
+    async def batches(self) -> AsyncIterator[list[tuple[Choice, str, Delta]]]:
+        """After start(): the deltas in batches (each with the text it releases) until the end; an
+        error mid-stream propagates; leaving early cancels the request."""
+        items = [self._first]
         try:
-            if self._first is not None:
-                yield self._first
-            async for item in self._stream:
-                yield item
+            while True:
+                while not self._queue.empty():
+                    items.append(self._queue.get_nowait())
+                batch = []
+                for item in items:
+                    if isinstance(item, BaseException):
+                        raise item
+                    if item is not END:
+                        batch.append(self._apply(item))
+                if batch:
+                    yield batch
+                if END in items:
+                    return
+                items = [await self._queue.get()]
         except (asyncio.CancelledError, GeneratorExit):
             self.cancel()
             await self.close()
@@ -93,12 +119,14 @@ class Job:
             raise
 
     async def close(self) -> None:
-        """End the model's stream: if it is still open, Triton cancels the request."""
-        await self._raw.aclose()  # `async for` leaves an iterator open; closing runs its finally
+        """Stop reading: if the model's stream is still open, Triton cancels the request."""
+        if self._reader is not None and not self._reader.done():
+            self._reader.cancel()
+            await asyncio.gather(self._reader, return_exceptions=True)
 
     async def collect(self) -> None:
         await self.start()
-        async for _ in self.events():
+        async for _ in self.batches():
             pass
 
     def finish(self) -> list[tuple[Choice, str, str]]:

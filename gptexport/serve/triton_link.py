@@ -53,21 +53,20 @@ def infer_request(model: str, arrays: dict[str, np.ndarray], request_id: str):
 
 
 def delta_of(infer_response) -> Delta:
-    """A Delta from one streamed ModelInferResponse."""
-    from tritonclient.grpc import InferResult
-
+    """A Delta from one streamed ModelInferResponse, read from its raw outputs (the model's shapes:
+    one text_output element, BYTES as a 4-byte length and the bytes; the rest little-endian numbers)."""
     final = infer_response.parameters["triton_final_response"].bool_param
     if not infer_response.outputs:  # the final flag alone
         return Delta(0, [], "", None, 0, final=final)
-    result = InferResult(infer_response)
-    text = result.as_numpy("text_output")
-    lp = result.as_numpy("output_log_probs")
-    index = result.as_numpy("sequence_index")
-    return Delta(index=0 if index is None else int(index.reshape(-1)[0]),
-                 ids=result.as_numpy("output_ids").reshape(-1).tolist(),
-                 text="" if text is None else text.reshape(-1)[0].decode("utf-8"),
-                 logprobs=None if lp is None else lp.reshape(-1).tolist(),
-                 num_input=int(result.as_numpy("num_input_tokens").reshape(-1)[0]), final=final)
+    raw = dict(zip((o.name for o in infer_response.outputs), infer_response.raw_output_contents))
+    text = raw.get("text_output")
+    lp = raw.get("output_log_probs")
+    index = raw.get("sequence_index")
+    return Delta(index=0 if index is None else int(np.frombuffer(index, np.int32)[0]),
+                 ids=np.frombuffer(raw["output_ids"], np.int32).tolist(),
+                 text="" if text is None else text[4:].decode("utf-8"),
+                 logprobs=None if lp is None else np.frombuffer(lp, np.float32).tolist(),
+                 num_input=int(np.frombuffer(raw["num_input_tokens"], np.int32)[0]), final=final)
 
 
 class TritonLink:
@@ -102,19 +101,23 @@ class TritonLink:
             await done.wait()  # keep our half open: the stream ends with the final response
 
         call = self.stub.ModelStreamInfer(requests())
+        finished = False
         try:
             async for response in call:
-                if response.error_message:
+                if response.error_message:  # an error response is the request's last
+                    finished = True
                     raise ModelError(response.error_message)
                 delta = delta_of(response.infer_response)
+                finished = delta.final
                 if delta.ids or delta.text:
                     yield delta
-                if delta.final:
+                if finished:
                     return
             raise ModelError("the server closed the stream before the request's final response")
         finally:
-            done.set()
-            call.cancel()  # no effect on a finished call; else Triton cancels the request
+            done.set()  # our half closes: a finished call ends by itself
+            if not finished:
+                call.cancel()  # Triton cancels the request (and the model frees its row)
 
     async def close(self) -> None:
         await self.channel.close()
