@@ -18,6 +18,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -270,3 +271,28 @@ def test_models_and_metrics(front):
         assert name in families, sorted(families)
     generated = sum(s.value for s in families["gptexport:generation_tokens"].samples if s.name.endswith("_total"))
     assert generated >= 4
+
+
+def test_when_tritonserver_dies_serve_stops_the_front_and_says_why(tiny_model_dir, tmp_path):
+    """One process tree: Triton killed under it, `gptexport serve` exits 1 with a one-line error,
+    and the front's port no longer listens."""
+    import os
+    import signal
+
+    from test_triton_server import children
+
+    require_server()
+    serve = Serve(tiny_model_dir, tmp_path / "serve.log")
+    try:
+        assert serve.wait_ready(), serve.text()[-3000:]
+        triton = [p for p in children(serve.proc.pid) if "tritonserver" in Path(f"/proc/{p}/cmdline").read_text()]
+        assert len(triton) == 1
+        os.kill(triton[0], signal.SIGKILL)
+        serve.proc.wait(60)
+    finally:
+        serve.stop()
+        serve.assert_all_gone()
+    last = serve.text().strip().splitlines()[-1]
+    assert serve.proc.returncode == 1 and last.startswith("error: ") and "tritonserver exited with code -9" in last, last
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"http://127.0.0.1:{serve.openai}/health", timeout=2)
