@@ -28,7 +28,7 @@ from gptexport.runtime.session import generate_samples
 
 pytestmark = pytest.mark.triton
 MODEL = "tiny"
-LIMIT = 4096
+LIMIT = 20000  # the repository's max_tokens: long enough that a dropped request is still generating
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +174,7 @@ def test_bad_requests_get_openais_errors_and_the_server_keeps_serving(front):
     assert e.value.body["param"] == "logprobs"
     with pytest.raises(openai.BadRequestError, match="characters not in the model's vocabulary"):
         client(front).completions.create(model=MODEL, prompt="To bé")
-    with pytest.raises(openai.BadRequestError, match="max_tokens must be in 1..4096"):
+    with pytest.raises(openai.BadRequestError, match=f"max_tokens must be in 1..{LIMIT}"):
         client(front).completions.create(model=MODEL, prompt="To be", max_tokens=LIMIT + 1)
     with pytest.raises(openai.BadRequestError, match="n: Input should be less than or equal to 16"):
         client(front).completions.create(model=MODEL, prompt="To be", n=17)
@@ -204,6 +204,23 @@ def test_a_dropped_stream_cancels_its_request(front):
     line = next(ln for ln in front.text().splitlines() if marker in ln)
     assert 5 <= int(line.split("after ")[1].split(" of ")[0]) < LIMIT, line
     assert client(front).completions.create(model=MODEL, prompt="To be", max_tokens=2).usage.completion_tokens == 2
+
+
+def test_a_dropped_non_streamed_request_is_cancelled_too(front):
+    marker = "cancelled by the client after"
+    before = front.text().count(marker)
+    conn = http.client.HTTPConnection("127.0.0.1", front.openai, timeout=60)
+    conn.request("POST", "/v1/completions", json.dumps({"model": MODEL, "prompt": "To be", "max_tokens": LIMIT}),
+                 {"Content-Type": "application/json"})
+    time.sleep(0.5)  # generating: the tiny model makes LIMIT tokens in several seconds
+    conn.sock.close()
+    conn.close()
+    deadline = time.monotonic() + 30
+    while front.text().count(marker) == before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert front.text().count(marker) == before + 1
+    line = [ln for ln in front.text().splitlines() if marker in ln][-1]
+    assert int(line.split("after ")[1].split(" of ")[0]) < LIMIT, line
 
 
 def test_sixteen_concurrent_seeded_streams_give_the_texts_of_one_at_a_time(front, tiny_model_dir):
