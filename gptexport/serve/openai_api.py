@@ -10,6 +10,7 @@ stream has begun is sent as `data: {"error": ...}`. Imports neither torch nor on
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -55,114 +56,75 @@ def front_models(repo: Path) -> dict[str, FrontModel]:
     return models
 
 
-def create_app(models: dict[str, FrontModel], grpc_url: str, metrics: FrontMetrics):
-    """The FastAPI application of the front (its gRPC channel opens with the app's event loop)."""
-    state: dict = {"ready": False}
+class Front:
+    """The endpoints: what they share is the models, the metrics and the gRPC link to Triton."""
+
+    def __init__(self, models: dict[str, FrontModel], grpc_url: str, metrics: FrontMetrics):
+        self.models, self.grpc_url, self.metrics = models, grpc_url, metrics
+        self.link: TritonLink | None = None
+        self._ready = False
 
     @asynccontextmanager
-    async def lifespan(app):
-        state["link"] = TritonLink(grpc_url)
+    async def lifespan(self, app):
+        self.link = TritonLink(self.grpc_url)  # in the app's event loop
         yield
-        await state["link"].close()
+        await self.link.close()
 
-    app = FastAPI(title="gptexport", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    async def ready(self) -> bool:
+        if not self._ready:  # once every model is ready the answer is kept: Triton does not unload them
+            self._ready = all([await self.link.ready(name) for name in self.models])
+        return self._ready
 
-    @app.exception_handler(FrontError)
-    async def front_error(request, e: FrontError):
-        return JSONResponse(e.body(), status_code=e.status)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid_body(request, e: RequestValidationError):
-        first = e.errors()[0]
-        if first.get("type") == "json_invalid":
-            return JSONResponse(error_body(400, f"the body is not valid JSON ({first.get('ctx', {}).get('error', '')})"),
-                                status_code=400)
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-        field = loc[0] if loc else None
-        where = ".".join(loc) or "the body"
-        return JSONResponse(error_body(400, f"{where}: {first.get('msg')}", field), status_code=400)
-
-    @app.exception_handler(HTTPException)
-    async def http_error(request, e: HTTPException):
-        return JSONResponse(error_body(e.status_code, f"{request.method} {request.url.path}: {e.detail}"),
-                            status_code=e.status_code)
-
-    async def ready() -> bool:
-        if not state["ready"]:  # once every model is ready the answer is cached: Triton does not unload them
-            link = state["link"]
-            state["ready"] = all([await link.ready(name) for name in models])
-        return state["ready"]
-
-    async def served(name: str) -> FrontModel:
-        if name not in models:
-            raise FrontError(404, f"the model {name!r} does not exist; served: {', '.join(models) or 'none'}",
+    async def served(self, name: str) -> FrontModel:
+        if name not in self.models:
+            raise FrontError(404, f"the model {name!r} does not exist; served: {', '.join(self.models) or 'none'}",
                              "model", "model_not_found")
-        if not await ready():
+        if not await self.ready():
             raise FrontError(503, "the model is loading: try again when GET /health answers 200")
-        return models[name]
+        return self.models[name]
 
-    @app.get("/health")
-    async def health():
-        ok = await ready()
-        return Response(status_code=200 if ok else 503)
+    async def health(self):
+        return Response(status_code=200 if await self.ready() else 503)
 
-    @app.get("/metrics")
-    async def prometheus():
-        import asyncio
-
+    async def prometheus(self):
         from prometheus_client import CONTENT_TYPE_LATEST
 
-        return Response(await asyncio.to_thread(metrics.text), media_type=CONTENT_TYPE_LATEST)
+        return Response(await asyncio.to_thread(self.metrics.text), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models")
-    async def list_models():
-        return {"object": "list", "data": [model_card(m) for m in models.values()]}
+    async def list_models(self):
+        return {"object": "list", "data": [model_card(m) for m in self.models.values()]}
 
-    @app.get("/v1/models/{name:path}")
-    async def one_model(name: str):
-        if name not in models:
+    async def one_model(self, name: str):
+        if name not in self.models:
             raise FrontError(404, f"the model {name!r} does not exist", "model", "model_not_found")
-        return model_card(models[name])
+        return model_card(self.models[name])
 
-    @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request):
-        model = await served(body.model)
+    async def completions(self, body: CompletionRequest, request: Request):
+        model = await self.served(body.model)
         check_completion(body)
         note_unknown(body)
         prompt = single_prompt(body.prompt)
         prompt_text = prompt if isinstance(prompt, str) else decode_prompt(model, prompt)
         max_tokens = body.max_tokens if body.max_tokens is not None else min(DEFAULT_COMPLETION_TOKENS,
                                                                                model.max_tokens_limit)
-        job = Job(state["link"], model, model_inputs(body, prompt, max_tokens, body.logprobs is not None,
-                                                     model.tokenizer), body.n, body.stops(), max_tokens, metrics, "cmpl")
+        job = Job(self.link, model, model_inputs(body, prompt, max_tokens, body.logprobs is not None, model.tokenizer),
+                  body.n, body.stops(), max_tokens, self.metrics, "cmpl")
         if body.stream:
             await job.start()
             return StreamingResponse(sse(completion_chunks(job, body, prompt_text)), media_type="text/event-stream")
         if not await until_disconnected(request, job):
-            return Response(status_code=499)
+            return Response(status_code=499)  # nobody reads it: the client is gone
         return completion_body(job, body, prompt_text)
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest, request: Request):
-        model = await served(body.model)
-        if model.chat_template is None:
-            raise FrontError(400, f"the model {model.name!r} has no chat template: use /v1/completions, or write its "
-                                  f"repository with `gptexport triton --chat-template FILE|NAME`", "messages",
-                             "no_chat_template")
+    async def chat_completions(self, body: ChatCompletionRequest, request: Request):
+        model = await self.served(body.model)
         check_chat(body)
         note_unknown(body)
-        messages = [{"role": m.role, "content": message_text(m), **({"name": m.name} if m.name else {})}
-                    for m in body.messages]
-        try:
-            prompt = render(model.chat_template, messages, body.add_generation_prompt)
-        except UsageError as e:
-            raise bad(str(e), "messages") from None
-        if not prompt:
-            raise bad("messages: the chat template made an empty prompt", "messages")
+        prompt = chat_prompt(model, body)
         max_tokens = next((v for v in (body.max_completion_tokens, body.max_tokens) if v is not None),
                           min(model.block_size, model.max_tokens_limit))
-        job = Job(state["link"], model, model_inputs(body, prompt, max_tokens, body.logprobs, model.tokenizer),
-                  body.n, body.stops(), max_tokens, metrics, "chatcmpl")
+        job = Job(self.link, model, model_inputs(body, prompt, max_tokens, body.logprobs, model.tokenizer),
+                  body.n, body.stops(), max_tokens, self.metrics, "chatcmpl")
         if body.stream:
             await job.start()
             return StreamingResponse(sse(chat_chunks(job, body)), media_type="text/event-stream")
@@ -170,7 +132,58 @@ def create_app(models: dict[str, FrontModel], grpc_url: str, metrics: FrontMetri
             return Response(status_code=499)
         return chat_body(job, body)
 
+
+def create_app(models: dict[str, FrontModel], grpc_url: str, metrics: FrontMetrics) -> FastAPI:
+    """The FastAPI application of the front."""
+    front = Front(models, grpc_url, metrics)
+    app = FastAPI(title="gptexport", lifespan=front.lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_exception_handler(FrontError, front_error)
+    app.add_exception_handler(RequestValidationError, invalid_body)
+    app.add_exception_handler(HTTPException, http_error)
+    app.get("/health")(front.health)
+    app.get("/metrics")(front.prometheus)
+    app.get("/v1/models")(front.list_models)
+    app.get("/v1/models/{name:path}")(front.one_model)
+    app.post("/v1/completions")(front.completions)
+    app.post("/v1/chat/completions")(front.chat_completions)
     return app
+
+
+async def front_error(request, e: FrontError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status)
+
+
+async def invalid_body(request, e: RequestValidationError) -> JSONResponse:
+    """pydantic's complaint about a body, in OpenAI's envelope, naming the field."""
+    first = e.errors()[0]
+    if first.get("type") == "json_invalid":
+        return JSONResponse(error_body(400, f"the body is not valid JSON ({first.get('ctx', {}).get('error', '')})"),
+                            status_code=400)
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    where = ".".join(loc) or "the body"
+    return JSONResponse(error_body(400, f"{where}: {first.get('msg')}", loc[0] if loc else None), status_code=400)
+
+
+async def http_error(request, e: HTTPException) -> JSONResponse:
+    return JSONResponse(error_body(e.status_code, f"{request.method} {request.url.path}: {e.detail}"),
+                        status_code=e.status_code)
+
+
+def chat_prompt(model: FrontModel, body: ChatCompletionRequest) -> str:
+    """The conversation through the model's chat template."""
+    if model.chat_template is None:
+        raise FrontError(400, f"the model {model.name!r} has no chat template: use /v1/completions, or write its "
+                              f"repository with `gptexport triton --chat-template FILE|NAME`", "messages",
+                         "no_chat_template")
+    messages = [{"role": m.role, "content": message_text(m), **({"name": m.name} if m.name else {})}
+                for m in body.messages]
+    try:
+        prompt = render(model.chat_template, messages, body.add_generation_prompt)
+    except UsageError as e:
+        raise bad(str(e), "messages") from None
+    if not prompt:
+        raise bad("messages: the chat template made an empty prompt", "messages")
+    return prompt
 
 
 def model_card(model: FrontModel) -> dict:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MAX_N = 16  # as num_return_sequences (serve/protocol.py MAX_RETURN_SEQUENCES)
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
@@ -45,6 +45,12 @@ class SamplingFields(BaseModel):
     repetition_penalty: Optional[float] = None
     ignore_eos: bool = False  # no end token is used unless asked for: nothing to ignore
 
+    @field_validator("n", "stream", "ignore_eos", mode="before")
+    @classmethod
+    def _null_is_default(cls, value, info):
+        """OpenAI's schema lets a client send null for these: the default then."""
+        return cls.model_fields[info.field_name].default if value is None else value
+
     def stops(self) -> tuple[str, ...]:
         words = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
         return tuple(w for w in words if w)
@@ -60,6 +66,11 @@ class CompletionRequest(SamplingFields):
     logprobs: Optional[int] = Field(None, ge=0)
     best_of: Optional[int] = None
     suffix: Optional[str] = None
+
+    @field_validator("echo", mode="before")
+    @classmethod
+    def _null_echo(cls, value):
+        return False if value is None else value
 
 
 class TextPart(BaseModel):
@@ -84,6 +95,11 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: Optional[int] = Field(None, ge=0)
     add_generation_prompt: bool = True  # vLLM's extra
+
+    @field_validator("logprobs", "add_generation_prompt", mode="before")
+    @classmethod
+    def _null_flags(cls, value, info):
+        return cls.model_fields[info.field_name].default if value is None else value
 
 
 class FrontError(Exception):

@@ -24,8 +24,11 @@ SCALARS = {"temperature": ("temperature", np.float32), "top_p": ("top_p", np.flo
            "repetition_penalty": ("repetition_penalty", np.float32)}
 
 
-def scalar(value, dtype) -> np.ndarray:
-    return np.array([[value]], dtype=dtype)
+def scalar(value, dtype, name: str = "") -> np.ndarray:
+    try:
+        return np.array([[value]], dtype=dtype)
+    except OverflowError:  # a JSON integer beyond the input's type
+        raise bad(f"{name} is out of range, got {value}", name) from None
 
 
 def model_inputs(req: SamplingFields, prompt: str | list[int], max_tokens: int, logprobs: bool,
@@ -35,14 +38,14 @@ def model_inputs(req: SamplingFields, prompt: str | list[int], max_tokens: int, 
         arrays = {"text_input": np.array([[prompt.encode("utf-8")]], dtype=np.object_)}
     else:
         arrays = {"input_ids": np.array([prompt], dtype=np.int32)}
-    arrays |= {"max_tokens": scalar(max_tokens, np.int32), "stream": scalar(True, np.bool_),
+    arrays |= {"max_tokens": scalar(max_tokens, np.int32, "max_tokens"), "stream": scalar(True, np.bool_),
                "num_return_sequences": scalar(req.n, np.int32), "return_log_probs": scalar(logprobs, np.bool_)}
     for name, (input_name, dtype) in SCALARS.items():
         value = getattr(req, name)
         if value is not None:
             if dtype in (np.uint64, np.int32) and value < 0:  # would wrap around in the tensor
                 raise bad(f"{name} must be >= 0, got {value}", name)
-            arrays[input_name] = scalar(value, dtype)
+            arrays[input_name] = scalar(value, dtype, name)
     if req.stops():
         arrays["stop_words"] = np.array([[w.encode("utf-8") for w in req.stops()]], dtype=np.object_)
     if req.logit_bias:
