@@ -7,11 +7,12 @@ Starts `gptexport serve` as a user runs it (a subprocess: tritonserver and the f
 instance, --max-batch 16) on a repository of MODEL_DIR, then:
 
 1. The front's cost: --rounds rounds, each the same --clients streaming clients through Triton's
-   HTTP generate_stream and then through the front's /v1/completions (stream, include_usage),
-   the same seeds and prompts, --max-tokens tokens each (no stop word): output tokens/s and the
-   first token's p50 both ways, and their ratios. The two kinds alternate, so a change in the
-   machine's load falls on both; both clients are the same plain http.client SSE readers
-   (scripts/serve_load.py's for the native endpoint).
+   HTTP generate_stream, through Triton's gRPC stream (tritonclient's threaded client: the path
+   the front takes, without the front), then through the front's /v1/completions (stream,
+   include_usage), the same seeds and prompts, --max-tokens tokens each (no stop word): output
+   tokens/s and the first token's p50 each way, and their ratios. The kinds alternate, so a
+   change in the machine's load falls on all; the HTTP clients are the same plain http.client
+   SSE readers.
 2. Robustness: the same clients through /v1/completions with 1 request in 10 malformed (a bad
    temperature, an unknown model, n 17, logprobs 5, a body that is not JSON) and 1 in 7 dropped
    after 3 chunks. Every good request must come back with its tokens and the text the native
@@ -37,7 +38,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from serve_load import PROMPT
+from serve_load import PROMPT  # noqa: E402 (scripts/ is the script's own folder on sys.path)
 
 from gptexport.artifacts.modeldir import load_model_dir
 from gptexport.serve.repository import write_repository
@@ -74,6 +75,40 @@ def native_once(port: int, max_tokens: int, seed: int, prompt) -> dict:
             tokens, text = event["num_output_tokens"], text + [event.get("text_output", "")]
     conn.close()
     return {"ttft": ttft, "tokens": tokens, "text": "".join(text)}
+
+
+def grpc_once(port: int, max_tokens: int, seed: int, prompt) -> dict:
+    """The same request through Triton's gRPC stream with tritonclient's own (threaded) client:
+    what a gRPC stream per request costs without the front."""
+    import queue
+
+    import tritonclient.grpc as grpcclient
+
+    arrays = {"max_tokens": (np.array([[max_tokens]], np.int32), "INT32"), "seed": (np.array([[seed]], np.uint64), "UINT64"),
+              "stream": (np.array([[True]]), "BOOL"),
+              **({"input_ids": (np.array([prompt], np.int32), "INT32")} if isinstance(prompt, list)
+                 else {"text_input": (np.array([[prompt.encode()]], np.object_), "BYTES")})}
+    inputs = []
+    for name, (array, dtype) in arrays.items():
+        inputs.append(grpcclient.InferInput(name, list(array.shape), dtype))
+        inputs[-1].set_data_from_numpy(array)
+    client, results = grpcclient.InferenceServerClient(f"127.0.0.1:{port}"), queue.Queue()
+    client.start_stream(callback=lambda result, error: results.put((result, error)))
+    start, ttft, tokens = time.perf_counter(), None, 0
+    try:
+        client.async_stream_infer("m", inputs, enable_empty_final_response=True)
+        while True:
+            result, error = results.get(timeout=300)
+            if error is not None:
+                raise RuntimeError(str(error))
+            if result.get_response().parameters["triton_final_response"].bool_param:
+                break
+            ttft = ttft if ttft is not None else time.perf_counter() - start
+            tokens = int(result.as_numpy("num_output_tokens").reshape(-1)[0])
+    finally:
+        client.stop_stream()
+        client.close()
+    return {"ttft": ttft, "tokens": tokens}
 
 
 def openai_once(port: int, max_tokens: int, seed: int, prompt, fields: dict | None = None,
@@ -143,17 +178,16 @@ def summary(results: dict[int, dict], wall: float) -> dict:
 
 def overhead(args, ports: dict, vocab: int) -> tuple[list[dict], dict[int, dict]]:
     rows, native_texts = [], {}
+    clients = {"native": lambda s: native_once(ports["http"], args.max_tokens, s, prompt_of(s, args.prompt_tokens, vocab)),
+               "grpc": lambda s: grpc_once(ports["grpc"], args.max_tokens, s, prompt_of(s, args.prompt_tokens, vocab)),
+               "openai": lambda s: openai_once(ports["openai"], args.max_tokens, s,
+                                               prompt_of(s, args.prompt_tokens, vocab), {})}
     for round_ in range(args.rounds):
-        for kind in ("native", "openai"):
-            if kind == "native":
-                one = lambda s: native_once(ports["http"], args.max_tokens, s, prompt_of(s, args.prompt_tokens, vocab))  # noqa: E731
-            else:
-                one = lambda s: openai_once(ports["openai"], args.max_tokens, s, prompt_of(s, args.prompt_tokens, vocab),  # noqa: E731
-                                            {})
+        for kind, one in clients.items():
             results, wall = run(args.clients, args.requests, one)
             if kind == "native":
                 native_texts = {s: r["text"] for s, r in results.items()}
-            elif any(r["tokens"] != args.max_tokens or r["error"] for r in results.values()):
+            elif any(r["tokens"] != args.max_tokens or r.get("error") for r in results.values()):
                 raise SystemExit("an OpenAI request of the overhead run did not get its tokens")
             rows.append({"round": round_, "kind": kind, **summary(results, wall)})
             print(f"round {round_} {kind}: {rows[-1]['tok_s']:.1f} tok/s, TTFT p50 {rows[-1]['ttft_p50_ms']:.0f} ms",
@@ -254,14 +288,15 @@ def main() -> None:
 
 
 def report(args, rows: list[dict], load_before: float) -> None:
-    print(f"| round | endpoint | output tok/s | TTFT p50 ms |\n|---|---|---|---|")
+    names = {"native": "HTTP generate_stream", "grpc": "gRPC stream (tritonclient)", "openai": "/v1/completions"}
+    print("| round | endpoint | output tok/s | TTFT p50 ms |\n|---|---|---|---|")
     for r in rows:
-        print(f"| {r['round']} | {'/v1/completions' if r['kind'] == 'openai' else 'generate_stream'} | "
-              f"{r['tok_s']:.1f} | {r['ttft_p50_ms']:.0f} |")
-    mean = {k: statistics.mean(r["tok_s"] for r in rows if r["kind"] == k) for k in ("native", "openai")}
-    ttft = {k: statistics.mean(r["ttft_p50_ms"] for r in rows if r["kind"] == k) for k in ("native", "openai")}
-    print(f"\n/v1/completions: {mean['openai'] / mean['native']:.2f}× the native endpoint's tokens/s, "
-          f"TTFT p50 {ttft['openai']:.0f} ms against {ttft['native']:.0f} ms ({args.clients} clients, "
+        print(f"| {r['round']} | {names[r['kind']]} | {r['tok_s']:.1f} | {r['ttft_p50_ms']:.0f} |")
+    mean = {k: statistics.mean(r["tok_s"] for r in rows if r["kind"] == k) for k in names}
+    ttft = {k: statistics.mean(r["ttft_p50_ms"] for r in rows if r["kind"] == k) for k in names}
+    print(f"\n/v1/completions: {mean['openai'] / mean['native']:.2f}× the native endpoint's tokens/s "
+          f"({mean['grpc'] / mean['native']:.2f}× for the plain gRPC client), TTFT p50 {ttft['openai']:.0f} ms "
+          f"against {ttft['native']:.0f} ms ({ttft['grpc']:.0f} ms over gRPC) ({args.clients} clients, "
           f"{args.requests} requests each per round, {args.max_tokens} tokens, {args.rounds} rounds; "
           f"load average 1 min before: {load_before:.2f}, after: {os.getloadavg()[0]:.2f})")
 
