@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import UsageError
+from ..errors import TokenizerError, UsageError
 
 TEMPLATE_FILE = "chat_template.jinja"  # REPO/NAME/chat_template.jinja
 
@@ -65,6 +65,19 @@ def compile_template(source: str, where: str):
         return env.from_string(source)
     except TemplateSyntaxError as e:
         raise UsageError(f"{where}: not a Jinja2 template (line {e.lineno}: {e.message})") from None
+
+
+def check_fits(source: str, tokenizer, where: str) -> None:
+    """The template's own text (around empty messages) must encode with the model's tokenizer: a
+    template the model cannot read is refused when the repository is written, not at every request."""
+    if tokenizer is None:
+        raise UsageError(f"--chat-template {where}: the model has no tokenizer, and chat is text")
+    roles = ("system", "user", "assistant")
+    text = render(compile_template(source, f"--chat-template {where}"), [{"role": r, "content": ""} for r in roles])
+    try:
+        tokenizer.encode(text)
+    except TokenizerError as e:
+        raise UsageError(f"--chat-template {where}: its text does not fit the model's tokenizer ({e})") from None
 
 
 def write_template(source: str, model_folder: Path) -> None:

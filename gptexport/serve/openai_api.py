@@ -14,7 +14,6 @@ import asyncio
 import json
 import logging
 import re
-import time
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import AsyncIterator

@@ -23,7 +23,7 @@ from ..artifacts.files import staging_dir
 from ..artifacts.modeldir import MANIFEST, ModelDir, load_model_dir
 from ..errors import ModelDirError, UsageError
 from ..runtime.session import DEFAULT_MAX_BATCH
-from .chat_template import template_source, write_template
+from .chat_template import check_fits, template_source, write_template
 from .protocol import INPUTS, OUTPUTS, TensorSpec, tensors
 
 # --backend -> (the runner the model opens, Triton's instance kind)
@@ -58,6 +58,8 @@ def write_repository(model_dir: str | Path, out: str | Path, name: str | None = 
         raise UsageError(f"--max-batch must be >= 1, got {max_batch}")
     template = template_source(chat_template) if chat_template is not None else None
     md = load_model_dir(model_dir)  # every hash checked: a tampered model is not copied
+    if template is not None:
+        check_fits(template, md.tokenizer(), chat_template)
     name = name if name is not None else default_name(md.path)
     if not _NAME_RE.fullmatch(name):
         raise UsageError(f"--name {name!r}: a Triton model name is letters, digits, '_', '.' and '-', "

@@ -219,10 +219,6 @@ class TritonServer:
         return ["--allow-metrics=true", "--allow-gpu-metrics=false", f"--metrics-address={self.address}",
                 f"--metrics-port={self.metrics_port}"]
 
-    @property
-    def metrics_url(self) -> str | None:
-        return None if self.metrics_port is None else f"{self.url.rsplit(':', 1)[0]}:{self.metrics_port}/metrics"
-
     def _read(self) -> None:
         for raw in self.proc.stdout:
             line = raw.decode("utf-8", "replace").rstrip("\n")

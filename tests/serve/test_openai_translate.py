@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from gptexport.errors import UsageError
-from gptexport.serve.chat_template import SHAKESPEARE, compile_template, render, template_source
+from gptexport.artifacts.tokenizer import CharTokenizer
+from gptexport.serve.chat_template import SHAKESPEARE, check_fits, compile_template, render, template_source
 from gptexport.serve.openai_schema import CompletionRequest, FrontError, check_completion, single_prompt
 from gptexport.serve.openai_translate import Choice, legacy_logprobs, model_inputs, param_of
 from gptexport.serve.triton_link import Delta
@@ -90,3 +91,8 @@ def test_the_shipped_template_and_a_broken_one():
         template_source("chatml")
     with pytest.raises(UsageError, match=r"not a Jinja2 template \(line 1"):
         compile_template("{% for m in messages %}", "t.jinja")
+
+    with pytest.raises(UsageError, match=r"--chat-template shakespeare: its text does not fit the model's tokenizer "
+                                         r"\(prompt has characters not in the model's vocabulary: 'R'"):
+        check_fits(SHAKESPEARE, CharTokenizer(dict(enumerate("abc:\n"))), "shakespeare")
+    check_fits(SHAKESPEARE, CharTokenizer(dict(enumerate("ROMEJULIT:\n"))), "shakespeare")
