@@ -262,6 +262,9 @@ def test_chat_with_the_shipped_template(front, tiny_model_dir):
                                                          stream=True))
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want
+    lp = client(front).chat.completions.create(model=MODEL, messages=messages, max_tokens=10, seed=9,
+                                               logprobs=True).choices[0].logprobs.content
+    assert "".join(t.token for t in lp) == want and all(t.logprob <= 0 for t in lp) and len(lp) == 10
 
 
 def test_langchain_chat_openai_invoke_and_stream(front, tiny_model_dir):
