@@ -326,9 +326,11 @@ def bench(model_dir: Path, ckpt: Path | None, backends: tuple[str, ...], cuda_gr
               show_default=True, help="Runner of each instance; ort-cuda and tensorrt run on GPU instances.")
 @click.option("--max-tokens", type=click.IntRange(min=1), default=1024, show_default=True,
               help="The largest max_tokens a request may ask for.")
+@click.option("--chat-template", default=None, metavar="FILE|NAME",
+              help="A Jinja2 chat template (Hugging Face's form) for /v1/chat/completions, or a shipped one: shakespeare.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 def triton(model_dir: Path, out_dir: Path, name: str | None, instances: int, max_batch: int, backend: str,
-           max_tokens: int, force: bool) -> None:
+           max_tokens: int, chat_template: str | None, force: bool) -> None:
     """Write a Triton Inference Server model repository that serves OUTDIR (streaming, decoupled).
 
     The model is a Python-backend model running gptexport's own runtime, with TensorRT-LLM's
@@ -337,7 +339,7 @@ def triton(model_dir: Path, out_dir: Path, name: str | None, instances: int, max
     """
     from ..serve.repository import write_repository
 
-    write_repository(model_dir, out_dir, name, instances, backend, max_tokens, force, max_batch)
+    write_repository(model_dir, out_dir, name, instances, backend, max_tokens, force, max_batch, chat_template)
     click.echo(f"wrote {out_dir}: start it with `gptexport serve {out_dir}`")
 
 
@@ -346,14 +348,18 @@ def triton(model_dir: Path, out_dir: Path, name: str | None, instances: int, max
 @click.option("--http-port", type=click.IntRange(0, 65535), default=8000, show_default=True)
 @click.option("--grpc-port", type=click.IntRange(0, 65535), default=8001, show_default=True)
 @click.option("--address", default="127.0.0.1", show_default=True, help="Address the server listens on.")
+@click.option("--openai-port", type=click.IntRange(0, 65535), default=9000, show_default=True,
+              help="Port of the OpenAI-compatible API (/v1/completions, ...); 0: none.")
 @click.option("--verbose", is_flag=True, help="Show tritonserver's log.")
-def serve(path: Path, http_port: int, grpc_port: int, address: str, verbose: bool) -> None:
+def serve(path: Path, http_port: int, grpc_port: int, address: str, openai_port: int, verbose: bool) -> None:
     """Run a real tritonserver on a repository from `gptexport triton` (or on OUTDIR) until Ctrl-C.
 
     Uses the tritonserver on the PATH, else the one in the nvidia-pytriton wheel (see
-    docs/serving.md for the install).
+    docs/serving.md for the install). Beside it, in this process, the OpenAI-compatible API on
+    --openai-port, forwarding to the model.
     """
     from ..serve.server import serve as run_serve
 
     echo = (lambda line: click.echo(line, err=True)) if verbose else None
-    run_serve(path, http_port, grpc_port, address, echo, say=lambda msg: click.echo(msg, err=True))
+    run_serve(path, http_port, grpc_port, address, echo, say=lambda msg: click.echo(msg, err=True),
+              openai_port=openai_port or None)

@@ -163,11 +163,11 @@ def parse_request(inputs: dict[str, np.ndarray], parameters: dict, tokenizer, vo
     if not 1 <= n <= MAX_RETURN_SEQUENCES:
         raise UsageError(f"num_return_sequences must be in 1..{MAX_RETURN_SEQUENCES}, got {n}")
     _scalar(inputs, "length_penalty", float, 0.0)  # beam search only: no effect at beam_width 1, as in TensorRT-LLM
-    pad_id = _scalar(inputs, "pad_id", int, 0)
-    if not 0 <= pad_id < vocab_size:  # outputs are never padded here; the id is still checked
-        raise UsageError(f"pad_id must be a token id 0..{vocab_size - 1}, got {pad_id}")
+    # pad_id only pads outputs, which are never padded here: unchecked, as TensorRT-LLM leaves it (a client
+    # built for GPT-2 sends 50256 to every model)
+    _scalar(inputs, "pad_id", int, 0)
     try:
-        params = params_from(_settings(inputs, tokenizer, max_tokens))
+        params = params_from(_settings(inputs, tokenizer, max_tokens, vocab_size))
         params.check_vocab(vocab_size)
     except ParameterError as e:  # the library's wording, with the request's names
         raise UsageError(e.worded(INPUT_NAMES.get(e.param, e.param))) from None
@@ -176,7 +176,7 @@ def parse_request(inputs: dict[str, np.ndarray], parameters: dict, tokenizer, vo
                         exclude_input=_scalar(inputs, "exclude_input_in_output", bool, False), num_return_sequences=n)
 
 
-def _settings(inputs: dict[str, np.ndarray], tokenizer, max_tokens: int) -> dict[str, object]:
+def _settings(inputs: dict[str, np.ndarray], tokenizer, max_tokens: int, vocab_size: int) -> dict[str, object]:
     """The request's inputs as the named settings of GenerationParams (params.SETTINGS); an input
     not given is left out, so it keeps `gptexport generate`'s default."""
     settings: dict[str, object] = {"max_new_tokens": max_tokens}
@@ -185,9 +185,11 @@ def _settings(inputs: dict[str, np.ndarray], tokenizer, max_tokens: int) -> dict
             settings[name] = _scalar(inputs, name, kind, None)
     settings.update(seed=_seed(inputs), stop_words=tuple(w for w in (_strings(inputs, "stop_words") or []) if w),
                     min_tokens=_min_tokens(inputs))
-    for name in ("end_id", "repetition_penalty", "presence_penalty", "frequency_penalty"):
+    if "end_id" in inputs:
+        settings["end_id"] = _end_id(inputs, vocab_size)
+    for name in ("repetition_penalty", "presence_penalty", "frequency_penalty"):
         if name in inputs:
-            settings[name] = _scalar(inputs, name, int if name == "end_id" else float, None)
+            settings[name] = _scalar(inputs, name, float, None)
     settings.update(bad_words=_words(inputs, "bad_words", tokenizer), embedding_bias=_bias(inputs, tokenizer),
                     logprobs=_scalar(inputs, "return_log_probs", bool, False))
     return settings
@@ -207,6 +209,16 @@ def _seed(inputs: dict[str, np.ndarray]) -> int:
     if seed is not None and random_seed is not None and seed != random_seed:
         raise UsageError(f"seed {seed} and random_seed {random_seed} differ: give one (they are the same input)")
     return next((v for v in (seed, random_seed) if v is not None), DEFAULT_SEED)
+
+
+def _end_id(inputs: dict[str, np.ndarray], vocab_size: int) -> int | None:
+    """`end_id` in [-1, vocabulary), as TensorRT-LLM takes it: -1 means no end token."""
+    end_id = _scalar(inputs, "end_id", int, None)
+    if end_id == -1:
+        return None
+    if end_id is not None and not 0 <= end_id < vocab_size:
+        raise UsageError(f"end_id must be a token id 0..{vocab_size - 1}, or -1 for no end token, got {end_id}")
+    return end_id
 
 
 def _min_tokens(inputs: dict[str, np.ndarray]) -> int:

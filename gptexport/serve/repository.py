@@ -23,6 +23,7 @@ from ..artifacts.files import staging_dir
 from ..artifacts.modeldir import MANIFEST, ModelDir, load_model_dir
 from ..errors import ModelDirError, UsageError
 from ..runtime.session import DEFAULT_MAX_BATCH
+from .chat_template import check_fits, template_source, write_template
 from .protocol import INPUTS, OUTPUTS, TensorSpec, tensors
 
 # --backend -> (the runner the model opens, Triton's instance kind)
@@ -43,8 +44,9 @@ except ImportError as e:
 
 def write_repository(model_dir: str | Path, out: str | Path, name: str | None = None, instances: int = 1,
                      backend: str = "onnxruntime", max_tokens: int = DEFAULT_MAX_TOKENS, force: bool = False,
-                     max_batch: int = DEFAULT_MAX_BATCH) -> Path:
-    """Write a Triton model repository serving `model_dir` at `out`; returns `out`."""
+                     max_batch: int = DEFAULT_MAX_BATCH, chat_template: str | None = None) -> Path:
+    """Write a Triton model repository serving `model_dir` at `out`; returns `out`. `chat_template`:
+    a Jinja2 file or a shipped template's name, for the OpenAI front's /v1/chat/completions."""
     out = Path(out)
     if backend not in BACKENDS:
         raise UsageError(f"unknown backend {backend!r} for Triton; valid: {', '.join(BACKENDS)}")
@@ -54,7 +56,10 @@ def write_repository(model_dir: str | Path, out: str | Path, name: str | None = 
         raise UsageError(f"--max-tokens must be >= 1, got {max_tokens}")
     if max_batch < 1:
         raise UsageError(f"--max-batch must be >= 1, got {max_batch}")
+    template = template_source(chat_template) if chat_template is not None else None
     md = load_model_dir(model_dir)  # every hash checked: a tampered model is not copied
+    if template is not None:
+        check_fits(template, md.tokenizer(), chat_template)
     name = name if name is not None else default_name(md.path)
     if not _NAME_RE.fullmatch(name):
         raise UsageError(f"--name {name!r}: a Triton model name is letters, digits, '_', '.' and '-', "
@@ -69,6 +74,8 @@ def write_repository(model_dir: str | Path, out: str | Path, name: str | None = 
             shutil.copyfile(md.path / f, version_dir / f)
         (version_dir / "model.py").write_text(SHIM.replace("{version}", __version__))
         (tmp / name / "config.pbtxt").write_text(model_config(md, name, instances, backend, max_tokens, max_batch))
+        if template is not None:
+            write_template(template, tmp / name)
         (tmp / "README.md").write_text(readme(md, out, name, instances, backend, max_batch))
     return out
 

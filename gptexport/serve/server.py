@@ -165,9 +165,10 @@ class TritonServer:
     """
 
     def __init__(self, repo: str | Path, http_port: int = 8000, grpc_port: int = 8001, address: str = "127.0.0.1",
-                 echo: Callable[[str], None] | None = None, ready_timeout_s: float = 120):
+                 echo: Callable[[str], None] | None = None, ready_timeout_s: float = 120,
+                 metrics_port: int | None = None):
         self.repo, self.address = Path(repo).resolve(), address
-        self.http_port, self.grpc_port = http_port, grpc_port
+        self.http_port, self.grpc_port, self.metrics_port = http_port, grpc_port, metrics_port
         self.echo, self.ready_timeout_s = echo, ready_timeout_s
         self.lines: collections.deque[str] = collections.deque(maxlen=500)
         self.proc: subprocess.Popen | None = None
@@ -199,7 +200,7 @@ class TritonServer:
         cmd = [str(install.tritonserver), f"--model-repository={self.repo}",
                f"--http-address={self.address}", f"--grpc-address={self.address}",
                f"--http-port={self.http_port}", f"--grpc-port={self.grpc_port}",
-               "--allow-metrics=false", "--allow-sagemaker=false", "--allow-vertex-ai=false",
+               *self._metrics_options(), "--allow-sagemaker=false", "--allow-vertex-ai=false",
                f"--exit-timeout-secs={EXIT_TIMEOUT_S}", "--exit-on-error=true", "--strict-readiness=true"]
         if not any("KIND_GPU" in p.read_text() for p in self.repo.glob("*/config.pbtxt")):
             cmd += ["--pinned-memory-pool-byte-size=0", "--cuda-memory-pool-byte-size=0:0"]  # no GPU to stage for
@@ -211,6 +212,12 @@ class TritonServer:
         reader.start()
         self._stack.callback(reader.join, 5)
         self.wait_ready()
+
+    def _metrics_options(self) -> list[str]:
+        if self.metrics_port is None:
+            return ["--allow-metrics=false"]
+        return ["--allow-metrics=true", "--allow-gpu-metrics=false", f"--metrics-address={self.address}",
+                f"--metrics-port={self.metrics_port}"]
 
     def _read(self) -> None:
         for raw in self.proc.stdout:
@@ -261,8 +268,10 @@ class TritonServer:
 
 
 def serve(path: str | Path, http_port: int = 8000, grpc_port: int = 8001, address: str = "127.0.0.1",
-          echo: Callable[[str], None] | None = None, say: Callable[[str], None] = print) -> None:
-    """Serve a repository (or a model directory, through a temporary repository) until Ctrl-C / SIGTERM."""
+          echo: Callable[[str], None] | None = None, say: Callable[[str], None] = print,
+          openai_port: int | None = 9000) -> None:
+    """Serve a repository (or a model directory, through a temporary repository) until Ctrl-C / SIGTERM,
+    with the OpenAI front on `openai_port` (None: without it) in this process."""
     from .repository import write_repository
 
     path = Path(path)
@@ -276,14 +285,20 @@ def serve(path: str | Path, http_port: int = 8000, grpc_port: int = 8001, addres
             else:
                 repo = path
             names = model_names(repo)
-            server = stack.enter_context(TritonServer(repo, http_port, grpc_port, address, echo))
+            metrics_port = _free_port(address) if openai_port is not None else None  # read through the front only
+            front = _start_front(stack, repo, address, grpc_port, openai_port, metrics_port)
+            server = stack.enter_context(TritonServer(repo, http_port, grpc_port, address, echo,
+                                                      metrics_port=metrics_port))
             say(f"serving {path} with {find_tritonserver().description}")
             for name in names:
                 say(f"  {name}: POST {server.url}/v2/models/{name}/generate_stream (or /generate); "
                     f"gRPC {address}:{grpc_port}")
+            if front is not None:
+                say(f"  OpenAI API: {front.url}/v1 (completions{', chat/completions' if _chats(front) else ''}, "
+                    f"models), {front.url}/health, {front.url}/metrics")
             say("Ctrl-C to stop")
             try:
-                code = server.wait()
+                code = _wait(server, front)
             except KeyboardInterrupt:
                 say("stopping")
                 return
@@ -291,6 +306,44 @@ def serve(path: str | Path, http_port: int = 8000, grpc_port: int = 8001, addres
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _start_front(stack: ExitStack, repo: Path, address: str, grpc_port: int, openai_port: int | None,
+                 metrics_port: int | None):
+    """The OpenAI front, listening before Triton starts (its /health says 503 until the model is ready)."""
+    if openai_port is None:
+        return None
+    from .openai_front import OpenAIFront
+
+    _check_port_free(address, openai_port, "--openai-port")
+    host = "127.0.0.1" if address in ("0.0.0.0", "") else address
+    front = OpenAIFront(repo, f"{host}:{grpc_port}", address, openai_port,
+                        f"http://{host}:{metrics_port}/metrics" if metrics_port else None)
+    stack.callback(front.stop)
+    front.start()
+    return front
+
+
+def _chats(front) -> bool:
+    return any(m.chat_template is not None for m in front.models.values())
+
+
+def _wait(server: TritonServer, front) -> int:
+    """Until Triton exits (its exit code) or the front stops (GptExportError): either ends both."""
+    while True:
+        try:
+            return server.proc.wait(timeout=0.5)
+        except subprocess.TimeoutExpired:
+            pass
+        why = front.failed() if front is not None else None
+        if why:
+            raise GptExportError(why)
+
+
+def _free_port(address: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((address if address not in ("", "0.0.0.0") else "127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _raise_interrupt(signum, frame) -> None:

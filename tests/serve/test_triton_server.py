@@ -74,13 +74,13 @@ def _state(pid: int) -> str:
 
 
 class Serve:
-    """`gptexport serve PATH` in a subprocess, its output in a log file."""
+    """`gptexport serve PATH` in a subprocess (Triton and the OpenAI front), its output in a log file."""
 
     def __init__(self, path: Path, log: Path):
-        self.http, self.grpc, self.log = free_port(), free_port(), log
+        self.http, self.grpc, self.openai, self.log = free_port(), free_port(), free_port(), log
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "gptexport", "serve", str(path), "--http-port", str(self.http),
-             "--grpc-port", str(self.grpc), "--verbose"],
+             "--grpc-port", str(self.grpc), "--openai-port", str(self.openai), "--verbose"],
             stdout=open(log, "wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         self.pids = [self.proc.pid]
 
@@ -428,3 +428,17 @@ def test_dropping_an_http_stream_cancels_its_request(server):
     line = [ln for ln in server.text().splitlines() if marker in ln][-1]
     done = int(line.split("after ")[1].split(" of ")[0])
     assert 5 <= done < LIMIT, line
+
+
+def test_the_openai_front_answers_chat_without_a_template_with_an_error(server):
+    """A repository written without --chat-template: /v1/chat/completions says so and points to
+    /v1/completions, which works."""
+    try:
+        import openai
+    except ImportError as e:  # the test extra brings it
+        skip_unless_strict(f"the openai package is not installed: {e}")
+    api = openai.OpenAI(base_url=f"http://127.0.0.1:{server.openai}/v1", api_key="unused", max_retries=0, timeout=60)
+    with pytest.raises(openai.BadRequestError, match="has no chat template: use /v1/completions") as e:
+        api.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}])
+    assert e.value.body["code"] == "no_chat_template"
+    assert api.completions.create(model=MODEL, prompt="To be", max_tokens=3).usage.completion_tokens == 3

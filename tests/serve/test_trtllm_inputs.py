@@ -143,8 +143,13 @@ def test_accepted_inputs_without_an_effect_here(served):
     req = served.parse(request_tensors(text_input="To be", pad_id=0, length_penalty=1.0, return_num_input_tokens=True,
                                        return_num_output_tokens=True), {})
     assert req.params == served.parse(request_tensors(text_input="To be"), {}).params
-    with pytest.raises(UsageError, match="pad_id must be a token id"):
-        served.parse(request_tensors(text_input="To be", pad_id=10**6), {})
+    # as TensorRT-LLM: pad_id is not checked (a GPT-2 client's 50256), end_id -1 means no end token
+    assert served.parse(request_tensors(text_input="To be", pad_id=50256), {}).params == req.params
+    assert served.parse(request_tensors(text_input="To be", end_id=-1), {}).params.end_id is None
+    with pytest.raises(UsageError, match=r"end_id must be a token id 0\.\.\d+, or -1 for no end token, got -2"):
+        served.parse(request_tensors(text_input="To be", end_id=-2), {})
+    with pytest.raises(UsageError, match="end_id must be a token id 0..*got 1000000"):
+        served.parse(request_tensors(text_input="To be", end_id=10**6), {})
 
 
 # ---- one set of settings: a request's inputs are the named settings of params_from ----
