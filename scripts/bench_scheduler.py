@@ -23,8 +23,8 @@ import numpy as np
 
 from gptexport.artifacts.modeldir import load_model_dir
 from gptexport.runtime.backends import open_runner
-from gptexport.runtime.sampling import SamplingParams
 from gptexport.runtime.params import GenerationParams
+from gptexport.runtime.sampling import SamplingParams
 from gptexport.runtime.scheduler import Scheduler, Sequence
 
 

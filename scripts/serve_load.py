@@ -32,8 +32,8 @@ import numpy as np
 
 from gptexport.artifacts.modeldir import load_model_dir
 from gptexport.runtime.params import GenerationParams
-from gptexport.runtime.session import GenerationSession
 from gptexport.runtime.sampling import SamplingParams
+from gptexport.runtime.session import GenerationSession
 from gptexport.serve.model import cpu_threads
 from gptexport.serve.repository import write_repository
 from gptexport.serve.server import TritonServer

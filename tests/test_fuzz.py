@@ -22,8 +22,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gptexport.artifacts.modeldir import MANIFEST, load_model_dir
-from gptexport.artifacts.tokenizer import (CharTokenizer, TokenizerError, check_token_ids, gpt2_default_dir,
-                                           load_meta_pkl)
+from gptexport.artifacts.tokenizer import (
+    CharTokenizer,
+    TokenizerError,
+    check_token_ids,
+    gpt2_default_dir,
+    load_meta_pkl,
+)
 from gptexport.cli.inputs import parse_token_ids
 from gptexport.errors import GptExportError
 

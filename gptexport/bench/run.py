@@ -38,11 +38,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from . import peers
-
 import numpy as np
 
 from ..errors import GptExportError, UsageError
+from . import peers
 
 PRECISIONS = ("fp32", "int8", "int4")
 GPU_BACKENDS = ("ort-cuda", "ort-tensorrt", "tensorrt")

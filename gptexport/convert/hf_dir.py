@@ -18,8 +18,16 @@ import torch
 from ..artifacts.files import read_json
 from ..config import GPTConfig
 from ..errors import CheckpointError, first_line
-from .checkpoint import (Checkpoint, check_state_dict, config_from_model_args, empty_model, file_stamp, precision_of,
-                         renamed_weights, torch_load)
+from .checkpoint import (
+    Checkpoint,
+    check_state_dict,
+    config_from_model_args,
+    empty_model,
+    file_stamp,
+    precision_of,
+    renamed_weights,
+    torch_load,
+)
 
 CONFIG = "config.json"
 # in the order transformers prefers them

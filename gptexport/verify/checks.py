@@ -12,8 +12,18 @@ from ..runtime.sampling import SamplingParams, logits_to_probs
 from .batched import CROP_STEPS, batched_verdict, crop_probe
 from .golden import Outputs, Reference
 from .measure import generate_recorded, measure, recompute_last
-from .metrics import (TOPK_OVERLAP, Divergence, error_stats, greedy_divergence, kl_divergence, needed_tolerance,
-                      sampled_divergence, top1_agreement, topk_overlap, within_fraction)
+from .metrics import (
+    TOPK_OVERLAP,
+    Divergence,
+    error_stats,
+    greedy_divergence,
+    kl_divergence,
+    needed_tolerance,
+    sampled_divergence,
+    top1_agreement,
+    topk_overlap,
+    within_fraction,
+)
 from .tolerance import Tolerance
 
 SAMPLER_ATOL = 1e-6  # numpy sampler vs nanoGPT's torch code, on probabilities

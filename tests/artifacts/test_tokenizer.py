@@ -10,8 +10,16 @@ import sys
 
 import pytest
 
-from gptexport.artifacts.tokenizer import (CharTokenizer, GPT2Tokenizer, Tokenizer, check_token_ids, find_tokenizer,
-                                           gpt2_default_dir, load_meta_pkl, tokenizer_from_json)
+from gptexport.artifacts.tokenizer import (
+    CharTokenizer,
+    GPT2Tokenizer,
+    Tokenizer,
+    check_token_ids,
+    find_tokenizer,
+    gpt2_default_dir,
+    load_meta_pkl,
+    tokenizer_from_json,
+)
 from gptexport.cli.inputs import parse_token_ids
 from gptexport.errors import TokenizerError, UsageError
 

@@ -13,15 +13,30 @@ import pytest
 from click.testing import CliRunner
 from conftest import engine_generate
 
-from gptexport.artifacts.engine_record import (ENGINE_FILE, RECORD_FILE, DeviceInfo, EngineRecord, check_compatible,
-                                               compatibility_problems, engine_io_problems, load_record)
+from gptexport.artifacts.engine_record import (
+    ENGINE_FILE,
+    RECORD_FILE,
+    DeviceInfo,
+    EngineRecord,
+    check_compatible,
+    compatibility_problems,
+    engine_io_problems,
+    load_record,
+)
 from gptexport.artifacts.modeldir import MANIFEST, load_model_dir
 from gptexport.build.engine import BuildOptions, install_engine
 from gptexport.cli import main
 from gptexport.config import io_spec, numpy_dtype
 from gptexport.errors import BackendUnavailable, GptExportError, ModelDirError, UsageError
-from gptexport.profiles import (ProfileShapes, ort_profile_options, profile_problems, profile_shapes, select_profile,
-                                step_shapes, union_profile)
+from gptexport.profiles import (
+    ProfileShapes,
+    ort_profile_options,
+    profile_problems,
+    profile_shapes,
+    select_profile,
+    step_shapes,
+    union_profile,
+)
 from gptexport.runtime.backends import open_runner
 from gptexport.runtime.backends.base import Runner
 from gptexport.runtime.backends.batchcache import BatchCache

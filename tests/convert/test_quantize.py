@@ -10,8 +10,16 @@ from onnx import TensorProto, helper, numpy_helper
 from gptexport.artifacts.files import sha256_file
 from gptexport.artifacts.modeldir import MANIFEST, load_model_dir
 from gptexport.cli import main
-from gptexport.convert.quantize import (compare_quality, cross_entropy, evaluate, fold_constant_transposes,
-                                        fuse_cpu_ops, held_out_ids, quantize, tokenizer_files)
+from gptexport.convert.quantize import (
+    compare_quality,
+    cross_entropy,
+    evaluate,
+    fold_constant_transposes,
+    fuse_cpu_ops,
+    held_out_ids,
+    quantize,
+    tokenizer_files,
+)
 from gptexport.errors import UsageError
 from gptexport.runtime.backends.ort import OrtRunner
 from gptexport.runtime.sampling import SamplingParams

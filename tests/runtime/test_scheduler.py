@@ -22,8 +22,8 @@ from gptexport.errors import ParameterError
 from gptexport.runtime.backends.base import Runner
 from gptexport.runtime.backends.device import HostMemory
 from gptexport.runtime.backends.ort import OrtRunner
-from gptexport.runtime.sampling import SamplingParams, logits_to_probs
 from gptexport.runtime.params import GenerationParams
+from gptexport.runtime.sampling import SamplingParams, logits_to_probs
 from gptexport.runtime.scheduler import Scheduler, Sequence
 from gptexport.runtime.textstream import TextStream
 
