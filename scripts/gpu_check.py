@@ -211,7 +211,8 @@ def speed(chk: GpuCheck, env: dict, model: str, ckpt: Path, out: Path, dtype: st
         for graphs in (True, False):
             job = {**base, "runtime": backend, "cuda_graphs": graphs, "batch": rows}
             measured(f"batched B={rows}{'' if graphs else ' no graphs'}", job,
-                     lambda m: f"{m['decode_tok_s']:.0f} tok/s decode ({rows} sequences), {m['ms_per_token']:.3f} ms/step")
+                     lambda m, rows=rows: f"{m['decode_tok_s']:.0f} tok/s decode ({rows} sequences), "
+                                          f"{m['ms_per_token']:.3f} ms/step")
     grows(chk, base, backend, model, dtype)
     if "transformers" not in jobs:
         chk.add(Step("speed transformers", model, dtype, None if chk.dry_run else False,

@@ -96,7 +96,9 @@ def run_clients(port: int, model: str, clients: int, requests: int, max_tokens: 
 def in_process_baseline(model_dir: Path, max_tokens: int, repeats: int = 15) -> float:
     """Tokens/s of one generate() in this process with the runner of one served instance (its
     threads), the sampling of a request's defaults: what a request costs without the server."""
-    params = lambda seed: GenerationParams(max_tokens, SamplingParams(0.8, 200, None), seed)
+    def params(seed: int) -> GenerationParams:
+        return GenerationParams(max_tokens, SamplingParams(0.8, 200, None), seed)
+
     with GenerationSession.open(model_dir, threads=cpu_threads(1)) as session:
         prompt = session.encode(PROMPT) if session.tokenizer else [0]
         session.generate(prompt, params(0))  # warm-up

@@ -547,7 +547,10 @@ def test_threads_sharing_a_runner_match_sequential(tiny_model_dir):
 
     params = SamplingParams(0.9, top_k=20)
     prompts = [np.array([[i % 60, (3 * i) % 60]]) for i in range(6)]
-    generate = lambda runner, prompt, n, params, i: engine_generate(runner, prompt, n, params, seed=i)
+
+    def generate(runner, prompt, n: int, params: SamplingParams, i: int) -> np.ndarray:
+        return engine_generate(runner, prompt, n, params, seed=i)
+
     with OrtRunner(load_model_dir(tiny_model_dir)) as runner:
         # 40 tokens on block_size 16: prefill, decode and the sliding window, each thread an engine of
         # its own on one runner, all concurrently

@@ -92,7 +92,9 @@ def floor_tok_s(report: dict, result: dict, stream: str = "copy") -> float | Non
 
 def table(report: dict) -> str:
     """The report as a markdown table plus the bandwidth floor, ratios against the baselines."""
-    b1 = lambda r, k: r["by_batch"].get("1", {}).get(k)
+    def b1(r: dict, k: str):
+        return r["by_batch"].get("1", {}).get(k)
+
     nano = _find(report, "nanoGPT")
     bmax = str(max(report["config"]["batches"]))
     c_lo, c_hi = (str(c) for c in (list(report["config"]["contexts"]) + [None, None])[:2])

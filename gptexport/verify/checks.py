@@ -73,7 +73,10 @@ def forward_check(backend: str, ref: Reference, got: Outputs, tol: Tolerance, pa
              topk_overlap=topk_overlap(r, g))
     # KL between the distributions the sampler would draw from; greedy has none, so T=1 then
     kl_params = SamplingParams(1.0, params.top_k, params.top_p) if params.greedy else params
-    probs = lambda x: logits_to_probs(x, kl_params.temperature, kl_params.top_k, kl_params.top_p)
+
+    def probs(x: np.ndarray) -> np.ndarray:
+        return logits_to_probs(x, kl_params.temperature, kl_params.top_k, kl_params.top_p)
+
     kl = kl_divergence(probs(r), probs(g))
     d.update(kl_mean=float(kl.mean()), kl_max=float(kl.max()), kl_params=asdict(kl_params))
     d["per_position"] = {"labels": position_labels(ref), "max_abs": np.abs(g - r).max(-1).tolist()}

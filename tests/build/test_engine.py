@@ -216,7 +216,7 @@ def test_strided_copies_put_each_rows_keys_at_its_positions(model_dir, dtype):
         cache.prefill(r, np.zeros(T, np.int64))
         want[r] = run.last[0]
     check()
-    for step in range(6):  # grows 4 -> 8 on the way
+    for _step in range(6):  # grows 4 -> 8 on the way
         cache.ensure_capacity(int(cache.lengths.max()) + 1)
         cache.decode(np.zeros(rows, np.int64))
         for r in range(rows):

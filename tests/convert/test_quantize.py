@@ -131,7 +131,10 @@ def test_fuse_cpu_ops_keeps_the_graph_s_meaning_and_its_attention(activation, bi
     feeds = {"input_ids": rng.integers(0, c.vocab_size, (2, T)), "past_length": np.array([5, 2]),
              "logit_positions": np.arange(T)}
     feeds.update({n: rng.standard_normal((2, c.n_head, P, c.head_dim)).astype(np.float32) for n in md.spec.past_names})
-    run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+
+    def run(m: onnx.ModelProto) -> list:
+        return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+
     for want, got in zip(run(model), run(fused)):
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
 

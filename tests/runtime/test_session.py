@@ -24,7 +24,7 @@ def test_the_api_is_five_names_and_imports_nothing_heavy():
     assert out.strip() == ("['__version__', 'convert_checkpoint', 'generate', 'load_model_dir', 'open_runner', "
                            "'parity'] []")
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
-        gptexport.nope
+        _ = gptexport.nope
 
 
 def test_a_sequence_is_nanogpts_loop_with_its_own_seeded_generator(tiny_model_dir):
