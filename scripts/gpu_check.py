@@ -78,7 +78,7 @@ class GpuCheck:
         print(f"\n=== {name} {model} {dtype}: {' '.join(cmd)}", flush=True)
         t = time.perf_counter()
         try:
-            ok = subprocess.run(cmd, cwd=ROOT, timeout=STEP_TIMEOUT_S).returncode == 0
+            ok = subprocess.run(cmd, cwd=ROOT, timeout=STEP_TIMEOUT_S, check=False).returncode == 0
             why = "" if ok else "failed (its output is above)"
         except subprocess.TimeoutExpired:
             ok, why = False, f"ran past {STEP_TIMEOUT_S} s"
@@ -126,7 +126,7 @@ def environment(chk: GpuCheck) -> dict:
 
 def _probe(code: str) -> str | None:
     try:
-        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     except (OSError, subprocess.SubprocessError):
         return None
     return proc.stdout.strip() if proc.returncode == 0 else None

@@ -112,7 +112,7 @@ def _run_once(job: dict) -> tuple[dict, float]:
     env = {**os.environ, "OMP_NUM_THREADS": str(job["threads"]), "TOKENIZERS_PARALLELISM": "false"}
     children = resource.getrusage(resource.RUSAGE_CHILDREN)  # the worker is our only child meanwhile
     proc = subprocess.run([sys.executable, "-m", "gptexport.bench.worker", json.dumps(job)],
-                          capture_output=True, text=True, env=env)
+                          capture_output=True, text=True, env=env, check=False)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
@@ -389,7 +389,7 @@ def _torch_has_cuda() -> bool:
     """Whether torch here sees a CUDA device, asked in a subprocess: the bench never imports torch itself."""
     code = "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"
     try:
-        return subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120).returncode == 0
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120, check=False).returncode == 0
     except (OSError, subprocess.SubprocessError):
         return False
 

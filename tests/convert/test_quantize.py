@@ -201,7 +201,7 @@ def test_quantize_and_evaluate_without_torch(tiny_model_dir, tmp_path):
             "from gptexport.convert.quantize import quantize, compare_quality\n"
             f"quantize({str(tiny_model_dir)!r}, {str(tmp_path / 'q')!r}, 'int8', progress=lambda m: None)\n"
             f"print(compare_quality({str(tiny_model_dir)!r}, {str(tmp_path / 'q')!r}, {TEXT!r}, 1.0).tokens)\n")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert r.returncode == 0, r.stderr
     assert int(r.stdout.split()[-1]) > 0
 

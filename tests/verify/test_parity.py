@@ -323,7 +323,8 @@ def run_without_torch(tmp_path: Path, *args: str) -> subprocess.CompletedProcess
     block.mkdir(exist_ok=True)
     (block / "sitecustomize.py").write_text("import sys\nsys.modules['torch'] = None\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(block), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=300,
+                          check=False)
 
 
 def test_golden_file_checks_backends_where_torch_cannot_be_imported(tiny_ckpt, tiny_model_dir, perturbed_dir,
