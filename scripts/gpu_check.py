@@ -119,7 +119,8 @@ def environment(chk: GpuCheck) -> dict:
     env["tensorrt"] = _probe("import tensorrt; print(tensorrt.__version__)")
     ready = chk.dry_run or (env["gpu"] is not None and "CUDAExecutionProvider" in env.get("providers", []))
     figure = (f"{env['gpu'] or 'no GPU (' + env.get('gpu_error', '?') + ')'}; onnxruntime {env['onnxruntime']} "
-              f"({', '.join(env.get('providers', []))}); torch {env['torch']}; TensorRT {env['tensorrt'] or 'not importable'}")
+              f"({', '.join(env.get('providers', []))}); torch {env['torch']}; "
+              f"TensorRT {env['tensorrt'] or 'not importable'}")
     chk.add(Step("environment", ok=ready, figure=("dry run on the CPU: " if chk.dry_run else "") + figure, data=env))
     return env
 
@@ -156,7 +157,8 @@ def parity(chk: GpuCheck, model: str, ckpt: Path, out: Path, dtype: str, backend
     # the PyTorch reference (on the CPU, the slow part) is built once per model and kept as a golden file
     golden = chk.work / f"{model}.golden.npz"
     reference = (["--golden", str(golden), str(out)] if golden.is_file() else
-                 [str(ckpt), str(out), "--save-golden", str(golden), *[a for p in prompts for a in ("--prompt-tokens", p)]])
+                 [str(ckpt), str(out), "--save-golden", str(golden),
+                  *[a for p in prompts for a in ("--prompt-tokens", p)]])
     cmd = gptexport("parity", *reference, "--backends", backend, "--tolerance", tolerance, "--json", str(report),
                     *(["--tf32"] if tf32 else []))
     step = chk.command("tf32" if tf32 else f"parity {backend}", cmd, model, dtype, record=False)
@@ -166,7 +168,8 @@ def parity(chk: GpuCheck, model: str, ckpt: Path, out: Path, dtype: str, backend
         return chk.add(step)
     forward = next((c for c in data["checks"] if c["name"] == "forward"), None)
     failed = [f"{c['name']}: {c['figure']}" for c in data["checks"] if not c["ok"]]
-    step.figure = (forward["figure"] if forward else data["verdict"]) + (f"; NOT OK {'; '.join(failed)}" if failed else "")
+    step.figure = ((forward["figure"] if forward else data["verdict"])
+                   + (f"; NOT OK {'; '.join(failed)}" if failed else ""))
     step.data = {"verdict": data["verdict"], "tolerance": data["tolerance"],
                  "needed_atol": forward and forward["details"]["needed_atol"],
                  "needed_rtol": forward and forward["details"]["needed_rtol"],
@@ -236,7 +239,8 @@ def grows(chk: GpuCheck, base: dict, backend: str, model: str, dtype: str) -> St
     try:
         m = run_worker(job)
     except Exception as e:
-        return chk.add(Step(f"speed grows B={GROW_ROWS}", model, dtype, False, round(time.perf_counter() - t, 1), str(e)))
+        return chk.add(Step(f"speed grows B={GROW_ROWS}", model, dtype, False, round(time.perf_counter() - t, 1),
+                            str(e)))
     return chk.add(Step(f"speed grows B={GROW_ROWS}", model, dtype, m["graph_ids"] <= bound,
                         round(time.perf_counter() - t, 1),
                         f"{m['decode_tok_s']:.0f} tok/s decode, {m['runs'] + 1} runs, {m['graph_ids']} decode graphs "
@@ -331,7 +335,8 @@ def main(argv: list[str] | None = None) -> int:
                "steps": [asdict(s) for s in chk.steps]}
     (chk.work / "gpu_check.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     print(f"\n=== gpu_check: {'OK' if chk.ok else 'NOT OK'} in {total:.0f} s"
-          f"{' (dry run on the CPU)' if chk.dry_run else ''}\n{table(chk.steps)}\nwritten to {chk.work / 'gpu_check.json'}")
+          f"{' (dry run on the CPU)' if chk.dry_run else ''}\n{table(chk.steps)}\n"
+          f"written to {chk.work / 'gpu_check.json'}")
     return 0 if chk.ok else 1
 
 

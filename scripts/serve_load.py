@@ -115,7 +115,8 @@ def main() -> None:
     ap.add_argument("model_dir", type=Path)
     ap.add_argument("--instances", type=int, nargs="+", default=[1])
     ap.add_argument("--max-batch", type=int, nargs="+", default=[1, 16], help="the repositories' --max-batch")
-    ap.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads per instance (0: the server's default)")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="ONNX Runtime threads per instance (0: the server's default)")
     ap.add_argument("--prompt-tokens", type=int, default=0, help="random prompts of this many tokens (0: PROMPT)")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--requests", type=int, default=4, help="requests per client")
@@ -135,10 +136,12 @@ def main() -> None:
                                         max_batch=max_batch)
                 if args.threads:
                     config = repo / "m" / "config.pbtxt"
-                    config.write_text(config.read_text().replace('key: "threads" value: { string_value: "0" }',
-                                                                  f'key: "threads" value: {{ string_value: "{args.threads}" }}'))
+                    default = 'key: "threads" value: { string_value: "0" }'
+                    threads = f'key: "threads" value: {{ string_value: "{args.threads}" }}'
+                    config.write_text(config.read_text().replace(default, threads))
                 with TritonServer(repo, http_port=18700, grpc_port=18701) as server:
-                    run_clients(server.http_port, "m", instances, 1, args.max_tokens, args.prompt_tokens, vocab)  # warm-up
+                    # warm-up
+                    run_clients(server.http_port, "m", instances, 1, args.max_tokens, args.prompt_tokens, vocab)
                     for clients in args.concurrency:
                         row = {"instances": instances, "max_batch": max_batch, "clients": clients,
                                **run_clients(server.http_port, "m", clients, args.requests, args.max_tokens,
@@ -165,8 +168,8 @@ def main() -> None:
           f"({args.max_tokens} tokens, prompt {PROMPT!r}, {cpu_threads(1)} thread(s)); "
           f"load average 1 min: {load_before[0]:.2f} before, {load_after[0]:.2f} after")
     if args.json:
-        args.json.write_text(json.dumps({"baseline_tok_s": [baseline, baseline_after], "load": [load_before, load_after],
-                                         "rows": rows}, indent=2))
+        args.json.write_text(json.dumps({"baseline_tok_s": [baseline, baseline_after],
+                                         "load": [load_before, load_after], "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

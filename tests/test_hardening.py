@@ -278,7 +278,8 @@ def test_engine_from_another_tensorrt_or_gpu(model_copy, trt_version, gpu, words
         engine=engine_record.ENGINE_FILE, engine_sha256=sha256_file(model_copy / engine_record.ENGINE_FILE),
         onnx_sha256=sha256_file(md.onnx_path), precision=md.dtype, tensorrt_version="10.3.0",
         gpu_name="NVIDIA H100", compute_capability="9.0", max_batch=1, opt_seq=8, profiles=[])
-    engine_record.check_compatible(record, md, "10.3.0", engine_record.DeviceInfo("NVIDIA H100", "9.0"))  # where it was built
+    # where it was built
+    engine_record.check_compatible(record, md, "10.3.0", engine_record.DeviceInfo("NVIDIA H100", "9.0"))
     with pytest.raises(ModelDirError) as info:
         engine_record.check_compatible(record, md, trt_version, engine_record.DeviceInfo(*gpu))
     message = str(info.value)

@@ -118,7 +118,8 @@ def _token_check(name: str, backend: str, divs: list[Divergence | None], steps: 
 def generation_check(backend: str, ref: Reference, got: Outputs, tol: Tolerance) -> Check:
     """Greedy tokens for `steps` steps; the first divergence is excused at a near-tie only."""
     o = ref.outputs
-    divs = [greedy_divergence(rt, gt, rl, tol) for rt, gt, rl in zip(o.greedy_tokens, got.greedy_tokens, o.greedy_logits)]
+    divs = [greedy_divergence(rt, gt, rl, tol)
+            for rt, gt, rl in zip(o.greedy_tokens, got.greedy_tokens, o.greedy_logits)]
     return _token_check("generation", backend, divs, ref.steps)
 
 

@@ -157,7 +157,8 @@ def test_onnxruntime_tensorrt_provider_gets_one_profile_spanning_both(model_dir)
     assert union.shapes["past_key.0"] == ((1, 2, 0, 16), (1, 2, 8, 16), (8, 2, 16, 16))
     assert union.shapes["input_ids"] == ((1, 1), (1, 1), (8, 16))
     opts = ort_profile_options(union)
-    assert opts["trt_profile_min_shapes"].startswith("input_ids:1x1,past_length:1,logit_positions:1,past_key.0:1x2x0x16,")
+    assert opts["trt_profile_min_shapes"].startswith(
+        "input_ids:1x1,past_length:1,logit_positions:1,past_key.0:1x2x0x16,")
     assert "past_length:8" in opts["trt_profile_max_shapes"]  # one length per sequence
     assert opts["trt_profile_max_shapes"].split(",")[0] == "input_ids:8x16"
     got = provider_options("tensorrt", model_dir)
@@ -299,7 +300,8 @@ def test_an_engine_from_another_onnx_is_refused(model_dir, tiny_ckpt):
     manifest["dtype"] = "fp16"
     md.manifest = manifest
     problems = compatibility_problems(record, md, "10.8.0.43", H100)
-    assert problems == ["it was built from another model.onnx (sha256 differs)", "it is fp32, the model directory is fp16"]
+    assert problems == ["it was built from another model.onnx (sha256 differs)",
+                        "it is fp32, the model directory is fp16"]
 
 
 def test_records_are_validated(model_dir):
