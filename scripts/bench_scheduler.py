@@ -23,8 +23,8 @@ import numpy as np
 
 from gptexport.artifacts.modeldir import load_model_dir
 from gptexport.runtime.backends import open_runner
-from gptexport.runtime.sampling import SamplingParams
 from gptexport.runtime.params import GenerationParams
+from gptexport.runtime.sampling import SamplingParams
 from gptexport.runtime.scheduler import Scheduler, Sequence
 
 
@@ -92,8 +92,13 @@ def main() -> None:
             alone.append(a)
         prefill = prefill_ways(runner, args.sequences, args.prompt_tokens, md.config.vocab_size)
     tokens = args.sequences * args.new_tokens
-    med = lambda runs: statistics.median(r[0] for r in runs)
-    ttft = lambda runs: statistics.median(statistics.median(r[2]) for r in runs)
+
+    def med(runs: list) -> float:
+        return statistics.median(r[0] for r in runs)
+
+    def ttft(runs: list) -> float:
+        return statistics.median(statistics.median(r[2]) for r in runs)
+
     print(f"{md.path}: {args.sequences} sequences, prompts 8..{len(reqs[-1][0])} tokens, {args.new_tokens} new "
           f"tokens each, {args.threads} threads, medians of {args.rounds} interleaved rounds")
     print("| run | seconds | tokens/s | TTFT p50 s | × one after another |")

@@ -78,7 +78,7 @@ class GpuCheck:
         print(f"\n=== {name} {model} {dtype}: {' '.join(cmd)}", flush=True)
         t = time.perf_counter()
         try:
-            ok = subprocess.run(cmd, cwd=ROOT, timeout=STEP_TIMEOUT_S).returncode == 0
+            ok = subprocess.run(cmd, cwd=ROOT, timeout=STEP_TIMEOUT_S, check=False).returncode == 0
             why = "" if ok else "failed (its output is above)"
         except subprocess.TimeoutExpired:
             ok, why = False, f"ran past {STEP_TIMEOUT_S} s"
@@ -119,14 +119,15 @@ def environment(chk: GpuCheck) -> dict:
     env["tensorrt"] = _probe("import tensorrt; print(tensorrt.__version__)")
     ready = chk.dry_run or (env["gpu"] is not None and "CUDAExecutionProvider" in env.get("providers", []))
     figure = (f"{env['gpu'] or 'no GPU (' + env.get('gpu_error', '?') + ')'}; onnxruntime {env['onnxruntime']} "
-              f"({', '.join(env.get('providers', []))}); torch {env['torch']}; TensorRT {env['tensorrt'] or 'not importable'}")
+              f"({', '.join(env.get('providers', []))}); torch {env['torch']}; "
+              f"TensorRT {env['tensorrt'] or 'not importable'}")
     chk.add(Step("environment", ok=ready, figure=("dry run on the CPU: " if chk.dry_run else "") + figure, data=env))
     return env
 
 
 def _probe(code: str) -> str | None:
     try:
-        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     except (OSError, subprocess.SubprocessError):
         return None
     return proc.stdout.strip() if proc.returncode == 0 else None
@@ -156,7 +157,8 @@ def parity(chk: GpuCheck, model: str, ckpt: Path, out: Path, dtype: str, backend
     # the PyTorch reference (on the CPU, the slow part) is built once per model and kept as a golden file
     golden = chk.work / f"{model}.golden.npz"
     reference = (["--golden", str(golden), str(out)] if golden.is_file() else
-                 [str(ckpt), str(out), "--save-golden", str(golden), *[a for p in prompts for a in ("--prompt-tokens", p)]])
+                 [str(ckpt), str(out), "--save-golden", str(golden),
+                  *[a for p in prompts for a in ("--prompt-tokens", p)]])
     cmd = gptexport("parity", *reference, "--backends", backend, "--tolerance", tolerance, "--json", str(report),
                     *(["--tf32"] if tf32 else []))
     step = chk.command("tf32" if tf32 else f"parity {backend}", cmd, model, dtype, record=False)
@@ -166,7 +168,8 @@ def parity(chk: GpuCheck, model: str, ckpt: Path, out: Path, dtype: str, backend
         return chk.add(step)
     forward = next((c for c in data["checks"] if c["name"] == "forward"), None)
     failed = [f"{c['name']}: {c['figure']}" for c in data["checks"] if not c["ok"]]
-    step.figure = (forward["figure"] if forward else data["verdict"]) + (f"; NOT OK {'; '.join(failed)}" if failed else "")
+    step.figure = ((forward["figure"] if forward else data["verdict"])
+                   + (f"; NOT OK {'; '.join(failed)}" if failed else ""))
     step.data = {"verdict": data["verdict"], "tolerance": data["tolerance"],
                  "needed_atol": forward and forward["details"]["needed_atol"],
                  "needed_rtol": forward and forward["details"]["needed_rtol"],
@@ -211,7 +214,8 @@ def speed(chk: GpuCheck, env: dict, model: str, ckpt: Path, out: Path, dtype: st
         for graphs in (True, False):
             job = {**base, "runtime": backend, "cuda_graphs": graphs, "batch": rows}
             measured(f"batched B={rows}{'' if graphs else ' no graphs'}", job,
-                     lambda m: f"{m['decode_tok_s']:.0f} tok/s decode ({rows} sequences), {m['ms_per_token']:.3f} ms/step")
+                     lambda m, rows=rows: f"{m['decode_tok_s']:.0f} tok/s decode ({rows} sequences), "
+                                          f"{m['ms_per_token']:.3f} ms/step")
     grows(chk, base, backend, model, dtype)
     if "transformers" not in jobs:
         chk.add(Step("speed transformers", model, dtype, None if chk.dry_run else False,
@@ -235,7 +239,8 @@ def grows(chk: GpuCheck, base: dict, backend: str, model: str, dtype: str) -> St
     try:
         m = run_worker(job)
     except Exception as e:
-        return chk.add(Step(f"speed grows B={GROW_ROWS}", model, dtype, False, round(time.perf_counter() - t, 1), str(e)))
+        return chk.add(Step(f"speed grows B={GROW_ROWS}", model, dtype, False, round(time.perf_counter() - t, 1),
+                            str(e)))
     return chk.add(Step(f"speed grows B={GROW_ROWS}", model, dtype, m["graph_ids"] <= bound,
                         round(time.perf_counter() - t, 1),
                         f"{m['decode_tok_s']:.0f} tok/s decode, {m['runs'] + 1} runs, {m['graph_ids']} decode graphs "
@@ -330,7 +335,8 @@ def main(argv: list[str] | None = None) -> int:
                "steps": [asdict(s) for s in chk.steps]}
     (chk.work / "gpu_check.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     print(f"\n=== gpu_check: {'OK' if chk.ok else 'NOT OK'} in {total:.0f} s"
-          f"{' (dry run on the CPU)' if chk.dry_run else ''}\n{table(chk.steps)}\nwritten to {chk.work / 'gpu_check.json'}")
+          f"{' (dry run on the CPU)' if chk.dry_run else ''}\n{table(chk.steps)}\n"
+          f"written to {chk.work / 'gpu_check.json'}")
     return 0 if chk.ok else 1
 
 

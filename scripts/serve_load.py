@@ -32,8 +32,8 @@ import numpy as np
 
 from gptexport.artifacts.modeldir import load_model_dir
 from gptexport.runtime.params import GenerationParams
-from gptexport.runtime.session import GenerationSession
 from gptexport.runtime.sampling import SamplingParams
+from gptexport.runtime.session import GenerationSession
 from gptexport.serve.model import cpu_threads
 from gptexport.serve.repository import write_repository
 from gptexport.serve.server import TritonServer
@@ -96,7 +96,9 @@ def run_clients(port: int, model: str, clients: int, requests: int, max_tokens: 
 def in_process_baseline(model_dir: Path, max_tokens: int, repeats: int = 15) -> float:
     """Tokens/s of one generate() in this process with the runner of one served instance (its
     threads), the sampling of a request's defaults: what a request costs without the server."""
-    params = lambda seed: GenerationParams(max_tokens, SamplingParams(0.8, 200, None), seed)
+    def params(seed: int) -> GenerationParams:
+        return GenerationParams(max_tokens, SamplingParams(0.8, 200, None), seed)
+
     with GenerationSession.open(model_dir, threads=cpu_threads(1)) as session:
         prompt = session.encode(PROMPT) if session.tokenizer else [0]
         session.generate(prompt, params(0))  # warm-up
@@ -113,7 +115,8 @@ def main() -> None:
     ap.add_argument("model_dir", type=Path)
     ap.add_argument("--instances", type=int, nargs="+", default=[1])
     ap.add_argument("--max-batch", type=int, nargs="+", default=[1, 16], help="the repositories' --max-batch")
-    ap.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads per instance (0: the server's default)")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="ONNX Runtime threads per instance (0: the server's default)")
     ap.add_argument("--prompt-tokens", type=int, default=0, help="random prompts of this many tokens (0: PROMPT)")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--requests", type=int, default=4, help="requests per client")
@@ -133,10 +136,12 @@ def main() -> None:
                                         max_batch=max_batch)
                 if args.threads:
                     config = repo / "m" / "config.pbtxt"
-                    config.write_text(config.read_text().replace('key: "threads" value: { string_value: "0" }',
-                                                                  f'key: "threads" value: {{ string_value: "{args.threads}" }}'))
+                    default = 'key: "threads" value: { string_value: "0" }'
+                    threads = f'key: "threads" value: {{ string_value: "{args.threads}" }}'
+                    config.write_text(config.read_text().replace(default, threads))
                 with TritonServer(repo, http_port=18700, grpc_port=18701) as server:
-                    run_clients(server.http_port, "m", instances, 1, args.max_tokens, args.prompt_tokens, vocab)  # warm-up
+                    # warm-up
+                    run_clients(server.http_port, "m", instances, 1, args.max_tokens, args.prompt_tokens, vocab)
                     for clients in args.concurrency:
                         row = {"instances": instances, "max_batch": max_batch, "clients": clients,
                                **run_clients(server.http_port, "m", clients, args.requests, args.max_tokens,
@@ -163,8 +168,8 @@ def main() -> None:
           f"({args.max_tokens} tokens, prompt {PROMPT!r}, {cpu_threads(1)} thread(s)); "
           f"load average 1 min: {load_before[0]:.2f} before, {load_after[0]:.2f} after")
     if args.json:
-        args.json.write_text(json.dumps({"baseline_tok_s": [baseline, baseline_after], "load": [load_before, load_after],
-                                         "rows": rows}, indent=2))
+        args.json.write_text(json.dumps({"baseline_tok_s": [baseline, baseline_after],
+                                         "load": [load_before, load_after], "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

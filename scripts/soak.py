@@ -17,8 +17,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 from gptexport.runtime.params import GenerationParams
 from gptexport.runtime.sampling import SamplingParams
 from gptexport.runtime.session import GenerationSession

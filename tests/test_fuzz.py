@@ -22,12 +22,18 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gptexport.artifacts.modeldir import MANIFEST, load_model_dir
-from gptexport.artifacts.tokenizer import (CharTokenizer, TokenizerError, check_token_ids, gpt2_default_dir,
-                                           load_meta_pkl)
+from gptexport.artifacts.tokenizer import (
+    CharTokenizer,
+    TokenizerError,
+    check_token_ids,
+    gpt2_default_dir,
+    load_meta_pkl,
+)
 from gptexport.cli.inputs import parse_token_ids
 from gptexport.errors import GptExportError
 
-FUZZ = settings(max_examples=int(os.environ.get("GPTEXPORT_FUZZ_EXAMPLES", 200)), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(max_examples=int(os.environ.get("GPTEXPORT_FUZZ_EXAMPLES", 200)), deadline=None,
+                suppress_health_check=[HealthCheck.too_slow])
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +112,8 @@ def test_fuzz_checkpoint(workdir, ckpt_bytes, data):
     marker = workdir / "pwned-ckpt"
     how = data.draw(st.sampled_from(["bytes", "file", "pickle"]))
     if how == "bytes":
-        content = data.draw(st.binary(max_size=512).map(lambda b: data.draw(st.sampled_from([b"", b"PK", b"\x80\x02"])) + b))
+        content = data.draw(st.binary(max_size=512).map(
+            lambda b: data.draw(st.sampled_from([b"", b"PK", b"\x80\x02"])) + b))
     elif how == "file":
         content = data.draw(mutated(original, marker))
     else:

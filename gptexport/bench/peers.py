@@ -168,7 +168,7 @@ def _tool(cmd: list[str], log: Path) -> None:
     with open(log, "w") as f:
         try:
             code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=CONVERT_TIMEOUT_S,
-                                  env={**os.environ, "TOKENIZERS_PARALLELISM": "false"}).returncode
+                                  env={**os.environ, "TOKENIZERS_PARALLELISM": "false"}, check=False).returncode
         except subprocess.TimeoutExpired:
             code = "timeout"
     if code != 0:

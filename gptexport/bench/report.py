@@ -92,13 +92,16 @@ def floor_tok_s(report: dict, result: dict, stream: str = "copy") -> float | Non
 
 def table(report: dict) -> str:
     """The report as a markdown table plus the bandwidth floor, ratios against the baselines."""
-    b1 = lambda r, k: r["by_batch"].get("1", {}).get(k)
+    def b1(r: dict, k: str):
+        return r["by_batch"].get("1", {}).get(k)
+
     nano = _find(report, "nanoGPT")
     bmax = str(max(report["config"]["batches"]))
     c_lo, c_hi = (str(c) for c in (list(report["config"]["contexts"]) + [None, None])[:2])
     rows = ["| runtime | weights | decode tok/s (B=1) | × nanoGPT | × transformers | × llama.cpp same precision "
             "| × CTranslate2 | ÷ floor (copy) | ÷ floor (read) "
-            f"| prefill tok/s | TTFT ms | decode tok/s (B={bmax}) | peak RSS MB (B=1) | ms/token @{c_lo} | @{c_hi if c_hi != 'None' else '–'} | ratio |",
+            f"| prefill tok/s | TTFT ms | decode tok/s (B={bmax}) | peak RSS MB (B=1) | ms/token @{c_lo} "
+            f"| @{c_hi if c_hi != 'None' else '–'} | ratio |",
             "|" + "---|" * 16]
     for r in report["results"]:
         d = b1(r, "decode_tok_s")
@@ -125,7 +128,8 @@ def table(report: dict) -> str:
             lines.append(f"  {r['weights']}: {r['weight_bytes_per_token'] / MB:.0f} MB/token -> "
                          f"{floor_tok_s(report, r, 'copy'):.0f} tok/s (copy), "
                          f"{floor_tok_s(report, r, 'read'):.0f} tok/s (read); peak RSS at batch 1 = "
-                         f"{_ratio_plain(rss and rss * MB, r.get('weight_bytes'))} the {r['weight_bytes'] / MB:.0f} MB of weights")
+                         f"{_ratio_plain(rss and rss * MB, r.get('weight_bytes'))} "
+                         f"the {r['weight_bytes'] / MB:.0f} MB of weights")
     lines += [f"  {r['runtime']} {r['weights']}: {r['note']}" for r in report["results"] if r.get("note")]
     return "\n".join(rows + [""] + peer_table(report) + lines + [f"note: {n}" for n in report["notes"]])
 
@@ -180,8 +184,9 @@ def plot(report: dict, path: str | Path) -> None:
     labels = [f"{r['runtime']}\n{r['weights']}" for r in results]
     x = np.arange(len(results))
     pairs = [(r, p) for r in results for p in (_peer_for(report, r, name) for name in PEERS) if p]
+    widths = [len(results), len(results)] + ([max(len(pairs), 3)] if pairs else [])
     fig, axes = plt.subplots(1, 3 if pairs else 2, figsize=(max(13, 1.6 * len(results)) + (5 if pairs else 0), 5.2),
-                             gridspec_kw={"width_ratios": [len(results), len(results)] + ([max(len(pairs), 3)] if pairs else [])})
+                             gridspec_kw={"width_ratios": widths})
     ax1, ax2 = axes[:2]
     batches = report["config"]["batches"]
     w = 0.8 / max(len(batches), 1)
@@ -227,7 +232,8 @@ def _plot_peer_ratios(ax, report: dict, pairs: list[tuple[dict, dict]]) -> None:
     x = np.arange(len(pairs))
     w = 0.8 / max(len(batches), 1)
     for i, b in enumerate(batches):
-        stats = [peer_ratio(report, ours, peer, ("by_batch", str(b), "decode_tok_s")) or (0, 0, 0) for ours, peer in pairs]
+        stats = [peer_ratio(report, ours, peer, ("by_batch", str(b), "decode_tok_s")) or (0, 0, 0)
+                 for ours, peer in pairs]
         med = np.array([m for m, _, _ in stats])
         err = np.array([[m - lo, hi - m] for m, lo, hi in stats]).T
         ax.bar(x + (i - (len(batches) - 1) / 2) * w, med, w, yerr=err, capsize=2, error_kw={"lw": 0.8},

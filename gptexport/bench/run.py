@@ -38,11 +38,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from . import peers
-
 import numpy as np
 
 from ..errors import GptExportError, UsageError
+from . import peers
 
 PRECISIONS = ("fp32", "int8", "int4")
 GPU_BACKENDS = ("ort-cuda", "ort-tensorrt", "tensorrt")
@@ -113,7 +112,7 @@ def _run_once(job: dict) -> tuple[dict, float]:
     env = {**os.environ, "OMP_NUM_THREADS": str(job["threads"]), "TOKENIZERS_PARALLELISM": "false"}
     children = resource.getrusage(resource.RUSAGE_CHILDREN)  # the worker is our only child meanwhile
     proc = subprocess.run([sys.executable, "-m", "gptexport.bench.worker", json.dumps(job)],
-                          capture_output=True, text=True, env=env)
+                          capture_output=True, text=True, env=env, check=False)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
@@ -227,8 +226,8 @@ def run_bench(model_dir: str | Path, ckpt: str | Path | None = None, config: Ben
     bad = [b for b in config.backends if b != "onnxruntime" and b not in GPU_BACKENDS]
     if bad:
         raise UsageError(f"--backend {bad[0]!r} is not one of onnxruntime, {', '.join(GPU_BACKENDS)}")
-    runtimes, notes = _runtimes(model_dir, md, ckpt, config, precisions, Path(work_dir) if work_dir else model_dir.parent,
-                                progress)
+    runtimes, notes = _runtimes(model_dir, md, ckpt, config, precisions,
+                                Path(work_dir) if work_dir else model_dir.parent, progress)
     rounds = []
     for runtime in runtimes:
         progress(f"{runtime.name} {runtime.weights}: {runtime.path}")
@@ -323,14 +322,16 @@ def _peers(runtimes: list[Runtime], notes: list[str], md, ckpt, config: BenchCon
     for name, tools in found.items():
         wanted = {peers.SAME_PRECISION[name].get(p) for p in precisions} - {None}
         if not wanted:
-            notes.append(f"{name} skipped: none of its weights is at the precisions asked for ({', '.join(precisions)})")
+            notes.append(f"{name} skipped: none of its weights is at the precisions asked for "
+                         f"({', '.join(precisions)})")
             continue
         try:
             models = peers.prepare_models(name, tools, hf_dir, work_dir, progress)
         except GptExportError as e:
             notes.append(f"{name} skipped: {e}")
             continue
-        runtimes += [Runtime(name, m.weights, str(m.path), (m.weight_bytes, None), job={"tools": tools, "weights": m.weights})
+        runtimes += [Runtime(name, m.weights, str(m.path), (m.weight_bytes, None),
+                             job={"tools": tools, "weights": m.weights})
                      for m in models if m.weights in wanted]
 
 
@@ -390,7 +391,8 @@ def _torch_has_cuda() -> bool:
     """Whether torch here sees a CUDA device, asked in a subprocess: the bench never imports torch itself."""
     code = "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"
     try:
-        return subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120).returncode == 0
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120, check=False)
+        return proc.returncode == 0
     except (OSError, subprocess.SubprocessError):
         return False
 

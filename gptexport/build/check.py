@@ -204,7 +204,8 @@ def _opset_findings(opset: int | None, target: str) -> list[Finding]:
                                       f"{target}.x's ONNX parser reads")]
 
 
-def graph_findings(graph, table: dict[str, frozenset[str]], opset: int, outer_types: dict | None = None) -> list[Finding]:
+def graph_findings(graph, table: dict[str, frozenset[str]], opset: int,
+                   outer_types: dict | None = None) -> list[Finding]:
     """One finding per node the parser would refuse, subgraphs (If/Loop/Scan bodies) included."""
     types = dict(outer_types or {})
     types.update(_tensor_types(graph))
@@ -281,7 +282,8 @@ def _constant_tensors(graph) -> set[str]:
     constants = {t.name for t in graph.initializer}
     for node in graph.node:  # ONNX graphs are topologically sorted
         if node.op_type == "Constant" or (
-                node.input and all(not i or i in constants for i in node.input) and not node.op_type.startswith("Random")):
+                node.input and all(not i or i in constants for i in node.input)
+                and not node.op_type.startswith("Random")):
             constants.update(o for o in node.output if o)
     return constants
 
@@ -381,7 +383,8 @@ def initializer_findings(graph) -> list[Finding]:
         for d in t.dims:
             count *= d
         if elem not in _TRT_TYPES:
-            findings.append(Finding(f"initializer {t.name}", "initializer", f"{elem.lower()} weights are not supported"))
+            findings.append(Finding(f"initializer {t.name}", "initializer",
+                                    f"{elem.lower()} weights are not supported"))
         elif count > MAX_ELEMENTS:
             findings.append(Finding(f"initializer {t.name}", "initializer",
                                     f"{count} elements, more than TensorRT's per-tensor limit of {MAX_ELEMENTS}"))

@@ -17,7 +17,8 @@ from .app import main
 
 @main.command()
 @click.argument("ckpt", type=click.Path(path_type=Path))
-@click.option("-o", "--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Model directory to write.")
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(path_type=Path),
+              help="Model directory to write.")
 @click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
               help="Weights and cache precision; LayerNorm, softmax and logits stay fp32.")
 @click.option("--tokenizer", type=click.Path(path_type=Path), default=None,
@@ -61,7 +62,8 @@ def convert(ckpt: Path, out_dir: Path, dtype: str, tokenizer: Path | None, force
 @click.option("--num-samples", type=int, default=1, show_default=True)
 @click.option("--backend", default="onnxruntime", show_default=True,
               help="onnxruntime (CPU), ort-cuda, ort-tensorrt, or tensorrt (an engine built by `gptexport build`).")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for ONNX Runtime (default: all cores).")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="CPU threads for ONNX Runtime (default: all cores).")
 @click.option("--tf32", is_flag=True, help="ort-cuda: let fp32 matmuls use TF32 (faster, less exact; off by default).")
 @click.option("--no-cuda-graphs", is_flag=True, help="ort-cuda, tensorrt: run decode steps without CUDA graphs.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of streaming text.")
@@ -132,13 +134,16 @@ def generate_many(session, prompts_file: Path, items: list, line_numbers: list[i
               help="Logit tolerance preset [default: the model directory's dtype; tf32 with --tf32].")
 @click.option("--atol", type=float, default=None, help="Absolute logit tolerance (instead of --tolerance).")
 @click.option("--rtol", type=float, default=None, help="Relative logit tolerance (instead of --tolerance).")
-@click.option("--temperature", type=float, default=None, help="Sampling temperature of the KL and sampling checks [default: 0.8].")
+@click.option("--temperature", type=float, default=None,
+              help="Sampling temperature of the KL and sampling checks [default: 0.8].")
 @click.option("--top-k", type=int, default=None, help="Sampling top-k [default: 200].")
 @click.option("--top-p", type=float, default=None, help="Sampling top-p, in (0, 1].")
 @click.option("--seed", type=int, default=None, help="Seed of the sampling check [default: 1337].")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for ONNX Runtime.")
-@click.option("--tf32", is_flag=True, help="Run ort-cuda with TF32 matmuls; an fp32 directory is then held to the tf32 preset.")
-@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write every number to this JSON file.")
+@click.option("--tf32", is_flag=True,
+              help="Run ort-cuda with TF32 matmuls; an fp32 directory is then held to the tf32 preset.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None,
+              help="Write every number to this JSON file.")
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None,
               help="Write a PNG of the per-position logit error of each backend.")
 @click.option("--save-golden", type=click.Path(path_type=Path), default=None,

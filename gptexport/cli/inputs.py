@@ -69,12 +69,11 @@ def parse_token_ids(s: str) -> list[int]:
 
 def read_text_file(path: Path, what: str = "prompt file") -> str:
     """A user's UTF-8 text file, or standard input for `-`; any problem is one line naming it (exit 1)."""
-    if str(path) == STDIN:
-        path, read = Path("<stdin>"), lambda: _stdin_bytes().decode("utf-8")
-    else:
-        read = lambda: path.read_text(encoding="utf-8")
+    stdin = str(path) == STDIN
+    if stdin:
+        path = Path("<stdin>")
     try:
-        return read()
+        return _stdin_bytes().decode("utf-8") if stdin else path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise GptExportError(f"{path}: {what} not found") from None
     except UnicodeDecodeError as e:
@@ -146,7 +145,7 @@ def read_batch_file(path: Path):
     if not lines:
         raise GptExportError(f"{path}: prompts file has no prompts (one per line, or JSON Lines)")
     records = []
-    for n, line in lines:
+    for _n, line in lines:
         try:
             record = json.loads(line) if line.lstrip().startswith("{") else None
         except json.JSONDecodeError:

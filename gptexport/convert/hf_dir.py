@@ -18,12 +18,21 @@ import torch
 from ..artifacts.files import read_json
 from ..config import GPTConfig
 from ..errors import CheckpointError, first_line
-from .checkpoint import (Checkpoint, check_state_dict, config_from_model_args, empty_model, file_stamp, precision_of,
-                         renamed_weights, torch_load)
+from .checkpoint import (
+    Checkpoint,
+    check_state_dict,
+    config_from_model_args,
+    empty_model,
+    file_stamp,
+    precision_of,
+    renamed_weights,
+    torch_load,
+)
 
 CONFIG = "config.json"
 # in the order transformers prefers them
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json",
+                "pytorch_model.bin", "pytorch_model.bin.index.json")
 WEIGHTS_WANTED = "model.safetensors or pytorch_model.bin (or their .index.json with shards)"
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

@@ -10,8 +10,15 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError
-from .checkpoint import (COMPILED_PREFIX, Checkpoint, config_from_model_args, file_stamp, precision_of,
-                         renamed_weights, torch_load)
+from .checkpoint import (
+    COMPILED_PREFIX,
+    Checkpoint,
+    config_from_model_args,
+    file_stamp,
+    precision_of,
+    renamed_weights,
+    torch_load,
+)
 
 
 def clean_state_dict(sd: dict, path: Path) -> dict[str, torch.Tensor]:

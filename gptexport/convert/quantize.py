@@ -191,7 +191,8 @@ def _give_layer_norms_a_bias(model) -> None:
         if node.op_type == "LayerNormalization" and (len(node.input) < 3 or not node.input[2]):
             name = f"{node.input[1]}.zero_bias"
             if name not in names:  # one per weight: blocks whose norms share a weight share it
-                model.graph.initializer.append(numpy_helper.from_array(np.zeros(sizes[node.input[1]], np.float32), name))
+                zeros = np.zeros(sizes[node.input[1]], np.float32)
+                model.graph.initializer.append(numpy_helper.from_array(zeros, name))
                 names.add(name)
             del node.input[2:]
             node.input.append(name)

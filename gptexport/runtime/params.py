@@ -22,8 +22,15 @@ from typing import Mapping
 import numpy as np
 
 from ..errors import ParameterError, TokenizerError
-from .sampling import (DEFAULT_MAX_NEW_TOKENS, DEFAULT_SAMPLING, DEFAULT_SEED, SamplingParams, apply_penalties,
-                       banned_tokens, check_penalties)
+from .sampling import (
+    DEFAULT_MAX_NEW_TOKENS,
+    DEFAULT_SAMPLING,
+    DEFAULT_SEED,
+    SamplingParams,
+    apply_penalties,
+    banned_tokens,
+    check_penalties,
+)
 
 
 def _int(name: str, value, low: int, allow_none: bool = False) -> None:

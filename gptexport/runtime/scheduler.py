@@ -40,6 +40,7 @@ from .params import GenerationParams, prepare
 from .sampling import check_finite, next_token, token_logprob
 from .textstream import TextStream
 
+
 def crop_notice(prompt_len: int, block_size: int) -> str:
     return (f"notice: prompt has {prompt_len} tokens, more than block_size {block_size}; "
             f"using its last {block_size} tokens, as nanoGPT does")

@@ -213,7 +213,8 @@ class TritonPythonModel:
                 self._final(sender, self._error(str(e), self.pb.TritonError.INTERNAL))
             except Exception as e:  # a bug: the client still gets an answer and the final flag
                 self.log.log_error(f"gptexport: {traceback.format_exc()}")
-                self._final(sender, self._error(f"internal error: {type(e).__name__}: {e}", self.pb.TritonError.INTERNAL))
+                self._final(sender, self._error(f"internal error: {type(e).__name__}: {e}",
+                                                self.pb.TritonError.INTERNAL))
         return None
 
     def finalize(self) -> None:

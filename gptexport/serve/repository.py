@@ -32,7 +32,8 @@ DEFAULT_MAX_TOKENS = 1024
 VERSION = "1"
 _NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
-SHIM = '''"""Triton Python-backend model written by `gptexport triton`: gptexport serves it (gptexport/serve/model.py)."""
+SHIM = '''"""Triton Python-backend model written by `gptexport triton`: gptexport serves it
+(gptexport/serve/model.py)."""
 
 try:
     from gptexport.serve.model import TritonPythonModel  # noqa: F401
@@ -110,7 +111,8 @@ output [
 instance_group [ {{ count: {instances} kind: {BACKENDS[backend]} }} ]
 parameters {{ key: "backend" value: {{ string_value: "{backend}" }} }}
 parameters {{ key: "max_tokens" value: {{ string_value: "{max_tokens}" }} }}  # the most a request may ask for
-parameters {{ key: "max_batch" value: {{ string_value: "{max_batch}" }} }}  # sequences in flight per instance; more queue
+# max_batch: sequences in flight per instance; more queue
+parameters {{ key: "max_batch" value: {{ string_value: "{max_batch}" }} }}
 parameters {{ key: "threads" value: {{ string_value: "0" }} }}  # per instance; 0: the cores, shared among instances
 '''
 

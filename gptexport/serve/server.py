@@ -68,15 +68,17 @@ def find_tritonserver() -> TritonInstall:
     try:
         dist = importlib.metadata.distribution(PYTRITON)
     except importlib.metadata.PackageNotFoundError:
-        raise BackendUnavailable(f"no tritonserver on the PATH and {PYTRITON} is not installed; "
-                                 f"install its server with: pip install --no-deps {PYTRITON}=={PYTRITON_VERSION}") from None
+        raise BackendUnavailable(
+            f"no tritonserver on the PATH and {PYTRITON} is not installed; "
+            f"install its server with: pip install --no-deps {PYTRITON}=={PYTRITON_VERSION}") from None
     if dist.version != PYTRITON_VERSION:
         raise BackendUnavailable(f"{PYTRITON} {dist.version} is installed; gptexport serves with {PYTRITON_VERSION}: "
                                  f"pip install --no-deps {PYTRITON}=={PYTRITON_VERSION}")
     root = Path(dist.locate_file("pytriton")) / "tritonserver"
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
     install = TritonInstall(root / "bin" / "tritonserver", f"tritonserver 2.51 from {PYTRITON} {PYTRITON_VERSION}",
-                            root / "backends" / "python", root / "python_backend_stubs" / version / "triton_python_backend_stub",
+                            root / "backends" / "python",
+                            root / "python_backend_stubs" / version / "triton_python_backend_stub",
                             Path(dist.locate_file("nvidia_pytriton.libs")))
     if not install.stub.is_file():
         raise BackendUnavailable(f"{PYTRITON} {PYTRITON_VERSION} has no Python backend stub for Python {version} "
@@ -240,7 +242,8 @@ class TritonServer:
             except (urllib.error.URLError, OSError):
                 pass
             time.sleep(0.2)
-        raise GptExportError(f"{self.repo}: tritonserver was not ready after {self.ready_timeout_s:.0f} s: {self.failure()}")
+        raise GptExportError(f"{self.repo}: tritonserver was not ready after {self.ready_timeout_s:.0f} s: "
+                             f"{self.failure()}")
 
     def failure(self) -> str:
         """The most telling line of the server's output: our model's error, else Triton's first error."""

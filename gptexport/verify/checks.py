@@ -12,8 +12,18 @@ from ..runtime.sampling import SamplingParams, logits_to_probs
 from .batched import CROP_STEPS, batched_verdict, crop_probe
 from .golden import Outputs, Reference
 from .measure import generate_recorded, measure, recompute_last
-from .metrics import (TOPK_OVERLAP, Divergence, error_stats, greedy_divergence, kl_divergence, needed_tolerance,
-                      sampled_divergence, top1_agreement, topk_overlap, within_fraction)
+from .metrics import (
+    TOPK_OVERLAP,
+    Divergence,
+    error_stats,
+    greedy_divergence,
+    kl_divergence,
+    needed_tolerance,
+    sampled_divergence,
+    top1_agreement,
+    topk_overlap,
+    within_fraction,
+)
 from .tolerance import Tolerance
 
 SAMPLER_ATOL = 1e-6  # numpy sampler vs nanoGPT's torch code, on probabilities
@@ -63,7 +73,10 @@ def forward_check(backend: str, ref: Reference, got: Outputs, tol: Tolerance, pa
              topk_overlap=topk_overlap(r, g))
     # KL between the distributions the sampler would draw from; greedy has none, so T=1 then
     kl_params = SamplingParams(1.0, params.top_k, params.top_p) if params.greedy else params
-    probs = lambda x: logits_to_probs(x, kl_params.temperature, kl_params.top_k, kl_params.top_p)
+
+    def probs(x: np.ndarray) -> np.ndarray:
+        return logits_to_probs(x, kl_params.temperature, kl_params.top_k, kl_params.top_p)
+
     kl = kl_divergence(probs(r), probs(g))
     d.update(kl_mean=float(kl.mean()), kl_max=float(kl.max()), kl_params=asdict(kl_params))
     d["per_position"] = {"labels": position_labels(ref), "max_abs": np.abs(g - r).max(-1).tolist()}
@@ -105,7 +118,8 @@ def _token_check(name: str, backend: str, divs: list[Divergence | None], steps: 
 def generation_check(backend: str, ref: Reference, got: Outputs, tol: Tolerance) -> Check:
     """Greedy tokens for `steps` steps; the first divergence is excused at a near-tie only."""
     o = ref.outputs
-    divs = [greedy_divergence(rt, gt, rl, tol) for rt, gt, rl in zip(o.greedy_tokens, got.greedy_tokens, o.greedy_logits)]
+    divs = [greedy_divergence(rt, gt, rl, tol)
+            for rt, gt, rl in zip(o.greedy_tokens, got.greedy_tokens, o.greedy_logits)]
     return _token_check("generation", backend, divs, ref.steps)
 
 

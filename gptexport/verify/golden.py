@@ -93,7 +93,8 @@ def load_golden(path: str | Path) -> Reference:
     """Read a golden file written by save_golden; a wrong or damaged file is a one-line error."""
     path = Path(path)
     if not path.is_file():
-        raise GptExportError(f"{path}: golden file not found (write one with `gptexport parity CKPT OUTDIR --save-golden FILE`)")
+        raise GptExportError(f"{path}: golden file not found "
+                             f"(write one with `gptexport parity CKPT OUTDIR --save-golden FILE`)")
     try:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in npz.files}

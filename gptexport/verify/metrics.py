@@ -58,7 +58,10 @@ def top1_agreement(ref: np.ndarray, got: np.ndarray, tol: Tolerance) -> tuple[in
 def topk_overlap(ref: np.ndarray, got: np.ndarray, k: int = TOPK_OVERLAP) -> float:
     """Mean over rows of |top-k(ref) & top-k(got)| / k."""
     k = min(k, ref.shape[-1])
-    top = lambda x: np.argpartition(-x, k - 1, axis=-1)[:, :k]
+
+    def top(x: np.ndarray) -> np.ndarray:
+        return np.argpartition(-x, k - 1, axis=-1)[:, :k]
+
     return float(np.mean([len(np.intersect1d(a, b)) / k for a, b in zip(top(ref), top(got))]))
 
 

@@ -51,9 +51,9 @@ def test_weight_bytes_per_token_skips_gather_only_tables(tmp_path):
 
 
 def test_worker_measures_in_its_own_process(tiny_model_dir):
-    job = {"runtime": "gptexport-ort", "path": str(tiny_model_dir), "threads": 1, "seed": 0, "repeats": 1, "budget_s": 10,
-           "vocab_size": load_model_dir(tiny_model_dir).config.vocab_size, "batch": 2, "prompt_tokens": 3,
-           "new_tokens": 4}
+    job = {"runtime": "gptexport-ort", "path": str(tiny_model_dir), "threads": 1, "seed": 0, "repeats": 1,
+           "budget_s": 10, "vocab_size": load_model_dir(tiny_model_dir).config.vocab_size, "batch": 2,
+           "prompt_tokens": 3, "new_tokens": 4}
     m = bench.run_worker(job)
     assert set(m) == {"prefill_tok_s", "decode_tok_s", "ttft_ms", "ms_per_token", "runs", "peak_rss_mb", "others_cpu",
                       "graph_ids"}
@@ -129,8 +129,10 @@ def test_gpu_backends_make_their_rows(tiny_model_dir, tiny_ckpt, tmp_path):
     config = bench.BenchConfig(backends=("ort-cuda", "tensorrt", "ort-tensorrt"), cuda_graphs=(True, False))
     runtimes, notes = bench._runtimes(tiny_model_dir, md, tiny_ckpt, config, ("fp32",), tmp_path)
     rows = [(r.name, r.variant, r.device, r.job.get("cuda_graphs")) for r in runtimes]
-    assert rows[:5] == [("gptexport-ort-cuda", "", "cuda", True), ("gptexport-ort-cuda", "no CUDA graphs", "cuda", False),
-                        ("gptexport-tensorrt", "", "cuda", True), ("gptexport-tensorrt", "no CUDA graphs", "cuda", False),
+    assert rows[:5] == [("gptexport-ort-cuda", "", "cuda", True),
+                        ("gptexport-ort-cuda", "no CUDA graphs", "cuda", False),
+                        ("gptexport-tensorrt", "", "cuda", True),
+                        ("gptexport-tensorrt", "no CUDA graphs", "cuda", False),
                         ("gptexport-ort-tensorrt", "", "cuda", True)]
     assert not any(r.name in ("gptexport-ort", "nanoGPT") for r in runtimes)  # no CPU rows unless asked
     assert notes  # transformers: not installed here, or torch without CUDA

@@ -22,7 +22,7 @@ def _script():
 def test_dry_run_writes_one_table_and_one_json(tmp_path):
     proc = subprocess.run([sys.executable, "scripts/gpu_check.py", "--cpu-dry-run", "--work", str(tmp_path),
                            "--dtypes", "fp32", "--decode-tokens", "4"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+                          cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert report["ok"] and report["dry_run"]

@@ -45,7 +45,8 @@ def _value(name, elem, shape):
 def _crafted(tmp_path, opset=18) -> Path:
     """A graph with one node of each kind TensorRT's parser refuses, and two nodes it takes."""
     nodes = [
-        helper.make_node("StringNormalizer", ["text"], ["normalized"], name="normalize_text", case_change_action="LOWER"),
+        helper.make_node("StringNormalizer", ["text"], ["normalized"], name="normalize_text",
+                         case_change_action="LOWER"),
         helper.make_node("Add", ["small", "small"], ["small2"], name="add_int16"),  # Add has no INT16 in TensorRT
         helper.make_node("LayerNormalization", ["x", "gamma"], ["y", "mean"], name="ln_with_mean", axis=-1),
         helper.make_node("Unsqueeze", ["y", "axes_in"], ["y2"], name="unsqueeze_runtime_axes"),  # axes from an input
@@ -65,7 +66,8 @@ def _crafted(tmp_path, opset=18) -> Path:
         initializer=[helper.make_tensor("gamma", TensorProto.FLOAT, [8], np.ones(8)),
                      helper.make_tensor("axes_const", TensorProto.INT64, [1], [0]),
                      helper.make_tensor("codes", TensorProto.UINT16, [2], [1, 2])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid("com.example", 1)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset),
+                                                    helper.make_opsetid("com.example", 1)])
     path = tmp_path / "crafted.onnx"
     onnx.save(model, str(path))
     return path
@@ -167,7 +169,8 @@ def _doctored(model_dir: Path, tmp_path: Path) -> Path:
     g.node.extend([
         helper.make_node("Squeeze", ["past_length"], ["past_scalar"], name="squeeze_past_length"),
         helper.make_node("Range", ["zero", "past_scalar", "one"], ["seen"], name="range_to_past_length"),
-        helper.make_node("Slice", ["input_ids", "start0", "logit_positions", "axis1"], ["cut"], name="slice_to_positions"),
+        helper.make_node("Slice", ["input_ids", "start0", "logit_positions", "axis1"], ["cut"],
+                         name="slice_to_positions"),
     ])
     g.output.extend([_value("seen", TensorProto.INT64, ["n"]), _value("cut", TensorProto.INT64, ["batch", "m"])])
     path = tmp_path / "doctored.onnx"
@@ -205,4 +208,5 @@ def test_shape_flow_stops_at_shape_and_follows_subgraphs():
     graph = helper.make_graph(nodes, "g", [_value("p", TensorProto.INT64, [1]), _value("x", TensorProto.FLOAT, [1])],
                               [_value("fine", TensorProto.FLOAT, None), _value("bad", TensorProto.FLOAT, None)],
                               initializer=[onnx.numpy_helper.from_array(np.array([1], np.int64), "one")])
-    assert [(r.node, r.role) for r in shape_reads(graph, ("p",))] == [("if_on_p", "cond"), ("expand_by_branch", "shape")]
+    assert [(r.node, r.role) for r in shape_reads(graph, ("p",))] == [("if_on_p", "cond"),
+                                                                      ("expand_by_branch", "shape")]

@@ -13,15 +13,30 @@ import pytest
 from click.testing import CliRunner
 from conftest import engine_generate
 
-from gptexport.artifacts.engine_record import (ENGINE_FILE, RECORD_FILE, DeviceInfo, EngineRecord, check_compatible,
-                                               compatibility_problems, engine_io_problems, load_record)
+from gptexport.artifacts.engine_record import (
+    ENGINE_FILE,
+    RECORD_FILE,
+    DeviceInfo,
+    EngineRecord,
+    check_compatible,
+    compatibility_problems,
+    engine_io_problems,
+    load_record,
+)
 from gptexport.artifacts.modeldir import MANIFEST, load_model_dir
 from gptexport.build.engine import BuildOptions, install_engine
 from gptexport.cli import main
 from gptexport.config import io_spec, numpy_dtype
 from gptexport.errors import BackendUnavailable, GptExportError, ModelDirError, UsageError
-from gptexport.profiles import (ProfileShapes, ort_profile_options, profile_problems, profile_shapes, select_profile,
-                                step_shapes, union_profile)
+from gptexport.profiles import (
+    ProfileShapes,
+    ort_profile_options,
+    profile_problems,
+    profile_shapes,
+    select_profile,
+    step_shapes,
+    union_profile,
+)
 from gptexport.runtime.backends import open_runner
 from gptexport.runtime.backends.base import Runner
 from gptexport.runtime.backends.batchcache import BatchCache
@@ -142,7 +157,8 @@ def test_onnxruntime_tensorrt_provider_gets_one_profile_spanning_both(model_dir)
     assert union.shapes["past_key.0"] == ((1, 2, 0, 16), (1, 2, 8, 16), (8, 2, 16, 16))
     assert union.shapes["input_ids"] == ((1, 1), (1, 1), (8, 16))
     opts = ort_profile_options(union)
-    assert opts["trt_profile_min_shapes"].startswith("input_ids:1x1,past_length:1,logit_positions:1,past_key.0:1x2x0x16,")
+    assert opts["trt_profile_min_shapes"].startswith(
+        "input_ids:1x1,past_length:1,logit_positions:1,past_key.0:1x2x0x16,")
     assert "past_length:8" in opts["trt_profile_max_shapes"]  # one length per sequence
     assert opts["trt_profile_max_shapes"].split(",")[0] == "input_ids:8x16"
     got = provider_options("tensorrt", model_dir)
@@ -201,7 +217,7 @@ def test_strided_copies_put_each_rows_keys_at_its_positions(model_dir, dtype):
         cache.prefill(r, np.zeros(T, np.int64))
         want[r] = run.last[0]
     check()
-    for step in range(6):  # grows 4 -> 8 on the way
+    for _step in range(6):  # grows 4 -> 8 on the way
         cache.ensure_capacity(int(cache.lengths.max()) + 1)
         cache.decode(np.zeros(rows, np.int64))
         for r in range(rows):
@@ -284,7 +300,8 @@ def test_an_engine_from_another_onnx_is_refused(model_dir, tiny_ckpt):
     manifest["dtype"] = "fp16"
     md.manifest = manifest
     problems = compatibility_problems(record, md, "10.8.0.43", H100)
-    assert problems == ["it was built from another model.onnx (sha256 differs)", "it is fp32, the model directory is fp16"]
+    assert problems == ["it was built from another model.onnx (sha256 differs)",
+                        "it is fp32, the model directory is fp16"]
 
 
 def test_records_are_validated(model_dir):

@@ -71,7 +71,8 @@ def test_attention_is_an_explicit_mask_graph(tiny_model_dir):
                                                      (2, 1, 15, 15), (1, 4, 5, 12), (4, 2, 3, 3)])
 def test_onnxruntime_matches_pytorch_at_every_position(tiny_ckpt, tiny_model_dir, batch, seq, past, capacity):
     torch_runner, ort_runner = TorchRunner(tiny_ckpt), OrtRunner(load_model_dir(tiny_model_dir))
-    feeds = validation_feeds(torch_runner.config, torch_runner.spec, batch, seq, past, capacity, np.random.default_rng(seq))
+    feeds = validation_feeds(torch_runner.config, torch_runner.spec, batch, seq, past, capacity,
+                             np.random.default_rng(seq))
     want, got = torch_runner.infer(feeds), ort_runner.infer(feeds)
     assert got["logits"].shape == (batch, seq, torch_runner.config.vocab_size)
     for name in want:

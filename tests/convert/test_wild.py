@@ -170,7 +170,8 @@ def test_wrong_shape_names_the_shard(fp32_model, tmp_path):
     config = json.loads((hf / "config.json").read_text())
     config["n_positions"] = 8  # wpe is (16, 32)
     (hf / "config.json").write_text(json.dumps(config))
-    wpe_shard = hf / json.loads((hf / "model.safetensors.index.json").read_text())["weight_map"]["transformer.wpe.weight"]
+    weight_map = json.loads((hf / "model.safetensors.index.json").read_text())["weight_map"]
+    wpe_shard = hf / weight_map["transformer.wpe.weight"]
     line = assert_error(cli("convert", hf, "-o", tmp_path / "out"), 1, wpe_shard)
     assert "transformer.wpe.weight expected (8, 32) got (16, 32)" in line
 

@@ -38,7 +38,7 @@ def gpu_wheel_env() -> dict:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ORT_GPU), *filter(None, [os.environ.get("PYTHONPATH")])])}
     probe = subprocess.run([sys.executable, "-c", "import onnxruntime as o; print(o.__file__); "
                             "print(','.join(o.get_available_providers()))"],
-                           capture_output=True, text=True, env=env, timeout=120)
+                           capture_output=True, text=True, env=env, timeout=120, check=True)
     where, providers = probe.stdout.split()
     assert Path(where).is_relative_to(ORT_GPU), where  # the subprocesses really import the GPU wheel
     assert {"CUDAExecutionProvider", "TensorrtExecutionProvider"} <= set(providers.split(","))  # listed...
@@ -51,7 +51,7 @@ def test_a_gpu_provider_that_cannot_start_is_an_error(gpu_wheel_env, tiny_model_
     """...but cannot start: exit 1, one line naming the provider and the library ONNX Runtime could not load."""
     proc = subprocess.run([sys.executable, "-m", "gptexport", "generate", str(tiny_model_dir), "--backend", backend,
                            "--prompt", "To be", "--max-new-tokens", "5"],
-                          capture_output=True, text=True, env=gpu_wheel_env, timeout=300)
+                          capture_output=True, text=True, env=gpu_wheel_env, timeout=300, check=False)
     assert proc.returncode == 1, proc.stderr
     assert proc.stdout == ""
     lines = proc.stderr.splitlines()

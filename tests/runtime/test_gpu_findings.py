@@ -155,7 +155,8 @@ class CudaProviderStandIn:
     def __init__(self, error: Exception, log: str, only_with_graphs: bool = True):
         self.error, self.log, self.only_with_graphs = error, log, only_with_graphs
         self.__version__ = onnxruntime.__version__
-        self.SessionOptions, self.GraphOptimizationLevel = onnxruntime.SessionOptions, onnxruntime.GraphOptimizationLevel
+        self.SessionOptions = onnxruntime.SessionOptions
+        self.GraphOptimizationLevel = onnxruntime.GraphOptimizationLevel
         self.created: list[dict] = []
 
     def get_available_providers(self) -> list[str]:

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 import gptexport
 from gptexport.artifacts.tokenizer import GPT2Tokenizer
 from gptexport.errors import ParameterError
-from gptexport.runtime.params import SETTINGS, GenerationParams, params_from
+from gptexport.runtime.params import GenerationParams, params_from
 from gptexport.runtime.sampling import SamplingParams
 from gptexport.runtime.session import GenerationSession
 from gptexport.runtime.textstream import TextStream

@@ -22,7 +22,8 @@ def nanogpt_probs(logits: np.ndarray, temperature: float, top_k: int | None) -> 
 @pytest.mark.parametrize("top_k", [None, 1, 5, 64, 1000])
 def test_probs_match_nanogpt(temperature, top_k):
     logits = np.random.default_rng(0).standard_normal((3, 64)).astype(np.float32) * 4
-    np.testing.assert_allclose(logits_to_probs(logits, temperature, top_k), nanogpt_probs(logits, temperature, top_k), atol=1e-6)
+    np.testing.assert_allclose(logits_to_probs(logits, temperature, top_k), nanogpt_probs(logits, temperature, top_k),
+                               atol=1e-6)
 
 
 def test_top_k_keeps_ties():
@@ -92,7 +93,8 @@ def test_the_sparse_top_k_draw_is_the_dense_one():
         logits = (rng.standard_normal((3, 4096)) * 3).astype(np.float32)
         if seed % 3 == 0:
             logits = np.round(logits)  # many ties at the k-th largest
-        for params in (SamplingParams(0.8, 200), SamplingParams(1.3, 40, 0.9), SamplingParams(0.5, 4096 // SPARSE_TOP_K, 0.5)):
+        for params in (SamplingParams(0.8, 200), SamplingParams(1.3, 40, 0.9),
+                       SamplingParams(0.5, 4096 // SPARSE_TOP_K, 0.5)):
             fast = next_token(logits, params, np.random.default_rng(seed + 1))
             dense = sample(logits_to_probs(logits, params.temperature, params.top_k, params.top_p),
                            np.random.default_rng(seed + 1))

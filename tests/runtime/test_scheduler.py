@@ -22,8 +22,8 @@ from gptexport.errors import ParameterError
 from gptexport.runtime.backends.base import Runner
 from gptexport.runtime.backends.device import HostMemory
 from gptexport.runtime.backends.ort import OrtRunner
-from gptexport.runtime.sampling import SamplingParams, logits_to_probs
 from gptexport.runtime.params import GenerationParams
+from gptexport.runtime.sampling import SamplingParams, logits_to_probs
 from gptexport.runtime.scheduler import Scheduler, Sequence
 from gptexport.runtime.textstream import TextStream
 
@@ -74,7 +74,7 @@ def assert_same_as_alone(runner, prompt, params, got: list[int], expected_len: i
     step = next(i for i, (a, b) in enumerate(zip(got, want)) if a != b)
     assert near_tie(logits[step], params, None, step), (
         f"sequence diverged from its lone run at step {step} without a near-tie: {got} vs {want}")
-    warnings.warn(f"near-tie divergence at step {step} (allowed): {got[step]} vs {want[step]}")
+    warnings.warn(f"near-tie divergence at step {step} (allowed): {got[step]} vs {want[step]}", stacklevel=2)
 
 
 sampling = st.sampled_from([SamplingParams(0.0), SamplingParams(0.9, 10), SamplingParams(1.3, None, 0.9),
@@ -102,10 +102,10 @@ def test_every_sequence_gets_its_lone_tokens_whatever_the_interleaving(runner, r
         if s.busy:
             s.step()
         step += 1
-        for prompt, params, seq, flag, i in submitted:
+        for _prompt, _params, _seq, flag, i in submitted:
             if cancelled.get(i) == step:
                 flag.set()
-    for prompt, params, seq, flag, i in submitted:
+    for prompt, params, seq, flag, _i in submitted:
         assert seq.done.is_set()
         if seq.finish == "cancelled":
             assert flag.is_set() and len(seq.tokens) <= params.max_new_tokens

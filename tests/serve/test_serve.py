@@ -97,7 +97,8 @@ def test_cancellation_stops_the_loop(served):
     (dict(input_ids=[]), {}, "input_ids is empty"),
     (dict(text_input="To be", input_ids=[1]), {}, "give exactly one of text_input and input_ids"),
     ({}, {}, "give exactly one of text_input and input_ids"),
-    (dict(text_input="To be"), {"max_new_tokens": 5}, "unknown request parameter(s) 'max_new_tokens'; valid inputs: text_input"),
+    (dict(text_input="To be"), {"max_new_tokens": 5},
+     "unknown request parameter(s) 'max_new_tokens'; valid inputs: text_input"),
     (dict(text_input=["a", "b"]), {}, "text_input must be one string, got 2"),
     (dict(text_input="To be", seed=[1, 2]), {}, "seed must be one value, got 2"),
 ])

@@ -142,7 +142,8 @@ def expected(tiny_model_dir, prompt: str, n: int, **settings) -> dict:
 
 # ---- clients ----
 
-def http_post(server: Serve, endpoint: str, body: dict, timeout: float = 60, model: str = MODEL) -> tuple[int, list[dict]]:
+def http_post(server: Serve, endpoint: str, body: dict, timeout: float = 60,
+              model: str = MODEL) -> tuple[int, list[dict]]:
     """POST to generate / generate_stream: the status and the JSON objects (one per SSE event)."""
     req = urllib.request.Request(f"http://127.0.0.1:{server.http}/v2/models/{model}/{endpoint}",
                                  data=json.dumps(body).encode(), method="POST")
@@ -323,7 +324,8 @@ def test_a_tampered_model_is_refused_at_load(tiny_model_dir, tmp_path):
         serve.assert_all_gone()
     last = serve.text().strip().splitlines()[-1]
     assert serve.proc.returncode == 1, serve.text()[-2000:]
-    assert last.startswith("error: ") and "model.onnx: sha256 does not match gptexport.json (file modified after export)" in last
+    assert last.startswith("error: ")
+    assert "model.onnx: sha256 does not match gptexport.json (file modified after export)" in last
 
 
 def test_serve_a_model_directory_directly(tiny_model_dir, tmp_path):

@@ -15,18 +15,23 @@ from conftest import write_tiny_checkpoint
 from onnx import numpy_helper
 
 from gptexport.artifacts.files import write_json_atomic
-from gptexport.artifacts.modeldir import MANIFEST, file_records
+from gptexport.artifacts.modeldir import MANIFEST, file_records, load_model_dir
 from gptexport.cli import main
 from gptexport.config import GPTConfig
 from gptexport.errors import BackendUnavailable, UsageError
-from gptexport.runtime.sampling import logits_to_probs
-from gptexport.artifacts.modeldir import load_model_dir
 from gptexport.runtime.backends.ort import OrtRunner
-from gptexport.runtime.sampling import SamplingParams
+from gptexport.runtime.sampling import SamplingParams, logits_to_probs
 from gptexport.verify.checks import backend_checks, generation_check, sampler_check, sampling_check
 from gptexport.verify.golden import Outputs, Reference
-from gptexport.verify.metrics import (error_stats, greedy_divergence, kl_divergence, needed_tolerance,
-                                      sampled_divergence, top1_agreement, topk_overlap)
+from gptexport.verify.metrics import (
+    error_stats,
+    greedy_divergence,
+    kl_divergence,
+    needed_tolerance,
+    sampled_divergence,
+    top1_agreement,
+    topk_overlap,
+)
 from gptexport.verify.parity import ParityOptions, resolve_prompts, run_parity
 from gptexport.verify.reference import build_reference, nanogpt_probs
 from gptexport.verify.tolerance import PRESETS, Tolerance, tolerance_for
@@ -318,7 +323,8 @@ def run_without_torch(tmp_path: Path, *args: str) -> subprocess.CompletedProcess
     block.mkdir(exist_ok=True)
     (block / "sitecustomize.py").write_text("import sys\nsys.modules['torch'] = None\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(block), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=300,
+                          check=False)
 
 
 def test_golden_file_checks_backends_where_torch_cannot_be_imported(tiny_ckpt, tiny_model_dir, perturbed_dir,

@@ -410,7 +410,8 @@ class BatchCache:
                 m.upload(addresses[name], array)
             addresses.update(self.past)  # an empty past (shape (n, nh, 0, hs)): any valid address
             new = self.scratch.get("new", len(spec.past_names) * new_stride)
-            addresses.update({n.replace("past_", "new_", 1): new + i * new_stride for i, n in enumerate(spec.past_names)})
+            addresses.update({n.replace("past_", "new_", 1): new + i * new_stride
+                              for i, n in enumerate(spec.past_names)})
             addresses["logits"] = self.scratch.get("logits", nbytes(outs["logits"], np.float32))
             self.run(None, ins, outs, addresses)
             for r in range(n):

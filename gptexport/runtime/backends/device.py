@@ -2,7 +2,8 @@
 
 A `DeviceMemory` owns buffers and one stream: allocate, zero, upload (host -> buffer), download
 (buffer -> host), copy3d (the strided copy that appends a sequence's new keys/values to its row of
-the batch cache, across every layer at once), synchronize, free. `HostMemory` implements it on host memory (numpy-owned bytes, ctypes.memmove, strided numpy
+the batch cache, across every layer at once), synchronize, free. `HostMemory` implements it on host
+memory (numpy-owned bytes, ctypes.memmove, strided numpy
 copies) and `CudaMemory` with cuda-python's runtime API on one CUDA stream. Everything above this
 seam (batchcache.py, the ONNX Runtime and TensorRT runners) is the same code for both, so what a GPU
 runs is what the test suite ran on the CPU; only the methods of `CudaMemory` touch CUDA.

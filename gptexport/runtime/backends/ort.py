@@ -15,12 +15,14 @@ before later steps feeds a GPU provider stale inputs; that made every decode ste
 The same code runs on the CPU provider: "cpu" pointers into the host memory core, which the CPU
 provider uses in place (its logits are read from the output buffer itself, no copy).
 
-Decode steps (one token per sequence) bind fixed addresses once per batch-cache bucket. With CUDA graphs (ort-cuda, on by default) ONNX Runtime captures that step on the first run
+Decode steps (one token per sequence) bind fixed addresses once per batch-cache bucket. With CUDA
+graphs (ort-cuda, on by default) ONNX Runtime captures that step on the first run
 with its `gpu_graph_id` and replays it afterwards; every other run passes gpu_graph_id -1. What this
 relies on (onnxruntime/core/providers/cuda/cuda_graph.cc, inference_session.cc): a run with a
 captured id replays the capture, at its addresses and shapes, whatever is bound; an id cannot be
 captured again; no graph is freed before the session closes. So the addresses of an id never
-change: the batch cache's buckets live in arenas this runner keeps across caches (batchcache.GraphArena), a bounded number of ids in all.
+change: the batch cache's buckets live in arenas this runner keeps across caches
+(batchcache.GraphArena), a bounded number of ids in all.
 
 Building the session (providers, options, the CUDA-graph fallback) is ort_session.SessionLoader's;
 this runner runs what it returns, as Polygraphy splits its loaders from its runners.
