@@ -84,7 +84,8 @@ def grpc_once(port: int, max_tokens: int, seed: int, prompt) -> dict:
 
     import tritonclient.grpc as grpcclient
 
-    arrays = {"max_tokens": (np.array([[max_tokens]], np.int32), "INT32"), "seed": (np.array([[seed]], np.uint64), "UINT64"),
+    arrays = {"max_tokens": (np.array([[max_tokens]], np.int32), "INT32"),
+              "seed": (np.array([[seed]], np.uint64), "UINT64"),
               "stream": (np.array([[True]]), "BOOL"),
               **({"input_ids": (np.array([prompt], np.int32), "INT32")} if isinstance(prompt, list)
                  else {"text_input": (np.array([[prompt.encode()]], np.object_), "BYTES")})}
@@ -178,7 +179,8 @@ def summary(results: dict[int, dict], wall: float) -> dict:
 
 def overhead(args, ports: dict, vocab: int) -> tuple[list[dict], dict[int, dict]]:
     rows, native_texts = [], {}
-    clients = {"native": lambda s: native_once(ports["http"], args.max_tokens, s, prompt_of(s, args.prompt_tokens, vocab)),
+    clients = {"native": lambda s: native_once(ports["http"], args.max_tokens, s,
+                                               prompt_of(s, args.prompt_tokens, vocab)),
                "grpc": lambda s: grpc_once(ports["grpc"], args.max_tokens, s, prompt_of(s, args.prompt_tokens, vocab)),
                "openai": lambda s: openai_once(ports["openai"], args.max_tokens, s,
                                                prompt_of(s, args.prompt_tokens, vocab), {})}

@@ -332,7 +332,8 @@ def bench(model_dir: Path, ckpt: Path | None, backends: tuple[str, ...], cuda_gr
 @click.option("--max-tokens", type=click.IntRange(min=1), default=1024, show_default=True,
               help="The largest max_tokens a request may ask for.")
 @click.option("--chat-template", default=None, metavar="FILE|NAME",
-              help="A Jinja2 chat template (Hugging Face's form) for /v1/chat/completions, or a shipped one: shakespeare.")
+              help="A Jinja2 chat template (Hugging Face's form) for /v1/chat/completions, "
+                   "or a shipped one: shakespeare.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 def triton(model_dir: Path, out_dir: Path, name: str | None, instances: int, max_batch: int, backend: str,
            max_tokens: int, chat_template: str | None, force: bool) -> None:

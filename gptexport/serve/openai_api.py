@@ -28,8 +28,18 @@ from ..errors import GptExportError, UsageError
 from .chat_template import load_template, render
 from .openai_job import FrontModel, Job, until_disconnected
 from .openai_metrics import FrontMetrics
-from .openai_schema import (DEFAULT_COMPLETION_TOKENS, ChatCompletionRequest, CompletionRequest, FrontError,
-                            bad, check_chat, check_completion, error_body, message_text, single_prompt)
+from .openai_schema import (
+    DEFAULT_COMPLETION_TOKENS,
+    ChatCompletionRequest,
+    CompletionRequest,
+    FrontError,
+    bad,
+    check_chat,
+    check_completion,
+    error_body,
+    message_text,
+    single_prompt,
+)
 from .openai_translate import chat_logprobs, legacy_logprobs, model_inputs
 from .triton_link import ModelError, TritonLink
 
@@ -215,7 +225,8 @@ async def sse(batches: AsyncIterator[list[dict]]) -> AsyncIterator[str]:
         yield f"data: {json.dumps(e.body())}\n\n"
     except Exception as e:  # the model's error mid-stream (or the link's): the client's APIError
         log.warning("request failed mid-stream: %s", e)
-        yield f"data: {json.dumps(error_body(500, str(e) if isinstance(e, ModelError) else f'{type(e).__name__}: {e}'))}\n\n"
+        message = str(e) if isinstance(e, ModelError) else f"{type(e).__name__}: {e}"
+        yield f"data: {json.dumps(error_body(500, message))}\n\n"
     yield "data: [DONE]\n\n"
 
 
@@ -277,7 +288,8 @@ async def chat_chunks(job: Job, body: ChatCompletionRequest) -> AsyncIterator[li
                 chunks.append(chunk(choice.index, {"content": text}, lp))
         yield chunks
     yield [chunk(choice.index, {"content": rest} if rest else {}, finish=reason)
-           for choice, rest, reason in job.finish()] + ([{**base, "choices": [], "usage": job.usage()}] if extra else [])
+           for choice, rest, reason in job.finish()] + \
+        ([{**base, "choices": [], "usage": job.usage()}] if extra else [])
 
 
 def chat_body(job: Job, body: ChatCompletionRequest) -> dict:

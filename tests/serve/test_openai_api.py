@@ -319,6 +319,7 @@ def test_when_tritonserver_dies_serve_stops_the_front_and_says_why(tiny_model_di
         serve.stop()
         serve.assert_all_gone()
     last = serve.text().strip().splitlines()[-1]
-    assert serve.proc.returncode == 1 and last.startswith("error: ") and "tritonserver exited with code -9" in last, last
+    assert serve.proc.returncode == 1 and last.startswith("error: "), last
+    assert "tritonserver exited with code -9" in last, last
     with pytest.raises(OSError):
         urllib.request.urlopen(f"http://127.0.0.1:{serve.openai}/health", timeout=2)

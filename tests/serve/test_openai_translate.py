@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gptexport.errors import UsageError
 from gptexport.artifacts.tokenizer import CharTokenizer
+from gptexport.errors import UsageError
 from gptexport.serve.chat_template import SHAKESPEARE, check_fits, compile_template, render, template_source
 from gptexport.serve.openai_schema import CompletionRequest, FrontError, check_completion, single_prompt
 from gptexport.serve.openai_translate import Choice, legacy_logprobs, model_inputs, param_of
