@@ -131,17 +131,8 @@ def engine_generate(runner, prompt, max_new_tokens: int, params, seed: int = 0, 
     """Each row of `prompt` (B, T) as a sequence of the generation engine (the scheduler), seeded `seed`:
     (B, max_new_tokens) tokens."""
     from gptexport.runtime.params import GenerationParams
-    from gptexport.runtime.scheduler import Scheduler, Sequence
+    from gptexport.runtime.scheduler import Sequence, run_to_end
 
-    prompt = np.asarray(prompt, np.int64)
-    scheduler = Scheduler(runner, max_batch or len(prompt))
-    try:
-        seqs = [scheduler.submit(Sequence(row.tolist(), GenerationParams(max_new_tokens, params, seed),
-                                          notice=lambda m: None)) for row in prompt]
-        scheduler.run()
-    finally:
-        scheduler.close()
-    for seq in seqs:
-        if seq.finish == "error":
-            raise seq.error
-    return np.array([seq.tokens for seq in seqs], np.int64).reshape(len(prompt), -1)
+    seqs = [Sequence(row.tolist(), GenerationParams(max_new_tokens, params, seed), notice=lambda m: None)
+            for row in np.asarray(prompt, np.int64)]
+    return np.array([seq.tokens for seq in run_to_end(runner, seqs, max_batch)], np.int64).reshape(len(seqs), -1)

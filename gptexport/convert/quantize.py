@@ -300,19 +300,11 @@ def window_logits(runner, windows: np.ndarray) -> np.ndarray:
     """(n, T, V) logits at every position of each window: the windows prefilled together on the engine."""
     from ..runtime.params import GenerationParams
     from ..runtime.sampling import SamplingParams
-    from ..runtime.scheduler import Probe, Scheduler, Sequence
+    from ..runtime.scheduler import Probe, Sequence, run_to_end
 
-    scheduler = Scheduler(runner, max_batch=len(windows))
-    try:
-        seqs = [scheduler.submit(Sequence(w.tolist(), GenerationParams(1, SamplingParams(0.0)),
-                                          probe=Probe(all_positions=True))) for w in windows]
-        scheduler.run()
-    finally:
-        scheduler.close()
-    for seq in seqs:
-        if seq.finish == "error":
-            raise seq.error
-    return np.stack([seq.probe.prefill_logits for seq in seqs])
+    seqs = [Sequence(w.tolist(), GenerationParams(1, SamplingParams(0.0)), probe=Probe(all_positions=True))
+            for w in windows]
+    return np.stack([seq.probe.prefill_logits for seq in run_to_end(runner, seqs)])
 
 
 def cross_entropy(logits: np.ndarray, targets: np.ndarray) -> float:

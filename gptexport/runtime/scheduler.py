@@ -176,6 +176,22 @@ class Sequence:
             self.on_done(self)
 
 
+def run_to_end(runner: Runner, sequences: list[Sequence], max_batch: int | None = None) -> list[Sequence]:
+    """Offline work (parity, the perplexity, benchmarks): `sequences` to their end on a scheduler of
+    their own, `max_batch` at a time (default: all), its cache freed after; a sequence's error raised."""
+    scheduler = Scheduler(runner, max_batch or len(sequences))
+    try:
+        for seq in sequences:
+            scheduler.submit(seq)
+        scheduler.run()
+    finally:
+        scheduler.close()
+    for seq in sequences:
+        if seq.finish == "error":
+            raise seq.error
+    return sequences
+
+
 class Scheduler:
     """Runs sequences on one runner, every running one in the same forward (see the module docstring)."""
 

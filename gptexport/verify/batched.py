@@ -42,7 +42,7 @@ def run_together(runner: Runner, prompts: list[np.ndarray], steps: list[int], se
     try:
         seqs = []
         for prompt, n in zip(prompts, steps):
-            seqs.append(probed(scheduler, prompt, n, SamplingParams(0.0), seed))
+            seqs.append(scheduler.submit(probed(prompt, n, SamplingParams(0.0), seed)))
             scheduler.step()
         scheduler.run()
     finally:

@@ -14,7 +14,7 @@ import numpy as np
 from ..runtime.backends.base import Runner
 from ..runtime.params import GenerationParams
 from ..runtime.sampling import SamplingParams
-from ..runtime.scheduler import Probe, Scheduler, Sequence
+from ..runtime.scheduler import Probe, Sequence, run_to_end
 from .golden import Outputs
 
 
@@ -22,11 +22,9 @@ def quiet(_message: str) -> None:
     """Parity crops its prompts itself and says so in its report: no notice on stderr."""
 
 
-def probed(scheduler: Scheduler, prompt, steps: int, params: SamplingParams, seed: int,
-           probe: Probe | None = None) -> Sequence:
-    """Queue `prompt` for `steps` tokens with a probe (default: one recording the logits)."""
-    return scheduler.submit(Sequence(list(map(int, prompt)), GenerationParams(steps, params, seed), notice=quiet,
-                                     probe=probe or Probe()))
+def probed(prompt, steps: int, params: SamplingParams, seed: int, probe: Probe | None = None) -> Sequence:
+    """`prompt` for `steps` tokens with a probe (default: one recording the logits)."""
+    return Sequence(list(map(int, prompt)), GenerationParams(steps, params, seed), notice=quiet, probe=probe or Probe())
 
 
 def recorded(seq: Sequence) -> tuple[np.ndarray, np.ndarray]:
@@ -39,13 +37,7 @@ def recorded(seq: Sequence) -> tuple[np.ndarray, np.ndarray]:
 def generate_recorded(runner: Runner, prompt: np.ndarray, steps: int, params: SamplingParams,
                       seed: int) -> tuple[np.ndarray, np.ndarray]:
     """One prompt alone on the engine: (steps,) tokens and the (steps, V) logits behind them."""
-    scheduler = Scheduler(runner, max_batch=1)
-    try:
-        seq = probed(scheduler, prompt, steps, params, seed)
-        scheduler.run()
-    finally:
-        scheduler.close()
-    return recorded(seq)
+    return recorded(run_to_end(runner, [probed(prompt, steps, params, seed)])[0])
 
 
 def teacher_forced(runner: Runner, prompt: np.ndarray, tokens: np.ndarray) -> np.ndarray:
@@ -53,27 +45,15 @@ def teacher_forced(runner: Runner, prompt: np.ndarray, tokens: np.ndarray) -> np
     cache. Feeding stops when the context fills block_size: (T + k, V), k = min(len(tokens), block - T)."""
     k = max(0, min(len(tokens), runner.config.block_size - len(prompt)))
     probe = Probe(all_positions=True, forced=[int(t) for t in tokens[:k]])
-    scheduler = Scheduler(runner, max_batch=1)
-    try:
-        seq = probed(scheduler, prompt, k + 1, SamplingParams(0.0), 0, probe)
-        scheduler.run()
-    finally:
-        scheduler.close()
-    if seq.finish == "error":
-        raise seq.error
+    run_to_end(runner, [probed(prompt, k + 1, SamplingParams(0.0), 0, probe)])
     return np.concatenate([probe.prefill_logits, *[row[None] for row in probe.logits[1:]]])
 
 
 def recompute_last(runner: Runner, contexts: list[np.ndarray]) -> np.ndarray:
     """Last-position logits of each context (cropped to block_size) from scratch: one fresh prefill each,
     (len(contexts), V)."""
-    scheduler = Scheduler(runner, max_batch=8)
-    try:
-        seqs = [probed(scheduler, c[-runner.config.block_size:], 1, SamplingParams(0.0), 0) for c in contexts]
-        scheduler.run()
-    finally:
-        scheduler.close()
-    return np.concatenate([recorded(s)[1] for s in seqs])
+    seqs = [probed(c[-runner.config.block_size:], 1, SamplingParams(0.0), 0) for c in contexts]
+    return np.concatenate([recorded(s)[1] for s in run_to_end(runner, seqs, max_batch=8)])
 
 
 def measure(runner: Runner, prompts: list[np.ndarray], steps: int, params: SamplingParams, seed: int,
