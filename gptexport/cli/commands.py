@@ -64,18 +64,25 @@ def convert(ckpt: Path, out_dir: Path, dtype: str, tokenizer: Path | None, force
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for ONNX Runtime (default: all cores).")
 @click.option("--tf32", is_flag=True, help="ort-cuda: let fp32 matmuls use TF32 (faster, less exact; off by default).")
 @click.option("--no-cuda-graphs", is_flag=True, help="ort-cuda, tensorrt: run decode steps without CUDA graphs.")
+@click.option("--kernels", type=click.Choice(["off", "auto", "on"]), default="auto", show_default=True,
+              help="onnxruntime: run MatMulNBits (int4) on gptexport's own CPU kernels (auto: when they build here; "
+                   "on: fail if they cannot).")
+@click.option("--verbose", is_flag=True, help="Say on stderr whether the kernels run, and why not.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of streaming text.")
 def generate(model_dir: Path, prompt: str | None, prompt_file: Path | None, prompt_tokens: str | None,
              prompts_file: Path | None, max_batch: int, max_new_tokens: int, temperature: float, top_k: int,
              top_p: float | None, seed: int, repetition_penalty: float, presence_penalty: float,
              frequency_penalty: float, stop_words: tuple[str, ...], bad_words: tuple[str, ...], end_id: int | None,
              min_tokens: int, logprobs: bool, num_samples: int, backend: str, threads: int | None, tf32: bool,
-             no_cuda_graphs: bool, as_json: bool) -> None:
+             no_cuda_graphs: bool, kernels: str, verbose: bool, as_json: bool) -> None:
     """Sample text from a model directory, streaming it as it is produced (or many prompts at once)."""
     from ..artifacts.modeldir import load_model_dir
     from ..runtime.session import generate_samples
 
-    options = dict(backend=backend, threads=threads, tf32=tf32, cuda_graphs=False if no_cuda_graphs else None)
+    if verbose:
+        show_kernels_log()
+    options = dict(backend=backend, threads=threads, tf32=tf32, cuda_graphs=False if no_cuda_graphs else None,
+                   kernels=None if kernels == "auto" else kernels)
     if prompts_file is not None:
         from ..runtime.batch import BatchItem
 
@@ -97,6 +104,17 @@ def generate(model_dir: Path, prompt: str | None, prompt_file: Path | None, prom
                                bad_words=bad_words, logprobs=logprobs, stream=stream, **options)
     if as_json:
         click.echo(json.dumps({"samples": [s.to_dict() for s in samples]}, ensure_ascii=False))
+
+
+def show_kernels_log() -> None:
+    """The kernels' one line (on, or why not) as a `notice:` on stderr."""
+    import logging
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("notice: %(message)s"))
+    logger = logging.getLogger("gptexport.kernels")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
 
 
 def generate_many(model_dir: Path, prompts_file: Path, defaults, max_batch: int, options: dict) -> None:

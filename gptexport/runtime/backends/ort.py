@@ -57,7 +57,8 @@ class OrtRunner(Runner):
     """Runs OUTDIR/model.onnx in an onnxruntime.InferenceSession."""
 
     def __init__(self, model_dir: ModelDir, provider: str = "cpu", threads: int | None = None,
-                 tf32: bool = False, cuda_graphs: bool | None = None, binding: str | None = None):
+                 tf32: bool = False, cuda_graphs: bool | None = None, binding: str | None = None,
+                 kernels: str = "auto"):
         if provider not in PROVIDERS:
             raise UsageError(f"unknown ONNX Runtime provider {provider!r}; valid: {', '.join(PROVIDERS)}")
         binding = binding or ("ortvalue" if provider == "cpu" else "pointer")
@@ -65,6 +66,7 @@ class OrtRunner(Runner):
             raise UsageError(f"binding {binding!r}: the CPU provider takes ortvalue or pointer, a GPU provider pointer "
                              f"(ONNX Runtime copies a CPU OrtValue to the device when it is bound)")
         self.binding = binding
+        self.kernels = kernels  # our CPU kernels for MatMulNBits: off, auto or on (backends/kernels.py)
         self.model_dir, self.provider, self.threads, self.tf32 = model_dir, provider, threads, tf32
         self.config, self.spec = model_dir.config, model_dir.spec
         self.name = f"onnxruntime-{provider}"
@@ -113,7 +115,7 @@ class OrtRunner(Runner):
     def _session(self, ort, stream: int):
         opts = provider_options(self.provider, self.model_dir, stream, self.tf32, self.cuda_graphs)
         try:
-            return create_session(ort, self.model_dir, self.provider, self.threads, opts)
+            return create_session(ort, self.model_dir, self.provider, self.threads, opts, self.kernels)
         except ModelDirError as e:
             if not (self.cuda_graphs and "cuda graph" in str(e).lower()):
                 raise
@@ -122,7 +124,8 @@ class OrtRunner(Runner):
             notice(f"ONNX Runtime cannot use a CUDA graph for this model ({first_line(e.__cause__ or e)}); "
                    f"decode runs with plain launches")
             self.cuda_graphs = False
-            return create_session(ort, self.model_dir, self.provider, self.threads, {**opts, "enable_cuda_graph": "0"})
+            return create_session(ort, self.model_dir, self.provider, self.threads, {**opts, "enable_cuda_graph": "0"},
+                                  self.kernels)
 
     def deactivate(self) -> None:
         if self._pool is not None:

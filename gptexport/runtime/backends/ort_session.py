@@ -21,6 +21,7 @@ import threading
 
 from ...artifacts.modeldir import ModelDir
 from ...errors import BackendUnavailable, ModelDirError, first_line
+from .kernels import session_model
 
 PROVIDERS = {
     "cpu": "CPUExecutionProvider",
@@ -99,9 +100,14 @@ def run_options(ort, graph_id: int | None):
     return options
 
 
-def create_session(ort, model_dir: ModelDir, provider: str, threads: int | None, options: dict):
-    """An InferenceSession whose first provider is the one asked for; BackendUnavailable otherwise."""
+def create_session(ort, model_dir: ModelDir, provider: str, threads: int | None, options: dict,
+                   kernels: str = "auto"):
+    """An InferenceSession whose first provider is the one asked for; BackendUnavailable otherwise.
+
+    On the CPU provider, `kernels` (off|auto|on) swaps our Int4MatMul in for MatMulNBits in the
+    graph the session loads (backends/kernels.py); the model directory is left as it is."""
     wanted = PROVIDERS[provider]
+    model = session_model(model_dir.onnx_path, kernels if wanted == "CPUExecutionProvider" else "off")
     providers = [(wanted, options)]
     if wanted != "CPUExecutionProvider":
         providers.append(("CPUExecutionProvider", {}))  # for the shape nodes ONNX Runtime keeps on the CPU
@@ -112,8 +118,9 @@ def create_session(ort, model_dir: ModelDir, provider: str, threads: int | None,
                 ort.preload_dlls()
         try:
             # enable_fallback=0: no silent retry on the CPU provider (the retry is printed to stdout)
-            session = ort.InferenceSession(str(model_dir.onnx_path), sess_options=session_options(ort, threads),
-                                           providers=providers, enable_fallback=0)
+            opts = session_options(ort, threads)
+            model.configure(opts)
+            session = ort.InferenceSession(model.model, sess_options=opts, providers=providers, enable_fallback=0)
         except Exception as e:  # onnxruntime raises its own types for unreadable or invalid models
             error = e
     if error is not None:

@@ -1,0 +1,175 @@
+"""Build the kernel library on first use, into a cache folder, with the machine's own C++ compiler.
+
+Why built at first use rather than at install: the library is one C++ file compiled in seconds, and
+building it when a session first needs it works the same for `pip install -e .`, a wheel, or a
+source tree on PYTHONPATH, with no build hook; a machine without a compiler or without ONNX
+Runtime's headers installs and runs as before (on MatMulNBits), and the reason is one line.
+
+ONNX Runtime's C API headers (the library needs no link to libonnxruntime: ONNX Runtime hands it the
+API in RegisterCustomOps) are taken from, in order:
+1. $ORT_INCLUDE_DIR (the folder holding onnxruntime_c_api.h, or one with an onnxruntime/ inside);
+2. a system install: /usr/include/onnxruntime, /usr/local/include/onnxruntime;
+3. Debian's libonnxruntime-dev (trixie: ONNX Runtime 1.21, C API version 21), fetched once with
+   `apt-get download` through a private sources list in the cache folder and unpacked there with
+   `dpkg-deb -x`: nothing is installed system-wide. ONNX Runtime serves older API versions, so a
+   library built on 1.21's headers loads in later releases.
+The library lands in CACHE/<hash of source, compiler and headers>/ (CACHE: $GPTEXPORT_KERNELS_CACHE,
+else $XDG_CACHE_HOME/gptexport/kernels, else ~/.cache/gptexport/kernels), built into a temporary
+file and renamed, under a file lock, so concurrent first uses build it once.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+SOURCE = Path(__file__).with_name("int4_matmul.cc")
+LIBRARY = "libgptexport_kernels.so"
+HEADER = "onnxruntime_c_api.h"
+SYSTEM_INCLUDES = (Path("/usr/include/onnxruntime"), Path("/usr/local/include/onnxruntime"))
+DEBIAN_SOURCE = "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian trixie main"
+DEBIAN_PACKAGE = "libonnxruntime-dev"
+CXX_FLAGS = ("-std=c++17", "-O3", "-fPIC", "-shared", "-fvisibility=hidden", "-Wall")
+TIMEOUT_S = 300
+
+
+class KernelsUnavailable(Exception):
+    """The library cannot be built or loaded here; the message says why in one line."""
+
+
+def cache_root() -> Path:
+    if os.environ.get("GPTEXPORT_KERNELS_CACHE"):
+        return Path(os.environ["GPTEXPORT_KERNELS_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "gptexport" / "kernels"
+
+
+def compiler() -> str:
+    given = os.environ.get("CXX")
+    cxx = shutil.which(given) if given else shutil.which("g++") or shutil.which("c++")
+    if not cxx:
+        raise KernelsUnavailable(f"no C++ compiler ({'CXX=' + given if given else 'g++ or c++'}) to build them")
+    return cxx
+
+
+def ensure_library() -> Path:
+    """The built library's path, building it (and fetching the headers) the first time."""
+    cxx = compiler()
+    include = find_headers()
+    key = hashlib.sha256(SOURCE.read_bytes() + cxx.encode() + str(include).encode()
+                         + (include / HEADER).read_bytes() + " ".join(CXX_FLAGS).encode()).hexdigest()[:16]
+    path = cache_root() / key / LIBRARY
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with _locked(path.parent / ".lock"):
+            if not path.exists():
+                _compile(cxx, include, path)
+    return path
+
+
+def isa(path: Path) -> str:
+    """The code path the library runs on this CPU ("avx2" or "generic")."""
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as e:
+        raise KernelsUnavailable(f"{path} does not load ({e})") from None
+    lib.GptexportKernelsIsa.restype = ctypes.c_char_p
+    return lib.GptexportKernelsIsa().decode()
+
+
+def find_headers() -> Path:
+    """The folder holding onnxruntime_c_api.h (see the module docstring for the order)."""
+    given = os.environ.get("ORT_INCLUDE_DIR")
+    if given:
+        for folder in (Path(given), Path(given) / "onnxruntime"):
+            if (folder / HEADER).is_file():
+                return folder
+        raise KernelsUnavailable(f"ORT_INCLUDE_DIR={given} has no {HEADER} (nor onnxruntime/{HEADER})")
+    for folder in (*SYSTEM_INCLUDES, debian_headers()):
+        if (folder / HEADER).is_file():
+            return folder
+    return fetch_debian_headers()
+
+
+def debian_headers() -> Path:
+    return cache_root() / "debian" / "usr" / "include" / "onnxruntime"
+
+
+def fetch_debian_headers() -> Path:
+    """Debian's libonnxruntime-dev unpacked into the cache folder; its include folder."""
+    if not shutil.which("apt-get") or not shutil.which("dpkg-deb"):
+        raise KernelsUnavailable(f"no ONNX Runtime headers ({HEADER}): set ORT_INCLUDE_DIR, or install "
+                                 f"{DEBIAN_PACKAGE} (this machine has no apt-get to fetch it)")
+    root = cache_root() / "debian"
+    root.mkdir(parents=True, exist_ok=True)
+    with _locked(root / ".lock"):
+        if (debian_headers() / HEADER).is_file():
+            return debian_headers()
+        with tempfile.TemporaryDirectory(dir=root) as tmp:
+            deb = _apt_download(Path(tmp))
+            _run(["dpkg-deb", "-x", str(deb), str(root)], "dpkg-deb -x")
+    if not (debian_headers() / HEADER).is_file():
+        raise KernelsUnavailable(f"{DEBIAN_PACKAGE} unpacked into {root} has no {HEADER}")
+    return debian_headers()
+
+
+def _apt_download(work: Path) -> Path:
+    """`apt-get download libonnxruntime-dev` from trixie, with lists and caches under `work`."""
+    (work / "lists" / "partial").mkdir(parents=True)
+    (work / "cache" / "archives" / "partial").mkdir(parents=True)
+    (work / "sources.list").write_text(DEBIAN_SOURCE + "\n")
+    options = ["-o", f"Dir::Etc::SourceList={work / 'sources.list'}", "-o", "Dir::Etc::SourceParts=/nonexistent",
+               "-o", f"Dir::State::Lists={work / 'lists'}", "-o", f"Dir::Cache={work / 'cache'}",
+               "-o", "Debug::NoLocking=1"]
+    if os.geteuid() == 0:  # root: download as root rather than as _apt, who cannot write to `work`
+        options += ["-o", "APT::Sandbox::User=root"]
+    _run(["apt-get", "-q", *options, "update"], "apt-get update (Debian trixie)")
+    _run(["apt-get", "-q", *options, "download", DEBIAN_PACKAGE], f"apt-get download {DEBIAN_PACKAGE}", cwd=work)
+    debs = sorted(work.glob(f"{DEBIAN_PACKAGE}_*.deb"))
+    if not debs:
+        raise KernelsUnavailable(f"apt-get download {DEBIAN_PACKAGE} left no .deb")
+    return debs[-1]
+
+
+def _compile(cxx: str, include: Path, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".so.tmp")
+    os.close(fd)
+    try:
+        _run([cxx, *CXX_FLAGS, f"-I{include}", "-o", tmp, str(SOURCE)], f"{Path(cxx).name} {SOURCE.name}")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _run(cmd: list[str], what: str, cwd: Path | None = None) -> None:
+    try:
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S, cwd=cwd)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise KernelsUnavailable(f"{what} failed ({e})") from None
+    if result.returncode != 0:
+        lines = [ln for ln in (result.stderr or result.stdout).splitlines() if ln.strip()]
+        errors = [ln for ln in lines if "error" in ln.lower() or ln.startswith("E:")]
+        raise KernelsUnavailable(f"{what} failed: {(errors or lines or ['exit ' + str(result.returncode)])[0].strip()}")
+
+
+class _locked:
+    """An exclusive lock on a file for the duration of a with-block (across processes)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self):
+        self.file = open(self.path, "w")
+        fcntl.flock(self.file, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        fcntl.flock(self.file, fcntl.LOCK_UN)
+        self.file.close()
