@@ -8,7 +8,8 @@ Runtimes:
   gptexport-ort, gptexport-ort-cuda, gptexport-ort-tensorrt, gptexport-tensorrt
                  the model directory on that backend (`cuda_graphs` false: decode without CUDA graphs;
                  `binding` "pointer": the CPU provider through the memory core, see backends/ort.py;
-                 `scheduler` true: the batch's rows as sequences of the scheduler, not one batch)
+                 `scheduler` true: the batch's rows as sequences of the scheduler, not one batch;
+                 `kernels` off|auto|on: int4's MatMulNBits on our CPU kernels, see backends/kernels.py)
   nanoGPT        gptexport.convert.model.GPT.generate: nanoGPT's loop, a full forward per new token (CPU)
   transformers   GPT2LMHeadModel.generate with its KV cache, on the job's `device` ("cpu" or "cuda",
                  there in the model directory's dtype: fp32 or fp16), in PyTorch's eager mode
@@ -46,7 +47,7 @@ def gptexport_generator(job: dict) -> Generator:
     from ..runtime.sampling import SamplingParams
 
     runner = open_runner(BACKEND_OF[job["runtime"]], load_model_dir(job["path"], verify=False), job["threads"],
-                         cuda_graphs=job.get("cuda_graphs"), binding=job.get("binding"))
+                         cuda_graphs=job.get("cuda_graphs"), binding=job.get("binding"), kernels=job.get("kernels"))
     runner.activate()
     greedy, rng = SamplingParams(0.0), np.random.default_rng(0)
     if job.get("scheduler"):

@@ -315,14 +315,16 @@ def quantize(model_dir: Path, out_dir: Path, method: str | None, force: bool, ev
 @click.option("--peers", "peers_dir", type=click.Path(path_type=Path), default=None,
               help="Where scripts/prepare_peers.sh put the peers (peers.json) "
                    "[default: $GPTEXPORT_PEERS or ~/.cache/gptexport-peers].")
+@click.option("--kernels", type=click.Choice(["both", "on", "off"]), default="both", show_default=True,
+              help="int4 rows: with gptexport's CPU kernels (on), with ONNX Runtime's MatMulNBits (off), or both.")
 @click.option("--no-peers", is_flag=True, help="Leave llama.cpp and CTranslate2 out.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of a table.")
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None, help="Write a PNG plot.")
 def bench(model_dir: Path, ckpt: Path | None, backends: tuple[str, ...], cuda_graphs: str,
           precisions: tuple[str, ...], batches: tuple[int, ...],
           prompt_tokens: int, new_tokens: int, contexts: tuple[int, ...], rounds: int, repeats: int, threads: int,
-          work_dir: Path | None, hf_dir: Path | None, peers_dir: Path | None, no_peers: bool, as_json: bool,
-          plot_path: Path | None) -> None:
+          work_dir: Path | None, hf_dir: Path | None, peers_dir: Path | None, kernels: str, no_peers: bool,
+          as_json: bool, plot_path: Path | None) -> None:
     """Benchmark OUTDIR on ONNX Runtime (fp32, int8, int4) or GPU backends against nanoGPT, transformers,
     llama.cpp and CTranslate2 (the peers: installed by scripts/prepare_peers.sh, else skipped with a note)."""
     from ..bench import report as r
@@ -332,7 +334,8 @@ def bench(model_dir: Path, ckpt: Path | None, backends: tuple[str, ...], cuda_gr
     config = b.BenchConfig(prompt_tokens=prompt_tokens, new_tokens=new_tokens, batches=batches or (1, 8),
                            contexts=contexts or (64, 900), rounds=rounds, repeats=repeats, threads=threads,
                            backends=backends or ("onnxruntime",), cuda_graphs=graphs, peers=not no_peers,
-                           peers_dir=str(peers_dir) if peers_dir else None, hf_dir=str(hf_dir) if hf_dir else None)
+                           peers_dir=str(peers_dir) if peers_dir else None, hf_dir=str(hf_dir) if hf_dir else None,
+                           kernels=("off", "on") if kernels == "both" else (kernels,))
     report = b.run_bench(model_dir, ckpt, config, precisions or b.PRECISIONS, work_dir,
                          progress=lambda msg: click.echo(msg, err=True))
     click.echo(json.dumps(report, indent=2) if as_json else r.table(report))
