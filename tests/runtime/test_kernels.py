@@ -122,14 +122,8 @@ def test_the_machine_runs_avx2_when_it_has_it(library):
 # ---- the graph swap and the CPU runner ----
 
 @pytest.fixture(scope="module")
-def int4_dir(tmp_path_factory):
-    from conftest import write_tiny_checkpoint
-    from gptexport.convert.export import convert
-
-    root = tmp_path_factory.mktemp("kernels")
-    ckpt = write_tiny_checkpoint(root / "ckpt.pt", seed=3, n_embd=64, block_size=32)
-    fp32 = convert(ckpt, root / "fp32", progress=lambda m: None)
-    return quantize(fp32, root / "int4", "int4", progress=lambda m: None)
+def int4_dir(tiny_model_dir, tmp_path_factory):
+    return quantize(tiny_model_dir, tmp_path_factory.mktemp("kernels") / "int4", "int4", progress=lambda m: None)
 
 
 def test_swap_changes_only_the_matmulnbits_nodes(int4_dir):
@@ -161,7 +155,7 @@ def test_swap_leaves_what_int4matmul_cannot_run():
 
 def logits(runner: OrtRunner, ids: np.ndarray) -> np.ndarray:
     with runner:
-        return runner.forward(ids, runner.new_cache(ids.shape[0], 32), all_logits=True)
+        return runner.forward(ids, runner.new_cache(ids.shape[0], 16), all_logits=True)
 
 
 def test_runner_with_kernels_matches_without(library, int4_dir):
@@ -169,7 +163,7 @@ def test_runner_with_kernels_matches_without(library, int4_dir):
 
     md = load_model_dir(int4_dir)
     assert session_model(md.onnx_path, "on").swapped > 0
-    ids = np.random.default_rng(0).integers(0, md.config.vocab_size, (3, 12))
+    ids = np.random.default_rng(0).integers(0, md.config.vocab_size, (3, 10))
     off, on = logits(OrtRunner(md, kernels="off"), ids), logits(OrtRunner(md, kernels="on"), ids)
     np.testing.assert_allclose(on, off, atol=1e-3, rtol=1e-3)
     tokens = {}

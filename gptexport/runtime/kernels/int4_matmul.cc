@@ -158,10 +158,15 @@ __attribute__((target("avx2,fma"))) void GroupAvx2(const PackedBlock* wb, int64_
     const __m256 wscale = _mm256_loadu_ps(blk.scale);
     for (int r = 0; r < R; ++r) {
       const int8_t* a = rows[r].q + b * kBlock;
-      int32_t a4[8];
-      std::memcpy(a4, a, sizeof(a4));
-      __m256i s = _mm256_maddubs_epi16(w[0], _mm256_set1_epi32(a4[0]));
-      for (int t = 1; t < 8; ++t) s = _mm256_add_epi16(s, _mm256_maddubs_epi16(w[t], _mm256_set1_epi32(a4[t])));
+      __m256i p[8];
+      for (int t = 0; t < 8; ++t) {
+        int32_t four;  // activations k = 4t .. 4t+3, broadcast to every column's lane
+        std::memcpy(&four, a + 4 * t, sizeof(four));
+        p[t] = _mm256_maddubs_epi16(w[t], _mm256_set1_epi32(four));
+      }
+      // summed as a tree (depth 3, not a chain of 7), in int16: at most 8 * 3810 = 30480
+      const __m256i s = _mm256_add_epi16(_mm256_add_epi16(_mm256_add_epi16(p[0], p[1]), _mm256_add_epi16(p[2], p[3])),
+                                         _mm256_add_epi16(_mm256_add_epi16(p[4], p[5]), _mm256_add_epi16(p[6], p[7])));
       const __m256i dot = _mm256_sub_epi32(_mm256_madd_epi16(s, ones), _mm256_set1_epi32(rows[r].offset[b]));
       const __m256 scale = _mm256_mul_ps(wscale, _mm256_set1_ps(rows[r].scale[b]));
       acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc[r]);
