@@ -126,21 +126,26 @@ def int4_dir(tiny_model_dir, tmp_path_factory):
     return quantize(tiny_model_dir, tmp_path_factory.mktemp("kernels") / "int4", "int4", progress=lambda m: None)
 
 
-def test_swap_changes_only_the_matmulnbits_nodes(int4_dir):
+def test_swap_changes_only_the_matmulnbits_nodes_and_their_bias_adds(int4_dir):
     data = (int4_dir / "model.onnx").read_bytes()
     swapped_bytes, swapped = onnxgraph.swap_model(data)
     before, after = onnx.load_from_string(data), onnx.load_from_string(swapped_bytes)
-    nbits = [n for n in before.graph.node if n.op_type == "MatMulNBits"]
-    assert swapped == len(nbits) > 0
-    assert [n.op_type for n in after.graph.node] == [
-        "Int4MatMul" if n.op_type == "MatMulNBits" else n.op_type for n in before.graph.node]
-    for old, new in zip(before.graph.node, after.graph.node):
-        if old.op_type == "MatMulNBits":
-            assert new.domain == "gptexport" and list(new.input) == [i for i in old.input if i][:4]
-            assert new.attribute == old.attribute and new.output == old.output
-        else:
-            assert new == old
-    assert after.graph.initializer == before.graph.initializer
+    nbits = {n.output[0]: n for n in before.graph.node if n.op_type == "MatMulNBits"}
+    ours = [n for n in after.graph.node if n.op_type == "Int4MatMul"]
+    assert swapped == len(nbits) == len(ours) > 0
+    absorbed = {n.output[0] for n in ours} - set(nbits)  # the outputs of the bias Adds taken in
+    assert absorbed  # torch's Linear exports its bias as an Add after MatMulNBits
+    for n in ours:
+        assert n.domain == "gptexport" and len(n.input) in (3, 4)
+        assert {a.name for a in n.attribute} >= {"K", "N", "bits", "block_size"}
+    for add in (n for n in before.graph.node if n.output[0] in absorbed):
+        source = next(i for i in add.input if i in nbits)
+        (bias,) = [i for i in add.input if i != source]
+        took = next(n for n in ours if n.output[0] == add.output[0])
+        assert list(took.input) == [i for i in nbits[source].input if i][:3] + [bias]
+    kept = [n for n in before.graph.node if n.op_type != "MatMulNBits" and n.output[0] not in absorbed]
+    assert kept == [n for n in after.graph.node if n.op_type != "Int4MatMul"]
+    assert after.graph.initializer == before.graph.initializer and after.graph.output == before.graph.output
     assert {(o.domain, o.version) for o in after.opset_import} == {(o.domain, o.version) for o in before.opset_import} | {
         ("gptexport", 1)}
 

@@ -95,6 +95,7 @@ class Node:
     op_type: str = ""
     domain: str = ""
     inputs: list[str] = field(default_factory=list)
+    outputs: list[str] = field(default_factory=list)
     ints: dict[str, int] = field(default_factory=dict)  # its integer attributes
 
 
@@ -103,6 +104,8 @@ def read_node(buf: memoryview) -> Node:
     for f in fields(buf):
         if f.number == 1 and f.wire == LEN:
             node.inputs.append(bytes(f.value).decode())
+        elif f.number == 2 and f.wire == LEN:
+            node.outputs.append(bytes(f.value).decode())
         elif f.number == 4 and f.wire == LEN:
             node.op_type = bytes(f.value).decode()
         elif f.number == 7 and f.wire == LEN:
@@ -124,58 +127,112 @@ def _int_attribute(buf: memoryview) -> tuple[str | None, int]:
     return (name, value) if value is not None else (None, 0)
 
 
-def float_initializers(graph: memoryview) -> set[str]:
-    """Names of the graph's initializers, with FLOAT data type marked by a trailing '/f'."""
-    names = set()
+def initializers(graph: memoryview) -> dict[str, tuple[int, tuple[int, ...]]]:
+    """The graph's initializers: name -> (TensorProto data type, dims)."""
+    found = {}
     for f in fields(graph):
         if f.number == 5 and f.wire == LEN:  # GraphProto.initializer: TensorProto
-            name, dtype = "", 0
+            name, dtype, dims = "", 0, []
             for t in fields(f.value):
                 if t.number == 8 and t.wire == LEN:
                     name = bytes(t.value).decode()
                 elif t.number == 2 and t.wire == VARINT:
                     dtype = t.value
-            names.add(name)
-            if dtype == FLOAT:
-                names.add(name + "/f")
+                elif t.number == 1:  # dims: packed (LEN) or one varint each
+                    dims += _packed_varints(t.value) if t.wire == LEN else [t.value]
+            found[name] = (dtype, tuple(dims))
+    return found
+
+
+def _packed_varints(buf: memoryview) -> list[int]:
+    values, pos = [], 0
+    while pos < len(buf):
+        value, pos = _varint(buf, pos)
+        values.append(value)
+    return values
+
+
+def graph_outputs(graph: memoryview) -> set[str]:
+    """Names of the graph's outputs (GraphProto.output: ValueInfoProto, its name is field 1)."""
+    names = set()
+    for f in fields(graph):
+        if f.number == 12 and f.wire == LEN:
+            names |= {bytes(v.value).decode() for v in fields(f.value) if v.number == 1 and v.wire == LEN}
     return names
 
 
-def swappable(node: Node, initializers: set[str]) -> bool:
+def swappable(node: Node, inits: dict) -> bool:
     """A MatMulNBits our Int4MatMul computes: 4 bits, blocks of 32, symmetric (no zero points, no
     g_idx), fp32 (its scales are), weights and scales constant."""
     if (node.op_type, node.domain) != ("MatMulNBits", "com.microsoft"):
         return False
     ins = node.inputs + [""] * (6 - len(node.inputs))
     return (node.ints.get("bits") == 4 and node.ints.get("block_size") == 32 and not ins[3] and not ins[4]
-            and ins[1] in initializers and ins[2] + "/f" in initializers)
+            and ins[1] in inits and inits.get(ins[2], (0,))[0] == FLOAT)
 
 
-def _swapped_node(buf: memoryview, node: Node) -> bytes:
+def bias_adds(nodes: list[Node], swap: set[int], inits: dict, outputs: set[str]) -> dict[int, int]:
+    """{swapped node: the Add it absorbs}: an Add of its output (used nowhere else, not a graph
+    output) and a float initializer of shape [N], as torch's Linear exports with a bias. ONNX
+    Runtime fuses those Adds into MatMulNBits itself; swapped before its optimizer runs, our node
+    must take them the same way or each stays a node of its own."""
+    uses: dict[str, list[int]] = {}
+    for j, node in enumerate(nodes):
+        for name in node.inputs:
+            uses.setdefault(name, []).append(j)
+    fused = {}
+    for i in swap:
+        node = nodes[i]
+        y = node.outputs[0] if node.outputs else ""
+        if len(node.inputs) > 5 and node.inputs[5] or y in outputs or len(uses.get(y, [])) != 1:
+            continue
+        j = uses[y][0]
+        add = nodes[j]
+        if (add.op_type, add.domain) != ("Add", "") or len(add.inputs) != 2 or len(add.outputs) != 1:
+            continue
+        bias = add.inputs[1] if add.inputs[0] == y else add.inputs[0]
+        if bias != y and inits.get(bias) == (FLOAT, (node.ints.get("N"),)):
+            fused[i] = j
+    return fused
+
+
+def _swapped_node(buf: memoryview, node: Node, add: Node | None) -> bytes:
     ins = node.inputs + [""] * (6 - len(node.inputs))
+    if add is not None:
+        ins[5] = add.inputs[1] if add.inputs[0] == node.outputs[0] else add.inputs[0]
     inputs = ins[:3] + ([ins[5]] if ins[5] else [])  # A, B, scales[, bias]
+    outputs = add.outputs if add is not None else node.outputs
     out = bytearray()
     for name in inputs:
         out += len_field(1, name.encode())
+    for name in outputs:
+        out += len_field(2, name.encode())
     for f in fields(buf):
-        if f.number not in (1, 4, 7):
+        if f.number not in (1, 2, 4, 7):
             out += f.raw
     return bytes(out + len_field(4, OP_NAME.encode()) + len_field(7, DOMAIN.encode()))
 
 
 def swap_graph(graph: memoryview) -> tuple[bytes, int]:
-    """The GraphProto with every swappable MatMulNBits node made an Int4MatMul, and how many."""
-    initializers = float_initializers(graph)
-    out, swapped = bytearray(), 0
+    """The GraphProto with every swappable MatMulNBits node made an Int4MatMul (taking the bias
+    Add after it), and how many."""
+    inits = initializers(graph)
+    node_fields = [f for f in fields(graph) if f.number == 1 and f.wire == LEN]
+    nodes = [read_node(f.value) for f in node_fields]
+    swap = {i for i, node in enumerate(nodes) if swappable(node, inits)}
+    fused = bias_adds(nodes, swap, inits, graph_outputs(graph))
+    absorbed = set(fused.values())
+    out, index = bytearray(), 0
     for f in fields(graph):
         if f.number == 1 and f.wire == LEN:
-            node = read_node(f.value)
-            if swappable(node, initializers):
-                out += len_field(1, _swapped_node(f.value, node))
-                swapped += 1
-                continue
+            i, index = index, index + 1
+            if i in swap:
+                out += len_field(1, _swapped_node(f.value, nodes[i], nodes[fused[i]] if i in fused else None))
+            elif i not in absorbed:
+                out += f.raw
+            continue
         out += f.raw
-    return bytes(out), swapped
+    return bytes(out), len(swap)
 
 
 def swap_model(model: bytes) -> tuple[bytes, int]:
