@@ -43,6 +43,7 @@ constexpr int kBlock = 32;          // k per scale
 constexpr int kGroup = 8;           // output columns per repacked group
 constexpr int kBlockBytes = 128;    // nibbles of one group's block: 8 columns x 32 k / 2
 constexpr int kMaxRows = 4;         // activation rows served by one unpacked weight block
+constexpr int kPrefetchBlocks = 16;  // how far ahead the weight stream is prefetched (prefetches never fault)
 
 struct PackedBlock {  // one block of 32 k of one group of 8 columns
   uint8_t q[kBlockBytes];
@@ -149,6 +150,12 @@ __attribute__((target("avx2,fma"))) void GroupAvx2(const PackedBlock* wb, int64_
   for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
   for (int64_t b = 0; b < blocks; ++b) {
     const PackedBlock& blk = wb[b];
+    // the weights stream from memory once per token: ask for them 16 blocks (2.5 KB) ahead, which
+    // the hardware prefetcher alone did not (768x50257 at one row: 1.4-1.9x faster, measured)
+    const char* ahead = reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(wb + b) + kPrefetchBlocks * sizeof(PackedBlock));
+    _mm_prefetch(ahead, _MM_HINT_T0);
+    _mm_prefetch(ahead + 64, _MM_HINT_T0);
+    _mm_prefetch(ahead + 128, _MM_HINT_T0);
     __m256i w[8];
     for (int L = 0; L < 4; ++L) {
       const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk.q + 32 * L));
