@@ -203,3 +203,11 @@ def test_auto_without_library_runs_matmulnbits_and_says_why_once(int4_dir, tmp_p
 def test_kernels_on_is_for_the_cpu_backend(int4_dir):
     r = cli("generate", str(int4_dir), "--prompt-tokens", "1", "--backend", "ort-cuda", "--kernels", "on")
     assert_error(r, 2, "--kernels on applies to --backend onnxruntime")
+
+
+def test_parity_passes_on_int4_with_the_kernels(library, int4_dir, tiny_ckpt):
+    from gptexport.verify.parity import ParityOptions, run_parity
+
+    assert session_model(int4_dir / "model.onnx", "auto").swapped > 0  # auto, as parity's runner opens it
+    report = run_parity(int4_dir, tiny_ckpt, options=ParityOptions(steps=2, backends="onnxruntime"))
+    assert report.tolerance == PRESETS["int4"] and report, report.verdict()
