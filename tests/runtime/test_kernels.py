@@ -152,10 +152,23 @@ def test_swap_changes_only_the_matmulnbits_nodes_and_their_bias_adds(int4_dir):
 
 def test_swap_leaves_what_int4matmul_cannot_run():
     B, scales = quantize_weights(np.ones((64, 8), np.float32))
-    model = onnx.load_from_string(matmul_model("MatMulNBits", 64, 8, B, scales))
-    model.graph.node[0].input.append(model.graph.node[0].input[1])  # zero points
-    data = model.SerializeToString()
-    assert onnxgraph.swap_model(data) == (data, 0)
+    plain = matmul_model("MatMulNBits", 64, 8, B, scales)
+    assert onnxgraph.swap_model(plain)[1] == 1
+    with_zero_points = onnx.load_from_string(plain)
+    with_zero_points.graph.node[0].input.append("B")
+    overridable = onnx.load_from_string(plain)  # B also a graph input: not a constant
+    overridable.graph.input.append(helper.make_tensor_value_info("B", TensorProto.UINT8, list(B.shape)))
+    eight_bits = onnx.load_from_string(plain)
+    next(a for a in eight_bits.graph.node[0].attribute if a.name == "bits").i = 8
+    for model in (with_zero_points, overridable, eight_bits):
+        data = model.SerializeToString()
+        assert onnxgraph.swap_model(data) == (data, 0)
+
+
+def test_kernels_need_onnxruntime_1_21(int4_dir, monkeypatch):
+    monkeypatch.setattr(ort, "__version__", "1.20.1")
+    with pytest.raises(BackendUnavailable, match="onnxruntime 1.20.1 is older than the 1.21"):
+        session_model(int4_dir / "model.onnx", "on")
 
 
 def logits(runner: OrtRunner, ids: np.ndarray) -> np.ndarray:

@@ -58,8 +58,26 @@ def compiler() -> str:
     return cxx
 
 
+MIN_ONNXRUNTIME = (1, 21)  # C API version 21, the headers' (ORT_API_VERSION): older ones cannot serve it
+
+
+def check_onnxruntime() -> None:
+    """The installed onnxruntime serves the API the library asks for, or KernelsUnavailable."""
+    import onnxruntime
+
+    version = onnxruntime.__version__
+    try:
+        major_minor = tuple(int(x) for x in version.split(".")[:2])
+    except ValueError:
+        return  # a dev build: let RegisterCustomOps find out
+    if major_minor < MIN_ONNXRUNTIME:
+        raise KernelsUnavailable(f"onnxruntime {version} is older than the {'.'.join(map(str, MIN_ONNXRUNTIME))} "
+                                 f"whose C API they are built on (pip install -U onnxruntime)")
+
+
 def ensure_library() -> Path:
     """The built library's path, building it (and fetching the headers) the first time."""
+    check_onnxruntime()
     cxx = compiler()
     include = find_headers()
     key = hashlib.sha256(SOURCE.read_bytes() + cxx.encode() + str(include).encode()

@@ -397,6 +397,8 @@ __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps
   g_api = api_base->GetApi(ORT_API_VERSION);
   if (g_api == nullptr) return nullptr;  // cannot even make a status: ONNX Runtime older than our headers
   g_use_avx2 = ChooseAvx2();
+  // the domain must outlive every session registered with it: it is never released (one small
+  // object per registration)
   OrtCustomOpDomain* domain = nullptr;
   RETURN_IF_ERROR(g_api->CreateCustomOpDomain("gptexport", &domain));
   RETURN_IF_ERROR(g_api->CustomOpDomain_Add(domain, &g_int4_matmul));

@@ -152,11 +152,11 @@ def _packed_varints(buf: memoryview) -> list[int]:
     return values
 
 
-def graph_outputs(graph: memoryview) -> set[str]:
-    """Names of the graph's outputs (GraphProto.output: ValueInfoProto, its name is field 1)."""
+def graph_values(graph: memoryview, number: int) -> set[str]:
+    """Names of the graph's inputs (number 11) or outputs (12): ValueInfoProto, its name is field 1."""
     names = set()
     for f in fields(graph):
-        if f.number == 12 and f.wire == LEN:
+        if f.number == number and f.wire == LEN:
             names |= {bytes(v.value).decode() for v in fields(f.value) if v.number == 1 and v.wire == LEN}
     return names
 
@@ -216,11 +216,13 @@ def _swapped_node(buf: memoryview, node: Node, add: Node | None) -> bytes:
 def swap_graph(graph: memoryview) -> tuple[bytes, int]:
     """The GraphProto with every swappable MatMulNBits node made an Int4MatMul (taking the bias
     Add after it), and how many."""
-    inits = initializers(graph)
+    # an initializer that is also a graph input can be overridden at run time: not a constant
+    inputs = graph_values(graph, 11)
+    inits = {name: info for name, info in initializers(graph).items() if name not in inputs}
     node_fields = [f for f in fields(graph) if f.number == 1 and f.wire == LEN]
     nodes = [read_node(f.value) for f in node_fields]
     swap = {i for i, node in enumerate(nodes) if swappable(node, inits)}
-    fused = bias_adds(nodes, swap, inits, graph_outputs(graph))
+    fused = bias_adds(nodes, swap, inits, graph_values(graph, 12))
     absorbed = set(fused.values())
     out, index = bytearray(), 0
     for f in fields(graph):
