@@ -224,3 +224,22 @@ def test_parity_passes_on_int4_with_the_kernels(library, int4_dir, tiny_ckpt):
     assert session_model(int4_dir / "model.onnx", "auto").swapped > 0  # auto, as parity's runner opens it
     report = run_parity(int4_dir, tiny_ckpt, options=ParityOptions(steps=2, backends="onnxruntime"))
     assert report.tolerance == PRESETS["int4"] and report, report.verdict()
+
+
+def test_swapped_model_finds_its_external_weights(library, int4_dir, tmp_path):
+    """Loaded from bytes, the swapped graph still finds model.onnx.data beside model.onnx."""
+    model = onnx.load(str(int4_dir / "model.onnx"))
+    onnx.save(model, str(tmp_path / "model.onnx"), save_as_external_data=True, location="model.onnx.data",
+              size_threshold=1024)  # as the exporter: small constants stay in the graph
+    assert (tmp_path / "model.onnx.data").is_file()
+    swapped = session_model(tmp_path / "model.onnx", "on")
+    assert isinstance(swapped.model, bytes) and swapped.swapped > 0
+    options = ort.SessionOptions()
+    swapped.configure(options)
+    ours, theirs = (ort.InferenceSession(swapped.model, options, providers=["CPUExecutionProvider"]),
+                    ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"]))
+    feeds = {i.name: np.zeros([d if isinstance(d, int) else 1 for d in i.shape],
+                              np.int64 if "int64" in i.type else np.float32) for i in theirs.get_inputs()}
+    feeds["input_ids"] = np.array([[1, 2, 3]])
+    feeds["logit_positions"] = np.array([2])
+    np.testing.assert_allclose(ours.run(["logits"], feeds)[0], theirs.run(["logits"], feeds)[0], atol=1e-3, rtol=1e-3)
