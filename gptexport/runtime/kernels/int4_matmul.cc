@@ -43,6 +43,7 @@ constexpr int kBlock = 32;          // k per scale
 constexpr int kGroup = 8;           // output columns per repacked group
 constexpr int kBlockBytes = 128;    // nibbles of one group's block: 8 columns x 32 k / 2
 constexpr int kMaxRows = 4;         // activation rows served by one unpacked weight block
+constexpr int kTaskWork = 512;      // row-blocks (32 inputs x 8 columns x 1 row) per pool task, ~2 us
 constexpr int kPrefetchBlocks = 16;  // how far ahead the weight stream is prefetched (prefetches never fault)
 
 struct PackedBlock {  // one block of 32 k of one group of 8 columns
@@ -321,9 +322,11 @@ OrtStatus* Compute(const Int4MatMulKernel& kernel, OrtKernelContext* context) {
     QuantizeRow(a + r * w.K, w.K, w.blocks, &q[r * padded], &scale[r * w.blocks], &offset[r * w.blocks]);
     call.rows[r] = QuantRow{&q[r * padded], &scale[r * w.blocks], &offset[r * w.blocks]};
   }
-  // tasks of a few groups: enough of them to balance the pool, each worth a thread hand-off
-  const int64_t work = M * w.blocks;  // blocks of work per group
-  call.groups_per_task = std::max<int64_t>(1, std::min<int64_t>(w.groups / 16, 4096 / std::max<int64_t>(1, work)));
+  // tasks of about kTaskWork row-blocks (a few microseconds each): enough of them to balance the
+  // pool, each worth a thread hand-off; a small matmul runs on the calling thread alone
+  const int64_t work = M * w.blocks;  // row-blocks per group
+  const int64_t tasks_wanted = std::max<int64_t>(1, std::min<int64_t>(w.groups, work * w.groups / kTaskWork));
+  call.groups_per_task = (w.groups + tasks_wanted - 1) / tasks_wanted;
   const int64_t tasks = (w.groups + call.groups_per_task - 1) / call.groups_per_task;
   if (tasks == 1) {
     RunTask(&call, 0);
