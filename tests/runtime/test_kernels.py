@@ -243,3 +243,18 @@ def test_swapped_model_finds_its_external_weights(library, int4_dir, tmp_path):
     feeds["input_ids"] = np.array([[1, 2, 3]])
     feeds["logit_positions"] = np.array([2])
     np.testing.assert_allclose(ours.run(["logits"], feeds)[0], theirs.run(["logits"], feeds)[0], atol=1e-3, rtol=1e-3)
+
+
+def test_a_failed_header_fetch_is_one_line_and_not_retried_at_once(tmp_path, monkeypatch):
+    import shutil
+
+    if not shutil.which("apt-get") or any((d / build.HEADER).is_file() for d in build.SYSTEM_INCLUDES):
+        pytest.skip("needs apt-get and no system ONNX Runtime headers")
+    monkeypatch.setenv("GPTEXPORT_KERNELS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("ORT_INCLUDE_DIR", raising=False)
+    monkeypatch.setattr(build, "DEBIAN_SOURCE", "deb http://127.0.0.1:9/debian trixie main")  # nothing listens
+    with pytest.raises(build.KernelsUnavailable, match="no ONNX Runtime headers: apt-get") as first:
+        build.ensure_library()
+    assert "\n" not in str(first.value)
+    with pytest.raises(build.KernelsUnavailable, match="not retried before an hour has passed"):
+        build.ensure_library()

@@ -27,6 +27,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("int4_matmul.cc")
@@ -37,6 +38,7 @@ DEBIAN_SOURCE = "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] 
 DEBIAN_PACKAGE = "libonnxruntime-dev"
 CXX_FLAGS = ("-std=c++17", "-O3", "-fPIC", "-shared", "-fvisibility=hidden", "-Wall")
 TIMEOUT_S = 300
+RETRY_FETCH_S = 3600
 
 
 class KernelsUnavailable(Exception):
@@ -126,12 +128,19 @@ def fetch_debian_headers() -> Path:
                                  f"{DEBIAN_PACKAGE} (this machine has no apt-get to fetch it)")
     root = cache_root() / "debian"
     root.mkdir(parents=True, exist_ok=True)
+    failed = root / "last-failure.txt"  # a failed fetch is not retried by every session for an hour
     with _locked(root / ".lock"):
         if (debian_headers() / HEADER).is_file():
             return debian_headers()
-        with tempfile.TemporaryDirectory(dir=root) as tmp:
-            deb = _apt_download(Path(tmp))
-            _run(["dpkg-deb", "-x", str(deb), str(root)], "dpkg-deb -x")
+        if failed.is_file() and time.time() - failed.stat().st_mtime < RETRY_FETCH_S:
+            raise KernelsUnavailable(failed.read_text().strip() + f" (not retried before an hour has passed: {failed})")
+        try:
+            with tempfile.TemporaryDirectory(dir=root) as tmp:
+                deb = _apt_download(Path(tmp))
+                _run(["dpkg-deb", "-x", str(deb), str(root)], "dpkg-deb -x")
+        except KernelsUnavailable as e:
+            failed.write_text(f"no ONNX Runtime headers: {e}\n")
+            raise KernelsUnavailable(f"no ONNX Runtime headers: {e}") from None
     if not (debian_headers() / HEADER).is_file():
         raise KernelsUnavailable(f"{DEBIAN_PACKAGE} unpacked into {root} has no {HEADER}")
     return debian_headers()
@@ -144,7 +153,7 @@ def _apt_download(work: Path) -> Path:
     (work / "sources.list").write_text(DEBIAN_SOURCE + "\n")
     options = ["-o", f"Dir::Etc::SourceList={work / 'sources.list'}", "-o", "Dir::Etc::SourceParts=/nonexistent",
                "-o", f"Dir::State::Lists={work / 'lists'}", "-o", f"Dir::Cache={work / 'cache'}",
-               "-o", "Debug::NoLocking=1"]
+               "-o", "Debug::NoLocking=1", "-o", "Acquire::Retries=0", "-o", "Acquire::http::Timeout=20"]
     if os.geteuid() == 0:  # root: download as root rather than as _apt, who cannot write to `work`
         options += ["-o", "APT::Sandbox::User=root"]
     _run(["apt-get", "-q", *options, "update"], "apt-get update (Debian trixie)")
