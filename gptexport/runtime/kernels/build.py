@@ -156,7 +156,10 @@ def _apt_download(work: Path) -> Path:
                "-o", "Debug::NoLocking=1", "-o", "Acquire::Retries=0", "-o", "Acquire::http::Timeout=20"]
     if os.geteuid() == 0:  # root: download as root rather than as _apt, who cannot write to `work`
         options += ["-o", "APT::Sandbox::User=root"]
-    _run(["apt-get", "-q", *options, "update"], "apt-get update (Debian trixie)")
+    said = _run(["apt-get", "-q", *options, "update"], "apt-get update (Debian trixie)")
+    unreached = [ln for ln in said.splitlines() if ln.startswith(("W: Failed to fetch", "Err:"))]
+    if unreached:  # apt-get update exits 0 when it cannot reach the mirror: say that, not "no such package"
+        raise KernelsUnavailable(f"apt-get update (Debian trixie) failed: {' '.join(unreached[-1].split())}")
     _run(["apt-get", "-q", *options, "download", DEBIAN_PACKAGE], f"apt-get download {DEBIAN_PACKAGE}", cwd=work)
     debs = sorted(work.glob(f"{DEBIAN_PACKAGE}_*.deb"))
     if not debs:
@@ -175,7 +178,8 @@ def _compile(cxx: str, include: Path, path: Path) -> None:
             os.unlink(tmp)
 
 
-def _run(cmd: list[str], what: str, cwd: Path | None = None) -> None:
+def _run(cmd: list[str], what: str, cwd: Path | None = None) -> str:
+    """Run a build step; its output, or KernelsUnavailable naming it and its first error line."""
     try:
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S, cwd=cwd)
     except (OSError, subprocess.TimeoutExpired) as e:
@@ -184,6 +188,7 @@ def _run(cmd: list[str], what: str, cwd: Path | None = None) -> None:
         lines = [ln for ln in (result.stderr or result.stdout).splitlines() if ln.strip()]
         errors = [ln for ln in lines if "error" in ln.lower() or ln.startswith("E:")]
         raise KernelsUnavailable(f"{what} failed: {(errors or lines or ['exit ' + str(result.returncode)])[0].strip()}")
+    return result.stdout + result.stderr
 
 
 class _locked:
