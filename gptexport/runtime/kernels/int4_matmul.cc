@@ -33,6 +33,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <new>
 #include <string>
 #include <vector>
 
@@ -355,8 +356,14 @@ struct Int4MatMulOp : OrtCustomOp {
     GetOutputCharacteristic = [](const OrtCustomOp*, size_t) { return INPUT_OUTPUT_REQUIRED; };
     GetInputMemoryType = [](const OrtCustomOp*, size_t) { return OrtMemTypeDefault; };
     CreateKernelV2 = [](const OrtCustomOp*, const OrtApi*, const OrtKernelInfo* info, void** out) -> OrtStatusPtr {
-      auto* kernel = new Int4MatMulKernel();
-      OrtStatus* status = LoadWeights(info, kernel);
+      auto* kernel = new (std::nothrow) Int4MatMulKernel();
+      if (kernel == nullptr) return Error("Int4MatMul: out of memory");
+      OrtStatus* status = nullptr;
+      try {
+        status = LoadWeights(info, kernel);
+      } catch (const std::exception& e) {  // the repacked weights' allocation
+        status = Error(std::string("Int4MatMul: ") + e.what());
+      }
       if (status != nullptr) {
         delete kernel;
         return status;
