@@ -131,7 +131,20 @@ def table(report: dict) -> str:
                          f"{_ratio_plain(rss and rss * MB, r.get('weight_bytes'))} "
                          f"the {r['weight_bytes'] / MB:.0f} MB of weights")
     lines += [f"  {r['runtime']} {r['weights']}: {r['note']}" for r in report["results"] if r.get("note")]
+    lines += kernel_lines(report)
     return "\n".join(rows + [""] + peer_table(report) + lines + [f"note: {n}" for n in report["notes"]])
+
+
+def kernel_lines(report: dict) -> list[str]:
+    """int4 with our kernels ÷ int4 on MatMulNBits, per batch size (both rows measured in this run)."""
+    ours = next((r for r in report["results"] if r.get("variant") == "our kernels"), None)
+    theirs = next((r for r in report["results"] if r.get("variant") == "MatMulNBits"), None)
+    if not ours or not theirs:
+        return []
+    ratios = [f"B={b} {_ratio_plain(ours['by_batch'][b]['decode_tok_s'], theirs['by_batch'][b]['decode_tok_s'])}"
+              for b in ours["by_batch"] if b in theirs["by_batch"]]
+    flags = report.get("machine", {}).get("cpu_flags", "")
+    return [f"int4 decode, our kernels ÷ MatMulNBits: {', '.join(ratios)} (CPU flags: {flags or 'unknown'})"]
 
 
 def peer_table(report: dict) -> list[str]:

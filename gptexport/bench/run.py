@@ -67,6 +67,7 @@ class BenchConfig:
     peers: bool = True  # llama.cpp and CTranslate2, when installed and hf_dir (or an HF ckpt) is given
     peers_dir: str | None = None  # where peers.json is [default: $GPTEXPORT_PEERS or ~/.cache/gptexport-peers]
     hf_dir: str | None = None  # the Hugging Face directory the model directory was converted from
+    kernels: tuple[str, ...] = ("off", "on")  # int4 rows: MatMulNBits and/or our kernels (runtime/kernels)
 
 
 @dataclass
@@ -271,8 +272,10 @@ def _runtimes(model_dir: Path, md, ckpt, config: BenchConfig, precisions: tuple[
     runtimes, notes = [], []
     if "onnxruntime" in config.backends:
         dirs = precision_dirs(model_dir, precisions, work_dir, progress)
-        runtimes += [Runtime("gptexport-ort", p, str(d), weight_bytes(load_model_dir(d, verify=False).onnx_path))
-                     for p, d in dirs.items()]
+        for p, d in dirs.items():
+            sizes = weight_bytes(load_model_dir(d, verify=False).onnx_path)
+            runtimes += [Runtime("gptexport-ort", p, str(d), sizes, job={"kernels": k}, variant=v)
+                         for k, v in _kernel_variants(p, config.kernels, notes)]
     for backend in (b for b in config.backends if b in GPU_BACKENDS):
         for graphs in (config.cuda_graphs if backend in GRAPH_BACKENDS else (True,)):
             variant = "" if graphs or backend not in GRAPH_BACKENDS else "no CUDA graphs"
@@ -285,6 +288,24 @@ def _runtimes(model_dir: Path, md, ckpt, config: BenchConfig, precisions: tuple[
     if config.peers and "onnxruntime" in config.backends:
         _peers(runtimes, notes, md, ckpt, config, precisions, work_dir, progress)
     return runtimes, notes
+
+
+def _kernel_variants(precision: str, modes: tuple[str, ...], notes: list[str]) -> list[tuple[str, str]]:
+    """(kernels mode, row variant) of a precision's rows: int4 with MatMulNBits and/or our kernels,
+    when they are available here (else a note why not); other precisions once, as they are."""
+    if precision != "int4":
+        return [("off", "")]
+    from ..runtime.backends.kernels import availability
+
+    variants = [("off", "MatMulNBits")] if "off" in modes else []
+    if "on" in modes:
+        status = availability()
+        if status.startswith("available"):
+            variants.append(("on", "our kernels"))
+            notes.append(f"gptexport's kernels {status}")
+        else:
+            notes.append(f"int4 with our kernels skipped: {status}")
+    return variants
 
 
 def _baselines(runtimes: list[Runtime], notes: list[str], md, ckpt, config: BenchConfig) -> None:
@@ -402,10 +423,12 @@ def _machine() -> dict:
 
     import onnxruntime
 
-    cpu = next((ln.split(":", 1)[1].strip() for ln in _read("/proc/cpuinfo").splitlines()
-                if ln.startswith("model name")), platform.processor())
+    cpuinfo = _read("/proc/cpuinfo").splitlines()
+    cpu = next((ln.split(":", 1)[1].strip() for ln in cpuinfo if ln.startswith("model name")), platform.processor())
+    flags = next((ln.split(":", 1)[1].split() for ln in cpuinfo if ln.startswith("flags")), [])
+    vector = [f for f in ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags]
     return {"cpu": cpu, "cores": os.cpu_count(), "onnxruntime": onnxruntime.__version__,
-            "load_average": os.getloadavg()[0]}
+            "load_average": os.getloadavg()[0], "cpu_flags": " ".join(vector)}
 
 
 def _read(path: str) -> str:

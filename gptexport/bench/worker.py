@@ -7,7 +7,8 @@ time to first token (prefill), then the mean time per token of the rest (decode)
 Runtimes:
   gptexport-ort, gptexport-ort-cuda, gptexport-ort-tensorrt, gptexport-tensorrt
                  the model directory on that backend, the batch's rows as sequences of the generation
-                 engine (`cuda_graphs` false: decode without CUDA graphs)
+                 engine (`cuda_graphs` false: decode without CUDA graphs; `kernels` off|auto|on: int4's
+                 MatMulNBits on our CPU kernels, see backends/kernels.py)
   nanoGPT        gptexport.convert.model.GPT.generate: nanoGPT's loop, a full forward per new token (CPU)
   transformers   GPT2LMHeadModel.generate with its KV cache, on the job's `device` ("cpu" or "cuda",
                  there in the model directory's dtype: fp32 or fp16), in PyTorch's eager mode
@@ -51,7 +52,7 @@ def gptexport_generator(job: dict) -> Generator:
     from ..runtime.scheduler import Scheduler, Sequence
 
     runner = open_runner(BACKEND_OF[job["runtime"]], load_model_dir(job["path"], verify=False), job["threads"],
-                         cuda_graphs=job.get("cuda_graphs"))
+                         cuda_graphs=job.get("cuda_graphs"), kernels=job.get("kernels"))
     runner.activate()
     grow = bool(job.get("grow"))
 

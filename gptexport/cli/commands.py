@@ -66,16 +66,23 @@ def convert(ckpt: Path, out_dir: Path, dtype: str, tokenizer: Path | None, force
               help="CPU threads for ONNX Runtime (default: all cores).")
 @click.option("--tf32", is_flag=True, help="ort-cuda: let fp32 matmuls use TF32 (faster, less exact; off by default).")
 @click.option("--no-cuda-graphs", is_flag=True, help="ort-cuda, tensorrt: run decode steps without CUDA graphs.")
+@click.option("--kernels", type=click.Choice(["off", "auto", "on"]), default="auto", show_default=True,
+              help="onnxruntime: run MatMulNBits (int4) on gptexport's own CPU kernels (auto: when they build here; "
+                   "on: fail if they cannot).")
+@click.option("--verbose", is_flag=True, help="Say on stderr whether the kernels run, and why not.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of streaming text.")
 def generate(model_dir: Path, prompt: str | None, prompt_file: Path | None, prompt_tokens: str | None,
              prompts_file: Path | None, max_batch: int, num_samples: int, backend: str, threads: int | None,
-             tf32: bool, no_cuda_graphs: bool, as_json: bool, **settings) -> None:
+             tf32: bool, no_cuda_graphs: bool, kernels: str, verbose: bool, as_json: bool, **settings) -> None:
     """Sample text from a model directory, streaming it as it is produced (or many prompts at once)."""
     from ..artifacts.modeldir import load_model_dir
     from ..runtime.session import GenerationSession, generate_samples
 
     # settings: the flags named as params.SETTINGS names them (--top-k is top_k)
-    runner_options = dict(tf32=tf32, cuda_graphs=False if no_cuda_graphs else None)
+    if verbose:
+        show_kernels_log()
+    runner_options = dict(tf32=tf32, cuda_graphs=False if no_cuda_graphs else None,
+                          kernels=None if kernels == "auto" else kernels)
     if prompts_file is not None:
         if any(x is not None for x in (prompt, prompt_file, prompt_tokens)) or num_samples != 1:
             raise UsageError("--prompts: give the prompts in the file, without --prompt, --prompt-file, "
@@ -91,6 +98,17 @@ def generate(model_dir: Path, prompt: str | None, prompt_file: Path | None, prom
                                    num_samples=num_samples, stream=stream)
     if as_json:
         click.echo(json.dumps({"samples": [s.to_dict() for s in samples]}, ensure_ascii=False))
+
+
+def show_kernels_log() -> None:
+    """The kernels' one line (on, or why not) as a `notice:` on stderr."""
+    import logging
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("notice: %(message)s"))
+    logger = logging.getLogger("gptexport.kernels")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
 
 
 def generate_many(session, prompts_file: Path, items: list, line_numbers: list[int], params) -> None:
@@ -293,14 +311,16 @@ def quantize(model_dir: Path, out_dir: Path, method: str | None, force: bool, ev
 @click.option("--peers", "peers_dir", type=click.Path(path_type=Path), default=None,
               help="Where scripts/prepare_peers.sh put the peers (peers.json) "
                    "[default: $GPTEXPORT_PEERS or ~/.cache/gptexport-peers].")
+@click.option("--kernels", type=click.Choice(["both", "on", "off"]), default="both", show_default=True,
+              help="int4 rows: with gptexport's CPU kernels (on), with ONNX Runtime's MatMulNBits (off), or both.")
 @click.option("--no-peers", is_flag=True, help="Leave llama.cpp and CTranslate2 out.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of a table.")
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None, help="Write a PNG plot.")
 def bench(model_dir: Path, ckpt: Path | None, backends: tuple[str, ...], cuda_graphs: str,
           precisions: tuple[str, ...], batches: tuple[int, ...],
           prompt_tokens: int, new_tokens: int, contexts: tuple[int, ...], rounds: int, repeats: int, threads: int,
-          work_dir: Path | None, hf_dir: Path | None, peers_dir: Path | None, no_peers: bool, as_json: bool,
-          plot_path: Path | None) -> None:
+          work_dir: Path | None, hf_dir: Path | None, peers_dir: Path | None, kernels: str, no_peers: bool,
+          as_json: bool, plot_path: Path | None) -> None:
     """Benchmark OUTDIR on ONNX Runtime (fp32, int8, int4) or GPU backends against nanoGPT, transformers,
     llama.cpp and CTranslate2 (the peers: installed by scripts/prepare_peers.sh, else skipped with a note)."""
     from ..bench import report as r
@@ -310,7 +330,8 @@ def bench(model_dir: Path, ckpt: Path | None, backends: tuple[str, ...], cuda_gr
     config = b.BenchConfig(prompt_tokens=prompt_tokens, new_tokens=new_tokens, batches=batches or (1, 8),
                            contexts=contexts or (64, 900), rounds=rounds, repeats=repeats, threads=threads,
                            backends=backends or ("onnxruntime",), cuda_graphs=graphs, peers=not no_peers,
-                           peers_dir=str(peers_dir) if peers_dir else None, hf_dir=str(hf_dir) if hf_dir else None)
+                           peers_dir=str(peers_dir) if peers_dir else None, hf_dir=str(hf_dir) if hf_dir else None,
+                           kernels=("off", "on") if kernels == "both" else (kernels,))
     report = b.run_bench(model_dir, ckpt, config, precisions or b.PRECISIONS, work_dir,
                          progress=lambda msg: click.echo(msg, err=True))
     click.echo(json.dumps(report, indent=2) if as_json else r.table(report))

@@ -31,19 +31,25 @@ def resolve_backends(backends: tuple[str, ...] | list[str] | str) -> list[str]:
 
 
 def open_runner(name: str, model_dir: ModelDir | str | Path, threads: int | None = None, tf32: bool = False,
-                cuda_graphs: bool | None = None) -> Runner:
+                cuda_graphs: bool | None = None, kernels: str | None = None) -> Runner:
     """The runner called `name` for a model directory (a path is loaded, hashes checked); not yet
     activated: use it as a context manager, or call activate().
 
     `tf32` lets an fp32 model's matmuls use TF32 on ort-cuda (a TensorRT engine gets it at
     `gptexport build --tf32`); `cuda_graphs` False turns off the decode CUDA graphs of ort-cuda and
-    tensorrt (on by default there).
+    tensorrt (on by default there). `kernels` (off|auto|on, default auto) runs MatMulNBits on our own
+    CPU kernels (backends/kernels.py); it applies to onnxruntime only.
     """
     name = backend_name(name)
     model_dir = load_model_dir(model_dir)
     if tf32 and name != "ort-cuda":
         raise UsageError(f"--tf32 applies to --backend ort-cuda, not {name} "
                          f"(a TensorRT engine is built with it: `gptexport build --tf32`)")
+    if kernels not in (None, "auto", "off"):
+        if kernels != "on":
+            raise UsageError(f"--kernels: unknown mode {kernels!r}; valid: off, auto, on")
+        if name != "onnxruntime":
+            raise UsageError(f"--kernels on applies to --backend onnxruntime (our CPU kernels), not {name}")
     if name == "tensorrt":
         from .trt import TrtRunner
 
@@ -51,4 +57,4 @@ def open_runner(name: str, model_dir: ModelDir | str | Path, threads: int | None
     from .ort import OrtRunner
 
     provider = {"onnxruntime": "cpu", "ort-cuda": "cuda", "ort-tensorrt": "tensorrt"}[name]
-    return OrtRunner(model_dir, provider, threads, tf32=tf32, cuda_graphs=cuda_graphs)
+    return OrtRunner(model_dir, provider, threads, tf32=tf32, cuda_graphs=cuda_graphs, kernels=kernels or "auto")

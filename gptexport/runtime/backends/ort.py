@@ -58,9 +58,10 @@ class OrtRunner(Runner):
     """Runs OUTDIR/model.onnx in an onnxruntime.InferenceSession."""
 
     def __init__(self, model_dir: ModelDir, provider: str = "cpu", threads: int | None = None,
-                 tf32: bool = False, cuda_graphs: bool | None = None):
+                 tf32: bool = False, cuda_graphs: bool | None = None, kernels: str = "auto"):
         if provider not in PROVIDERS:
             raise UsageError(f"unknown ONNX Runtime provider {provider!r}; valid: {', '.join(PROVIDERS)}")
+        self.kernels = kernels  # our CPU kernels for MatMulNBits: off, auto or on (backends/kernels.py)
         self.model_dir, self.provider, self.threads, self.tf32 = model_dir, provider, threads, tf32
         self.config, self.spec = model_dir.config, model_dir.spec
         self.name = f"onnxruntime-{provider}"
@@ -69,7 +70,7 @@ class OrtRunner(Runner):
         # CUDA graphs on the CUDA provider only, on unless turned off (the TensorRT provider's own
         # graph mode is a different mechanism that we have never run)
         self.cuda_graphs = provider == "cuda" and cuda_graphs is not False
-        self.loader = SessionLoader(model_dir, provider, threads, tf32, self.cuda_graphs)  # builds; this runs
+        self.loader = SessionLoader(model_dir, provider, threads, tf32, self.cuda_graphs, kernels)  # builds; this runs
         self.session = self.ort = None
         self.memory: DeviceMemory | None = HostMemory() if provider == "cpu" else None
         self.graph_arenas: GraphArenas | None = None  # the batch caches' buckets under CUDA graphs

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from ...artifacts.modeldir import ModelDir
 from ...errors import BackendUnavailable, GptExportError, ModelDirError, first_line
 from .base import notice
+from .kernels import session_model
 
 PROVIDERS = {
     "cpu": "CPUExecutionProvider",
@@ -101,10 +102,15 @@ def run_options(ort, graph_id: int | None):
     return options
 
 
-def create_session(ort, model_dir: ModelDir, provider: str, threads: int | None, options: dict):
+def create_session(ort, model_dir: ModelDir, provider: str, threads: int | None, options: dict,
+                   kernels: str = "auto"):
     """An InferenceSession whose first provider is the one asked for; BackendUnavailable otherwise,
-    GraphCaptureRefused where ONNX Runtime will not capture this model in CUDA graphs."""
+    GraphCaptureRefused where ONNX Runtime will not capture this model in CUDA graphs.
+
+    On the CPU provider, `kernels` (off|auto|on) swaps our Int4MatMul in for MatMulNBits in the
+    graph the session loads (backends/kernels.py); the model directory is left as it is."""
     wanted = PROVIDERS[provider]
+    model = session_model(model_dir.onnx_path, kernels if wanted == "CPUExecutionProvider" else "off")
     providers = [(wanted, options)]
     if wanted != "CPUExecutionProvider":
         providers.append(("CPUExecutionProvider", {}))  # for the shape nodes ONNX Runtime keeps on the CPU
@@ -115,8 +121,9 @@ def create_session(ort, model_dir: ModelDir, provider: str, threads: int | None,
                 ort.preload_dlls()
         try:
             # enable_fallback=0: no silent retry on the CPU provider (the retry is printed to stdout)
-            session = ort.InferenceSession(str(model_dir.onnx_path), sess_options=session_options(ort, threads),
-                                           providers=providers, enable_fallback=0)
+            opts = session_options(ort, threads)
+            model.configure(opts)
+            session = ort.InferenceSession(model.model, sess_options=opts, providers=providers, enable_fallback=0)
         except Exception as e:  # onnxruntime raises its own types for unreadable or invalid models
             error = e
     if error is not None:
@@ -189,6 +196,7 @@ class SessionLoader:
     threads: int | None = None
     tf32: bool = False
     cuda_graphs: bool = False
+    kernels: str = "auto"  # our CPU kernels for MatMulNBits: off, auto, on (backends/kernels.py)
 
     def __call__(self, stream: int = 0, ort=None) -> LoadedSession:
         """The session, its kernels on `stream` (a CUDA stream handle; 0: the provider's own)."""
@@ -199,14 +207,15 @@ class SessionLoader:
                                      f"available: {', '.join(available)}")
         opts = provider_options(self.provider, self.model_dir, stream, self.tf32, self.cuda_graphs)
         try:
-            return LoadedSession(ort, create_session(ort, self.model_dir, self.provider, self.threads, opts),
-                                 self.cuda_graphs)
+            return LoadedSession(ort, create_session(ort, self.model_dir, self.provider, self.threads, opts,
+                                                     self.kernels), self.cuda_graphs)
         except GraphCaptureRefused as e:
             if not self.cuda_graphs:
                 raise
             notice(f"ONNX Runtime cannot use CUDA graphs for this model ({e}); decode runs with plain launches")
             opts = {**opts, "enable_cuda_graph": "0"}
-            return LoadedSession(ort, create_session(ort, self.model_dir, self.provider, self.threads, opts), False)
+            return LoadedSession(ort, create_session(ort, self.model_dir, self.provider, self.threads, opts,
+                                                     self.kernels), False)
 
 
 def not_started(ort, wanted: str, got: str | None, log: str, error: Exception | None) -> str:

@@ -1,0 +1,92 @@
+"""The CPU runner's one hook into our kernels: the model a session loads, and the library it registers.
+
+`session_model(onnx_path, mode)` is called when the CPU provider's session is created. With the
+kernels on, it reads model.onnx, swaps Int4MatMul in for the MatMulNBits nodes it can run
+(runtime/kernels/onnxgraph.py) and returns the rewritten bytes with the library to register; the
+model directory itself is never changed, so it still runs anywhere ONNX Runtime runs.
+
+Modes (`--kernels`):
+- "off": the graph as it is.
+- "auto" (default): the kernels when the graph has a MatMulNBits they take and the library builds
+  or is built here; otherwise the graph as it is, and why is logged once at INFO on the
+  "gptexport.kernels" logger (`--verbose` shows it).
+- "on": the kernels, or BackendUnavailable with one line saying why not.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from ...errors import BackendUnavailable, UsageError
+from ..kernels import build, onnxgraph
+
+MODES = ("off", "auto", "on")
+EXTERNAL_FOLDER = "session.model_external_initializers_file_folder_path"
+log = logging.getLogger("gptexport.kernels")
+_said: set[str] = set()
+
+
+@dataclass
+class SessionModel:
+    """What InferenceSession loads: the model's path, or its rewritten bytes and our library."""
+
+    model: str | bytes
+    folder: Path  # model.onnx's folder: where its external weights (model.onnx.data) are
+    library: Path | None = None
+    swapped: int = 0  # MatMulNBits nodes now Int4MatMul
+
+    def configure(self, options) -> None:
+        """Register the library and, for bytes, say where the external weights lie."""
+        if self.library is not None:
+            options.register_custom_ops_library(str(self.library))
+        if isinstance(self.model, bytes):
+            options.add_session_config_entry(EXTERNAL_FOLDER, str(self.folder))
+
+
+def check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise UsageError(f"--kernels: unknown mode {mode!r}; valid: {', '.join(MODES)}")
+    return mode
+
+
+def session_model(onnx_path: Path, mode: str = "auto") -> SessionModel:
+    """The model and library a CPU session should load under `mode` (see the module docstring)."""
+    plain = SessionModel(str(onnx_path), onnx_path.parent)
+    if check_mode(mode) == "off":
+        return plain
+    data = onnx_path.read_bytes()
+    if mode == "auto" and b"MatMulNBits" not in data:
+        return plain  # nothing to swap: no reason to build anything
+    try:
+        library = build.ensure_library()
+    except build.KernelsUnavailable as e:
+        if mode == "on":
+            raise BackendUnavailable(f"--kernels on: gptexport's kernel library is unavailable: {e}") from None
+        _say_once(f"kernels off: {e}; running ONNX Runtime's MatMulNBits")
+        return plain
+    try:
+        rewritten, swapped = onnxgraph.swap_model(data)
+    except ValueError as e:  # not a protobuf we can walk; ONNX Runtime will say what it thinks of it
+        _say_once(f"kernels off: {onnx_path} could not be read for the swap ({e})")
+        return plain
+    if not swapped:
+        return plain
+    _say_once(f"kernels on: {swapped} MatMulNBits nodes run as Int4MatMul ({build.isa(library)}, {library})")
+    return SessionModel(rewritten, onnx_path.parent, library, swapped)
+
+
+def availability() -> str:
+    """One line for a report: the library's path and code path, or why it is unavailable."""
+    try:
+        library = build.ensure_library()
+        return f"available ({build.isa(library)}): {library}"
+    except build.KernelsUnavailable as e:
+        return f"unavailable: {e}"
+
+
+def _say_once(message: str) -> None:
+    if message not in _said:
+        _said.add(message)
+        log.info(message)

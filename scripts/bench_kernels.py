@@ -1,0 +1,136 @@
+"""Our CPU kernels on and off, interleaved in one run, through the scheduler (the path of
+`gptexport generate --prompts` and the server): decode tokens per second, wall and CPU time.
+
+    python scripts/bench_kernels.py OUT_INT4 [--batch 1 --batch 8] [--rounds 5] [--threads 2]
+    python scripts/bench_kernels.py --ops [--threads 2]     # one matmul alone: GPT-2's shapes
+
+Both sessions stay open; each round runs every (batch, kernels) pair once, off before on, so drift
+and other tenants hit both alike. Per pair: B random prompts of --prompt-tokens, greedy, then the
+time of the decode steps (after every sequence's first token) over the tokens they sampled. Besides
+wall time it reports the process's CPU seconds per decode token (all threads): on a shared machine
+that is the steadier figure, since other processes slow wall time but do not add to our CPU time.
+Ratios (on ÷ off) come from the medians of the rounds. Prints the machine's CPU and vector flags.
+
+--ops times one matmul alone in a session, MatMulNBits against Int4MatMul on the same random int4
+weights (GPT-2's shapes, 1 to 8 rows; microseconds per call, the fastest of interleaved repeats).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from gptexport.runtime.params import GenerationParams
+from gptexport.runtime.sampling import SamplingParams
+from gptexport.runtime.session import GenerationSession
+
+FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def cpu_flags() -> tuple[str, str]:
+    lines = Path("/proc/cpuinfo").read_text().splitlines()
+    name = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), "?")
+    flags = next((ln.split(":", 1)[1].split() for ln in lines if ln.startswith("flags")), [])
+    return name, " ".join(f for f in FLAGS if f in flags)
+
+
+def decode_rate(session: GenerationSession, prompts: np.ndarray, new_tokens: int) -> tuple[float, float]:
+    """(decode tokens per wall second, CPU seconds per decode token) of one batch through the scheduler."""
+    params = GenerationParams(new_tokens, SamplingParams(0.0), 0)
+    seqs = [session.submit(row.tolist(), params) for row in prompts]
+    session.scheduler.step()  # admits and prefills every prompt (and may decode once): not timed
+    done = sum(len(s.tokens) for s in seqs)
+    wall, cpu = time.perf_counter(), time.process_time()
+    session.scheduler.run()
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    tokens = sum(len(s.tokens) for s in seqs) - done
+    return tokens / wall, cpu / tokens
+
+
+def bench_ops(threads: int, rows: tuple[int, ...] = (1, 2, 4, 8), repeats: int = 7, calls: int = 50) -> None:
+    """MatMulNBits vs Int4MatMul alone, per GPT-2 shape and row count (imports the test's model builder)."""
+    import onnxruntime as ort
+
+    tests = Path(__file__).resolve().parents[1] / "tests"
+    sys.path[:0] = [str(tests / "runtime"), str(tests)]  # test_kernels imports conftest
+    from test_kernels import matmul_model, quantize_weights  # one node over initializers
+
+    from gptexport.runtime.kernels.build import ensure_library
+
+    library, rng = ensure_library(), np.random.default_rng(0)
+    print("| K × N | rows | MatMulNBits µs | Int4MatMul µs | ÷ |")
+    print("|---|---|---|---|---|")
+    for K, N in ((768, 768), (768, 2304), (768, 3072), (3072, 768), (768, 50257)):
+        B, scales = quantize_weights(rng.standard_normal((K, N)).astype(np.float32) * 0.05)
+        sessions = {}
+        for op, lib in (("MatMulNBits", None), ("Int4MatMul", library)):
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = threads
+            if lib is not None:
+                options.register_custom_ops_library(str(lib))
+            sessions[op] = ort.InferenceSession(matmul_model(op, K, N, B, scales), options,
+                                                providers=["CPUExecutionProvider"])
+        for M in rows:
+            feed = {"A": rng.standard_normal((M, K)).astype(np.float32)}
+            best = {op: float("inf") for op in sessions}
+            for _ in range(repeats):
+                for op, sess in sessions.items():
+                    t = time.perf_counter()
+                    for _ in range(calls):
+                        sess.run(None, feed)
+                    best[op] = min(best[op], (time.perf_counter() - t) / calls * 1e6)
+            theirs, ours = best["MatMulNBits"], best["Int4MatMul"]
+            print(f"| {K} × {N} | {M} | {theirs:.0f} | {ours:.0f} | {theirs / ours:.2f}× |", flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model_dir", type=Path, nargs="?", help="an int4 model directory (gptexport quantize --int4)")
+    p.add_argument("--ops", action="store_true", help="time one matmul alone instead, GPT-2's shapes")
+    p.add_argument("--batch", type=int, action="append", help="batch sizes [1 and 8]")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--prompt-tokens", type=int, default=16)
+    p.add_argument("--new-tokens", type=int, default=64)
+    args = p.parse_args()
+    batches = args.batch or [1, 8]
+    cpu, flags = cpu_flags()
+    print(f"CPU: {cpu}, flags: {flags}; {args.threads} threads; {args.rounds} rounds, interleaved")
+    if args.ops:
+        return bench_ops(args.threads)
+    if args.model_dir is None:
+        p.error("give an int4 model directory, or --ops")
+    sessions = {k: GenerationSession.open(args.model_dir, threads=args.threads, max_batch=max(batches), kernels=k)
+                for k in ("off", "on")}
+    rng = np.random.default_rng(0)
+    vocab = sessions["off"].vocab_size
+    results: dict[tuple[int, str], list[tuple[float, float]]] = {}
+    for r in range(args.rounds):
+        for b in batches:
+            prompts = rng.integers(0, vocab, (b, args.prompt_tokens))
+            for k, session in sessions.items():
+                results.setdefault((b, k), []).append(decode_rate(session, prompts, args.new_tokens))
+        print(f"round {r + 1}: " + ", ".join(f"B={b} {k} {results[(b, k)][-1][0]:.1f} tok/s"
+                                             for b in batches for k in sessions), flush=True)
+    print("| batch | kernels | decode tok/s (median, min-max) | CPU ms per token | on ÷ off (wall) | on ÷ off (CPU) |")
+    print("|---|---|---|---|---|---|")
+    for b in batches:
+        med = {k: (statistics.median(x[0] for x in results[(b, k)]), statistics.median(x[1] for x in results[(b, k)]))
+               for k in sessions}
+        for k in sessions:
+            rates = [x[0] for x in results[(b, k)]]
+            ratio = ((f"{med['on'][0] / med['off'][0]:.2f}×", f"{med['off'][1] / med['on'][1]:.2f}×") if k == "on"
+                     else ("", ""))
+            print(f"| {b} | {k} | {med[k][0]:.1f} ({min(rates):.1f}–{max(rates):.1f}) | {med[k][1] * 1e3:.2f} "
+                  f"| {ratio[0]} | {ratio[1]} |")
+    for s in sessions.values():
+        s.close()
+
+
+if __name__ == "__main__":
+    main()
