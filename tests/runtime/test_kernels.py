@@ -257,9 +257,21 @@ def test_a_failed_header_fetch_is_one_line_and_not_retried_at_once(tmp_path, mon
         pytest.skip("needs apt-get and no system ONNX Runtime headers")
     monkeypatch.setenv("GPTEXPORT_KERNELS_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("ORT_INCLUDE_DIR", raising=False)
-    monkeypatch.setattr(build, "DEBIAN_SOURCE", "deb http://127.0.0.1:9/debian trixie main")  # nothing listens
+    monkeypatch.setattr(build, "debian_mirror", lambda: "http://127.0.0.1:9/debian")  # nothing listens there
     with pytest.raises(build.KernelsUnavailable, match="no ONNX Runtime headers: apt-get") as first:
         build.ensure_library()
     assert "\n" not in str(first.value)
     with pytest.raises(build.KernelsUnavailable, match="not retried before an hour has passed"):
         build.ensure_library()
+
+
+def test_the_mirror_is_the_one_this_machines_apt_sources_name(tmp_path, monkeypatch):
+    (tmp_path / "sources.list.d").mkdir()
+    (tmp_path / "sources.list").write_text("# nothing here\n")
+    (tmp_path / "sources.list.d" / "debian.sources").write_text(
+        "Types: deb\nURIs: http://mirror.invalid/debian/\nSuites: bookworm\nComponents: main\n")
+    monkeypatch.setattr(build, "APT_SOURCES", (tmp_path / "sources.list", tmp_path / "sources.list.d"))
+    assert build.debian_mirror() == "http://mirror.invalid/debian"
+    (tmp_path / "sources.list.d" / "debian.sources").unlink()
+    with pytest.raises(build.KernelsUnavailable, match="no Debian archive"):
+        build.debian_mirror()
