@@ -21,8 +21,8 @@ what lets one 3-D copy cross every layer at once). A sequence lives in one row w
   whose addresses never move (GraphArena).
 
 Per decode step of n rows the memory core is asked for n + 3 copies: the token ids and the
-lengths up, one append per row, the logits down; in host memory the logits are read where the
-graph wrote them, n + 2 (tests/runtime/test_scheduler.py counts them on the host twin).
+lengths up, one append per row, the logits down; in host memory the ids, lengths and logits are the
+bound buffers themselves, n (tests/runtime/test_scheduler.py counts them on the host twin).
 
 A decode step's inputs and outputs sit at fixed addresses per *bucket* (a batch size the step is
 run at: n itself on the CPU; with CUDA graphs 1, 2, 4, 8... up to the cache's rows, so a few graphs
@@ -171,17 +171,23 @@ class Bucket:
                     self.owned.append(addresses[t.name])
             positions = np.zeros(1, np.int64)  # the one new position, 0 (alive as long as the buffers)
             m.upload(addresses["logit_positions"], positions)
-            # the host side of each step's small inputs, reused (idle rows: token 0, no past)
-            self.step_ids, self.step_lengths = np.zeros((B, 1), np.int64), np.zeros(B, np.int64)
+            # the host side of each step's small inputs, reused (idle rows: token 0, no past); in host
+            # memory the bound buffers themselves, written in place (no upload)
+            self.step_ids = self._host(m, addresses["input_ids"], (B, 1), np.int64)
+            self.step_lengths = self._host(m, addresses["past_length"], (B,), np.int64)
+            self.step_ids[...], self.step_lengths[...] = 0, 0
             self.decode = DecodeBuffers(addresses, ins, outs, self._logits(m, addresses["logits"], outs["logits"]),
                                         positions)
         return self.decode
 
     @staticmethod
-    def _logits(m: DeviceMemory, address: int, shape: tuple) -> np.ndarray:
-        """Where the host reads a step's logits: the output buffer itself in host memory (no copy),
-        else a host array they are downloaded into."""
-        return m.view(address, shape, np.float32) if isinstance(m, HostMemory) else np.empty(shape, np.float32)
+    def _host(m: DeviceMemory, address: int, shape: tuple, dtype) -> np.ndarray:
+        """The host side of a step buffer: the buffer itself in host memory (written and read in place),
+        else a host array it is uploaded from or downloaded into."""
+        return m.view(address, shape, dtype) if isinstance(m, HostMemory) else np.zeros(shape, dtype)
+
+    def _logits(self, m: DeviceMemory, address: int, shape: tuple) -> np.ndarray:
+        return self._host(m, address, shape, np.float32)
 
     def free(self) -> None:
         if self.backend_state is not None and self.release_state is not None:
@@ -444,14 +450,17 @@ class BatchCache:
             d = bucket.decode_buffers()
             bucket.step_ids[:n, 0] = ids
             bucket.step_lengths[:n] = lengths
-            bucket.step_ids[n:], bucket.step_lengths[n:] = 0, 0  # idle rows of a larger bucket
-            m.upload(d.addresses["input_ids"], bucket.step_ids)
-            m.upload(d.addresses["past_length"], bucket.step_lengths)
+            if size > n:
+                bucket.step_ids[n:], bucket.step_lengths[n:] = 0, 0  # idle rows of a larger bucket
+            host = isinstance(m, HostMemory)  # there the step's inputs and logits are the bound buffers
+            if not host:
+                m.upload(d.addresses["input_ids"], bucket.step_ids)
+                m.upload(d.addresses["past_length"], bucket.step_lengths)
             self.run_bucket(bucket)
             first_new = d.addresses[self.spec.new_names[0]]
             for r in range(n):
                 m.copy3d(self.block, first_new, self._append_plan(r, int(lengths[r]), r, 1, bucket.new_stride))
-            if not isinstance(m, HostMemory):  # in host memory d.logits is the output buffer itself
+            if not host:
                 m.download(d.logits, d.addresses["logits"])
             m.synchronize()  # the step's host inputs stay untouched until here
         self.lengths[:n] += 1
