@@ -33,12 +33,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
-from serve_load import PROMPT  # noqa: E402 (scripts/ is the script's own folder on sys.path)
+from serve_load import PROMPT, run_threads  # noqa: E402 (scripts/ is the script's own folder on sys.path)
 
 from gptexport.artifacts.modeldir import load_model_dir
 from gptexport.serve.repository import write_repository
@@ -151,25 +150,7 @@ def openai_once(port: int, max_tokens: int, seed: int, prompt, fields: dict | No
 
 def run(clients: int, requests: int, one) -> tuple[dict[int, dict], float]:
     """`clients` threads, each `requests` calls of one(seed) back to back: results by seed, wall time."""
-    results: dict[int, dict] = {}
-    errors: list[BaseException] = []
-
-    def client(i: int) -> None:
-        try:
-            for r in range(requests):
-                results[1000 * i + r] = one(1000 * i + r)
-        except Exception as e:  # reported below: a load run must not hang on one failure
-            errors.append(e)
-
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(900)
-    if errors or any(t.is_alive() for t in threads):
-        raise SystemExit(f"load run failed: {errors[:1] or 'a client did not finish'}")
-    return results, time.perf_counter() - start
+    return run_threads(clients, requests, one, timeout_s=900)
 
 
 def summary(results: dict[int, dict], wall: float) -> dict:

@@ -64,14 +64,16 @@ def stream_once(port: int, model: str, max_tokens: int, seed: int, prompt_tokens
     return ttft, tokens, time.perf_counter() - start, list(np.diff(stamps))
 
 
-def run_clients(port: int, model: str, clients: int, requests: int, max_tokens: int, prompt_tokens: int = 0,
-                vocab: int = 0) -> dict:
-    results, errors = [], []
+def run_threads(clients: int, requests: int, one, timeout_s: float = 600) -> tuple[dict[int, object], float]:
+    """`clients` threads, each `requests` calls of one(seed) back to back (seed 1000 * client + request):
+    results by seed, and the wall time. Any failure, or a client not done by `timeout_s`, ends the run."""
+    results: dict[int, object] = {}
+    errors: list[BaseException] = []
 
     def client(i: int) -> None:
         try:
             for r in range(requests):
-                results.append(stream_once(port, model, max_tokens, 1000 * i + r, prompt_tokens, vocab))
+                results[1000 * i + r] = one(1000 * i + r)
         except Exception as e:  # reported below; a load run must not hang on one failure
             errors.append(e)
 
@@ -80,10 +82,17 @@ def run_clients(port: int, model: str, clients: int, requests: int, max_tokens: 
     for t in threads:
         t.start()
     for t in threads:
-        t.join(600)
-    wall = time.perf_counter() - start
+        t.join(timeout_s)
     if errors or any(t.is_alive() for t in threads):
         raise SystemExit(f"load run failed: {errors[:1] or 'a client did not finish'}")
+    return results, time.perf_counter() - start
+
+
+def run_clients(port: int, model: str, clients: int, requests: int, max_tokens: int, prompt_tokens: int = 0,
+                vocab: int = 0) -> dict:
+    by_seed, wall = run_threads(clients, requests,
+                                lambda seed: stream_once(port, model, max_tokens, seed, prompt_tokens, vocab))
+    results = list(by_seed.values())
     ttfts = sorted(r[0] for r in results)
     gaps = [g for r in results for g in r[3]] or [float("nan")]
     return {"requests": len(results), "tokens": sum(r[1] for r in results), "wall_s": wall,
