@@ -17,7 +17,6 @@ per-round ratios engine / loop. Tokens are checked to be the same both ways.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from gptexport.artifacts.modeldir import load_model_dir
+from gptexport.bench.run import cpu
 from gptexport.runtime.backends import open_runner
 from gptexport.runtime.params import GenerationParams
 from gptexport.runtime.sampling import SamplingParams, next_token
@@ -124,26 +124,6 @@ def decode_rate(gen, runner, prompt: np.ndarray, n: int) -> tuple[float, np.ndar
     return len(prompt) * (len(stamps) - 1) / (stamps[-1] - stamps[0]), tokens
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return " ".join(f for f in line.split(":", 1)[1].split() if f.startswith(("avx", "amx")))
-    except OSError:
-        pass
-    return ""
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model_dirs", type=Path, nargs="+")
@@ -153,7 +133,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
-    print(f"{cpu_name()} ({cpu_flags()}), {args.threads} threads, prompt {args.prompt_tokens} tokens, "
+    name, flags = cpu()
+    print(f"{name} ({flags}), {args.threads} threads, prompt {args.prompt_tokens} tokens, "
           f"{args.new_tokens} new, greedy, {args.rounds} interleaved rounds; decode tok/s, medians")
     print(f"{'model':<28} {'B':>3} {'loop':>8} {'engine':>8} {'engine/loop':>12} {'[min-max]':>14}")
     for path in args.model_dirs:

@@ -25,18 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
+from gptexport.bench.run import cpu
 from gptexport.runtime.params import GenerationParams
 from gptexport.runtime.sampling import SamplingParams
 from gptexport.runtime.session import GenerationSession
-
-FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8")
-
-
-def cpu_flags() -> tuple[str, str]:
-    lines = Path("/proc/cpuinfo").read_text().splitlines()
-    name = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), "?")
-    flags = next((ln.split(":", 1)[1].split() for ln in lines if ln.startswith("flags")), [])
-    return name, " ".join(f for f in FLAGS if f in flags)
 
 
 def decode_rate(session: GenerationSession, prompts: np.ndarray, new_tokens: int) -> tuple[float, float]:
@@ -99,8 +91,8 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=64)
     args = p.parse_args()
     batches = args.batch or [1, 8]
-    cpu, flags = cpu_flags()
-    print(f"CPU: {cpu}, flags: {flags}; {args.threads} threads; {args.rounds} rounds, interleaved")
+    cpu_name, flags = cpu()
+    print(f"CPU: {cpu_name}, flags: {flags}; {args.threads} threads; {args.rounds} rounds, interleaved")
     if args.ops:
         return bench_ops(args.threads)
     if args.model_dir is None:

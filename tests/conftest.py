@@ -97,6 +97,16 @@ def served(tiny_model_dir):
     model.close()
 
 
+def full_forward(runner, ids: np.ndarray, all_positions: bool = True) -> dict:
+    """Every output of one forward of `ids` (B, T) from an empty past (`runner.infer`, no cache): logits
+    at every position, or with all_positions False at the last one only."""
+    B, T, c = ids.shape[0], ids.shape[1], runner.config
+    positions = np.arange(T, dtype=np.int64) if all_positions else np.array([T - 1], np.int64)
+    feeds = {"input_ids": ids, "past_length": np.zeros(B, np.int64), "logit_positions": positions}
+    feeds.update({n: np.zeros((B, c.n_head, 0, c.head_dim), runner.cache_dtype()) for n in runner.spec.past_names})
+    return runner.infer(feeds)
+
+
 def nanogpt_generate(runner, prompt, max_new_tokens: int, params, rng, notice=None, on_token=None,
                      record: list | None = None) -> np.ndarray:
     """nanoGPT's `generate`, the reference the engine is tested against: every token from a full forward
@@ -106,16 +116,12 @@ def nanogpt_generate(runner, prompt, max_new_tokens: int, params, rng, notice=No
     from gptexport.runtime.sampling import check_finite, next_token
 
     idx = np.asarray(prompt, np.int64)
-    B, block, c = idx.shape[0], runner.config.block_size, runner.config
+    B, block = idx.shape[0], runner.config.block_size
     if idx.shape[1] > block and notice is not None:
         notice(f"notice: prompt has {idx.shape[1]} tokens, more than block_size {block}")
     out = []
     for _ in range(max_new_tokens):
-        context = idx[:, -block:]
-        feeds = {"input_ids": context, "past_length": np.zeros(B, np.int64),
-                 "logit_positions": np.array([context.shape[1] - 1], np.int64)}
-        feeds.update({n: np.zeros((B, c.n_head, 0, c.head_dim), runner.cache_dtype()) for n in runner.spec.past_names})
-        logits = runner.infer(feeds)["logits"][:, -1]
+        logits = full_forward(runner, idx[:, -block:], all_positions=False)["logits"][:, -1]
         check_finite(logits, runner.name)
         if record is not None:
             record.append(np.array(logits, np.float64))

@@ -418,17 +418,25 @@ def _torch_has_cuda() -> bool:
         return False
 
 
-def _machine() -> dict:
+VECTOR_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def cpu() -> tuple[str, str]:
+    """This CPU's model name and its vector flags of VECTOR_FLAGS (what every figure names)."""
     import platform
 
+    cpuinfo = _read("/proc/cpuinfo").splitlines()
+    name = next((ln.split(":", 1)[1].strip() for ln in cpuinfo if ln.startswith("model name")), platform.processor())
+    flags = next((ln.split(":", 1)[1].split() for ln in cpuinfo if ln.startswith("flags")), [])
+    return name, " ".join(f for f in VECTOR_FLAGS if f in flags)
+
+
+def _machine() -> dict:
     import onnxruntime
 
-    cpuinfo = _read("/proc/cpuinfo").splitlines()
-    cpu = next((ln.split(":", 1)[1].strip() for ln in cpuinfo if ln.startswith("model name")), platform.processor())
-    flags = next((ln.split(":", 1)[1].split() for ln in cpuinfo if ln.startswith("flags")), [])
-    vector = [f for f in ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags]
-    return {"cpu": cpu, "cores": os.cpu_count(), "onnxruntime": onnxruntime.__version__,
-            "load_average": os.getloadavg()[0], "cpu_flags": " ".join(vector)}
+    name, flags = cpu()
+    return {"cpu": name, "cores": os.cpu_count(), "onnxruntime": onnxruntime.__version__,
+            "load_average": os.getloadavg()[0], "cpu_flags": flags}
 
 
 def _read(path: str) -> str:

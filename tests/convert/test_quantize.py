@@ -4,7 +4,7 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
-from conftest import engine_generate
+from conftest import engine_generate, full_forward
 from onnx import TensorProto, helper, numpy_helper
 
 from gptexport.artifacts.files import sha256_file
@@ -145,14 +145,6 @@ def test_cross_entropy():
     assert cross_entropy(np.zeros((1, 4, 7), np.float32), np.zeros((1, 4), np.int64)) == pytest.approx(np.log(7))
 
 
-def session_run(runner, ids: np.ndarray) -> np.ndarray:
-    """(B, T, V) logits at every position of `ids` from an empty past, by one session.run."""
-    c, B, T = runner.config, ids.shape[0], ids.shape[1]
-    feeds = {"input_ids": ids, "past_length": np.zeros(B, np.int64), "logit_positions": np.arange(T, dtype=np.int64)}
-    feeds.update({n: np.zeros((B, c.n_head, 0, c.head_dim), np.float32) for n in runner.spec.past_names})
-    return runner.infer(feeds)["logits"]
-
-
 def test_evaluate_scores_consecutive_windows(tiny_model_dir):
     """evaluate's windows and targets equal a position-by-position computation."""
     runner = OrtRunner(load_model_dir(tiny_model_dir))
@@ -160,7 +152,8 @@ def test_evaluate_scores_consecutive_windows(tiny_model_dir):
     ids = np.random.default_rng(0).integers(0, runner.config.vocab_size, 3 * T + 5)
     loss, logits = evaluate(runner, ids)
     assert logits.shape == (3, T, runner.config.vocab_size)
-    want = [cross_entropy(session_run(runner, ids[None, w * T: (w + 1) * T]), ids[None, w * T + 1: (w + 1) * T + 1])
+    want = [cross_entropy(full_forward(runner, ids[None, w * T: (w + 1) * T])["logits"],
+                          ids[None, w * T + 1: (w + 1) * T + 1])
             for w in range(3)]
     assert loss == pytest.approx(np.mean(want), rel=1e-5)
 

@@ -6,6 +6,7 @@ The decode step binds device pointers into a memory core (here the host one, bou
 
 import numpy as np
 import pytest
+from conftest import full_forward
 
 from gptexport.artifacts.modeldir import load_model_dir
 from gptexport.errors import GptExportError
@@ -18,14 +19,6 @@ from gptexport.verify.measure import generate_recorded, teacher_forced
 def runner(tiny_model_dir):
     with OrtRunner(load_model_dir(tiny_model_dir)) as r:
         yield r
-
-
-def session_run(runner, ids: np.ndarray) -> dict:
-    """Every output of one forward of `ids` (B, T) from an empty past, all positions, by session.run."""
-    c, B, T = runner.config, ids.shape[0], ids.shape[1]
-    feeds = {"input_ids": ids, "past_length": np.zeros(B, np.int64), "logit_positions": np.arange(T, dtype=np.int64)}
-    feeds.update({n: np.zeros((B, c.n_head, 0, c.head_dim), np.float32) for n in runner.spec.past_names})
-    return runner.infer(feeds)
 
 
 def test_bound_decode_matches_session_run(runner):
@@ -42,10 +35,10 @@ def test_bound_decode_matches_session_run(runner):
         got = np.array(cache.decode(ids))
         for row, token in enumerate(ids):
             contexts[row].append(int(token))
-            want = session_run(runner, np.array([contexts[row]]))["logits"][0, -1]
+            want = full_forward(runner, np.array([contexts[row]]))["logits"][0, -1]
             np.testing.assert_allclose(got[row], want, atol=1e-5, err_msg=f"row {row} step {step}")
     for row, context in enumerate(contexts):
-        want = session_run(runner, np.array([context]))["new_value.1"][0]  # (nh, T, hd)
+        want = full_forward(runner, np.array([context]))["new_value.1"][0]  # (nh, T, hd)
         past = cache.memory.view(cache.past["past_value.1"], (3, runner.config.n_head, cache.capacity,
                                                               runner.config.head_dim), np.float32)
         np.testing.assert_allclose(past[row, :, :len(context)], want, atol=1e-5)
