@@ -292,12 +292,13 @@ class Scheduler:
             all_positions = seq.probe is not None and seq.probe.all_positions
             groups.setdefault((len(seq.context), all_positions), []).append(seq)
         for (T, all_positions), seqs in groups.items():
-            self._prefill(seqs, T, all_positions)
+            reach = max(min(block, T + s.params.max_new_tokens) for s in seqs)
+            self._prefill(seqs, reach, all_positions)
 
-    def _prefill(self, seqs: list[Sequence], T: int, all_positions: bool = False) -> None:
+    def _prefill(self, seqs: list[Sequence], reach: int, all_positions: bool = False) -> None:
         """Admitted sequences with prompts of one length into the next free rows, then their first tokens."""
         try:
-            logits = self._cache(T).prefill(len(self.rows), np.array([s.context for s in seqs]), all_positions)
+            logits = self._cache(reach).prefill(len(self.rows), np.array([s.context for s in seqs]), all_positions)
         except GptExportError as e:  # these sequences fail (a broken backend); the others go on
             for seq in seqs:
                 seq.retire("error", e)

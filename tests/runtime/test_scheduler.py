@@ -168,14 +168,14 @@ def test_a_decode_step_of_n_rows_makes_n_copies_in_host_memory(tiny_model_dir, r
         made = {k: memory.calls[k] - before[k] for k in memory.calls}
         assert made == {"upload": 0, "download": 0, "copy3d": rows}
         assert cache.lengths[:rows].tolist() == [row + 4 for row in range(rows)]
-        assert cache.capacity == 16  # 12 rounded up to room_step 64, capped at block_size 16
-        assert cache.bytes_per_row == 2 * 2 * 2 * 16 * 16 * 4  # (k, v) x layers x heads x capacity x head_dim x fp32
+        assert cache.capacity == 12  # the reach asked for, not block_size 16
+        assert cache.bytes_per_row == 2 * 2 * 2 * 12 * 16 * 4  # (k, v) x layers x heads x capacity x head_dim x fp32
         cache.close()
 
 
 def test_the_batch_cache_grows_with_the_longest_row(runner):
-    """Capacity follows the lengths that are there, in steps of room_step, not the longest reach:
-    every step's logits equal those of a cache allocated at full size from the start."""
+    """A cache that grows (in steps of room_step) while its rows decode: every step's logits equal
+    those of a cache allocated at full size from the start."""
     from gptexport.runtime.backends.batchcache import BatchCache
 
     grown = BatchCache(runner.memory, runner.spec, runner.config, 3, 1, runner._execute, runner._decode, room_step=4)

@@ -11,14 +11,13 @@ what lets one 3-D copy cross every layer at once). A sequence lives in one row w
   copy per row, across all layers. Rows are kept packed at 0..n-1 by the scheduler (`move`), so
   the past inputs are a prefix of the buffers: a contiguous (n, n_head, capacity, head_dim) tensor
   at the buffers' own addresses.
-- `ensure_capacity(c)`: the buffers hold `capacity` positions per row, grown as the longest row
-  grows, in steps of `room_step` positions (one 3-D copy into a new allocation each time), never
-  past block_size. The graph attends over the whole capacity (masking what is past each row's
-  length), so a step costs what the longest context so far costs, not what the longest reach
-  (prompt + every token still to come) would: allocated at the reach, batch-1 decode of 16 + 256
-  tokens ran at 0.84-0.87x the old single-sequence loop, whose cache grew this way (issue 26).
-  Under CUDA graphs the capacities are 64, 128, ... block_size instead, laid out in an arena
-  whose addresses never move (GraphArena).
+- `ensure_capacity(c)`: the buffers hold `capacity` positions per row: the longest reach of the
+  sequences admitted so far (prompt + max tokens, at most block_size); a longer one makes them grow
+  (one 3-D copy into a new allocation). Growing instead with the longest row in steps of 64, as the
+  old single-sequence loop did, was measured slower in one process on the 2-core AVX2 EPYC (int8
+  GPT-2-small, 16 + 128 tokens, batch 1: 77-109 tok/s growing against 101-122 at the reach, two
+  interleaved runs), so the reach it is. Under CUDA graphs the capacities are 64, 128, ... block_size
+  instead, laid out in an arena whose addresses never move (GraphArena).
 
 Per decode step of n rows the memory core is asked for n + 3 copies: the token ids and the
 lengths up, one append per row, the logits down; in host memory the ids, lengths and logits are the
@@ -56,7 +55,7 @@ Run = Callable[[object, dict, dict, dict], None]
 # run_bucket(bucket): a runner's decode step at the bucket's fixed buffers (bound once, maybe captured)
 RunBucket = Callable[["Bucket"], None]
 
-ROOM_STEP = 64  # positions: without graphs the buffers grow to the next multiple of this as the longest row does
+ROOM_STEP = 1  # positions: without graphs the buffers are sized to the longest reach, not rounded up
 
 # gpu_graph_id of each bucket: unique in the process
 _GRAPH_IDS = itertools.count(1_000_000)
