@@ -229,7 +229,7 @@ def grows(chk: GpuCheck, base: dict, backend: str, model: str, dtype: str) -> St
     within (buckets of the rows) x (capacities 64, 128, ... block_size), however many runs."""
     from gptexport.artifacts.modeldir import load_model_dir
     from gptexport.bench.run import run_worker
-    from gptexport.runtime.backends.batchcache import graph_bucket
+    from gptexport.runtime.backends.buckets import graph_bucket
 
     job = {**base, "runtime": backend, "cuda_graphs": True, "grow": True, "batch": GROW_ROWS,
            "repeats": 5}

@@ -44,7 +44,7 @@ def gptexport_generator(job: dict) -> Generator:
     generate`, `--prompts` and the server run), greedy; stamped as the first row samples each token.
     With `grow`, the other rows run first with an eighth of the tokens, so the first row's admission
     grows the cache in every run; the generator's `graph_ids()` then says how many decode graphs the
-    runner keeps (bounded however many runs: batchcache.GraphArena)."""
+    runner keeps (bounded however many runs: buckets.GraphArena)."""
     from ..artifacts.modeldir import load_model_dir
     from ..runtime.backends import open_runner
     from ..runtime.params import GenerationParams

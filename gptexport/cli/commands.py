@@ -10,6 +10,7 @@ import click
 
 from ..errors import GptExportError, ParameterError, UsageError
 from ..runtime.sampling import DEFAULT_MAX_NEW_TOKENS, DEFAULT_SAMPLING, DEFAULT_SEED
+from ..runtime.scheduler import PREFILL_CHUNK
 from ..runtime.session import DEFAULT_MAX_BATCH
 from . import inputs
 from .app import main
@@ -355,9 +356,15 @@ def bench(model_dir: Path, ckpt: Path | None, backends: tuple[str, ...], cuda_gr
 @click.option("--chat-template", default=None, metavar="FILE|NAME",
               help="A Jinja2 chat template (Hugging Face's form) for /v1/chat/completions, "
                    "or a shipped one: shakespeare.")
+@click.option("--prefill-chunk", type=click.IntRange(min=1), default=PREFILL_CHUNK, show_default=True,
+              help="Prompt tokens prefilled per step, beside the running sequences' next tokens.")
+@click.option("--max-cache-mb", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="KV cache the running sequences of an instance may hold; more wait "
+                   "[default: on the CPU a quarter of the machine's memory, shared by the instances].")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 def triton(model_dir: Path, out_dir: Path, name: str | None, instances: int, max_batch: int, backend: str,
-           max_tokens: int, chat_template: str | None, force: bool) -> None:
+           max_tokens: int, chat_template: str | None, prefill_chunk: int, max_cache_mb: float | None,
+           force: bool) -> None:
     """Write a Triton Inference Server model repository that serves OUTDIR (streaming, decoupled).
 
     The model is a Python-backend model running gptexport's own runtime, with TensorRT-LLM's
@@ -366,7 +373,8 @@ def triton(model_dir: Path, out_dir: Path, name: str | None, instances: int, max
     """
     from ..serve.repository import write_repository
 
-    write_repository(model_dir, out_dir, name, instances, backend, max_tokens, force, max_batch, chat_template)
+    write_repository(model_dir, out_dir, name, instances, backend, max_tokens, force, max_batch, chat_template,
+                     prefill_chunk, max_cache_mb)
     click.echo(f"wrote {out_dir}: start it with `gptexport serve {out_dir}`")
 
 

@@ -12,16 +12,21 @@ This is the one generation engine: `gptexport generate`, the Python API, the Tri
 golden files, the bench and the perplexity all run their forwards through it (tests/test_layout.py).
 
 One step:
-1. admit: the queued sequences (while fewer than max_batch run) are prefilled into the next free
-   rows of the batch cache (batchcache.py) and sample their first tokens: prompts of one length
-   together in one forward, each other length in a forward of its own (never padded: see
-   docs/serving.md for the measurement).
-2. crop: a sequence whose context passed block_size recomputes its cropped window, as nanoGPT
-   does (every position shifts): all such windows (block_size tokens each) in one forward, in the
-   free rows; the decode rows are untouched.
-3. decode: one forward over rows 0..n-1, the sequences whose context still fits; each samples.
+1. admit: the queued sequences, first come first served while fewer than max_batch run and their
+   KV cache rows (at the capacity of the longest) stay under max_cache_mb, each into a free row.
+2. fill: the prompts being admitted are prefilled `prefill_chunk` tokens per step in all, first come
+   first served (the oldest prompt takes what it needs, the next what is left), each chunk after the
+   chunks before it in its row (the graph's past_length is per row); chunks of one length in
+   consecutive rows share a forward. So a long prompt never stalls the running sequences for more
+   than a chunk, and first tokens come in arrival order. A prompt that is whole samples its first
+   token and joins the decode rows (docs/serving.md "Prefill" for the measurement of the chunk).
+3. crop: a sequence whose context passed block_size recomputes its cropped window, as nanoGPT
+   does (every position shifts): all such windows (block_size tokens each) in one forward whose
+   keys and values no row keeps.
+4. decode: one forward over rows 0..n-1, the sequences whose context still fits; each samples.
 Rows stay packed: a sequence leaving the decode rows (finished, cropped) has its row taken by the
-last one (one copy). No Triton, no threads here: the server drives `step` from a thread of its own.
+last one (one copy), and the cache shrinks to the rows still there. No Triton, no threads here: the
+server drives `step` from a thread of its own.
 """
 
 from __future__ import annotations
@@ -29,16 +34,15 @@ from __future__ import annotations
 import sys
 import threading
 from collections import deque
-from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 
 from ..errors import GptExportError, ParameterError
 from .backends.base import Runner
-from .params import GenerationParams, prepare
-from .sampling import check_finite, next_token, token_logprob
-from .textstream import TextStream
+from .sequence import OnDelta, Probe, Sequence
+
+__all__ = ["PREFILL_CHUNK", "OnDelta", "Probe", "Scheduler", "Sequence", "crop_notice", "run_to_end", "to_stderr"]
 
 
 def crop_notice(prompt_len: int, block_size: int) -> str:
@@ -48,132 +52,6 @@ def crop_notice(prompt_len: int, block_size: int) -> str:
 
 def to_stderr(msg: str) -> None:
     print(msg, file=sys.stderr)
-
-
-# on_delta(seq, ids, text): the tokens of one delta of `seq` and their text (None without a tokenizer)
-OnDelta = Callable[["Sequence", list[int], "str | None"], None]
-
-
-def _no_delta(seq: "Sequence", ids: list[int], text: str | None) -> None:
-    pass
-
-
-def _never() -> bool:
-    return False
-
-
-@dataclass
-class Probe:
-    """What a check (parity, perplexity) asks of a sequence besides its tokens: a copy of the logits
-    behind each token, the prefill's logits at every prompt position, and tokens to feed instead of
-    sampled ones (teacher forcing: the sequence ends when they run out). Served sequences have none."""
-
-    all_positions: bool = False
-    forced: list[int] | None = None
-    prefill_logits: np.ndarray | None = None  # (T, V), with all_positions
-    logits: list[np.ndarray] = field(default_factory=list)  # (V,) behind each token, in order
-
-
-@dataclass
-class Sequence:
-    """One sequence: its request, its own generator, and what it has produced so far.
-
-    `rng` continues a generator (default: a new one seeded with params.seed); `text` (attached by
-    the session for a model with a tokenizer) turns its tokens into text deltas and finds its
-    stop words; `on_done(seq)` is called once, when it is retired (on the thread that steps).
-    """
-
-    prompt_ids: list[int]
-    params: GenerationParams
-    on_delta: OnDelta | None = None  # None: nobody listens
-    cancelled: Callable[[], bool] | None = None  # None: never cancelled
-    notice: Callable[[str], None] | None = None
-    rng: np.random.Generator | None = None
-    on_done: Callable[["Sequence"], None] | None = None  # called once, when it is retired
-    text: TextStream | None = None
-    probe: Probe | None = None
-    tokens: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)  # of each token, with params.logprobs
-    finish: str | None = None  # "length", "stop", "cancelled" or "error" once retired
-    error: Exception | None = None
-    context: list[int] = field(default_factory=list)  # the last block_size tokens: what the model sees
-    done: threading.Event = field(default_factory=threading.Event)
-
-    def __post_init__(self) -> None:
-        if self.on_delta is None:
-            self.on_delta = _no_delta
-        if self.cancelled is None:
-            self.cancelled = _never
-        if self.rng is None:
-            self.rng = np.random.default_rng(self.params.seed)
-
-    @property
-    def last(self) -> int:
-        return self.tokens[-1]
-
-    def accept(self, logits: np.ndarray, source: str, finite: bool | None = None) -> None:
-        """Sample the next token from this sequence's (V,) logits with its own settings and generator,
-        send what it completes, and retire the sequence if it is finished. `finite`: whether the
-        logits were already found finite (the decode step checks every row at once)."""
-        if not finite:
-            check_finite(logits[None], source)
-        if self.cancelled():  # checked before each token is sent, as the loop's callers do
-            return self.retire("cancelled")
-        if self.probe is not None and self._probed(logits):
-            return
-        p = self.params
-        if p.plain:  # nanoGPT's settings: the logits as they come (no history to gather)
-            z, sampling = logits, p.sampling
-        else:
-            z, sampling = prepare(logits, p, self.prompt_ids + self.tokens, len(self.tokens))
-        token = int(next_token(z[None], sampling, self.rng)[0])
-        if token == p.end_id and len(self.tokens) >= p.min_tokens:
-            return self.retire("stop")  # the end token itself is not output (as TensorRT-LLM)
-        if p.logprobs:
-            self.logprobs.append(token_logprob(z, sampling, token))
-        self.tokens.append(token)
-        self.context.append(token)
-        if self.text is None:
-            self.on_delta(self, [token], None)
-        else:
-            self._send_text(token)
-        if self.finish is None and len(self.tokens) == p.max_new_tokens:
-            self.retire("length")
-
-    def _probed(self, logits: np.ndarray) -> bool:
-        """Record the logits; with forced tokens take the next one instead of sampling (or end when
-        they have run out). True: nothing left to sample for this step."""
-        probe = self.probe
-        probe.logits.append(np.array(logits, np.float32))  # a copy: the engine reuses its buffers
-        if probe.forced is None:
-            return False
-        if len(self.tokens) == len(probe.forced):
-            self.retire("length")
-            return True
-        self.tokens.append(int(probe.forced[len(self.tokens)]))
-        self.context.append(self.tokens[-1])
-        if len(self.tokens) == self.params.max_new_tokens:
-            self.retire("length")
-        return True
-
-    def _send_text(self, token: int) -> None:
-        delta = self.text.feed([token])
-        if delta is None:
-            return  # held back: half a character
-        self.on_delta(self, *delta)
-        stop = self.text.stops(delta[1])  # every delta, so a word spanning deltas is found
-        if stop and self.finish is None and len(self.tokens) >= self.params.min_tokens:
-            self.retire("stop")
-
-    def retire(self, finish: str, error: Exception | None = None) -> None:
-        if self.finish is not None:
-            return
-        self.finish, self.error = finish, error
-        if self.text is not None and self.text.pending and finish not in ("cancelled", "error"):
-            self.on_delta(self, self.text.flush(), "")  # a character cut off by max_new_tokens: ids, no text
-        self.done.set()
-        if self.on_done is not None:
-            self.on_done(self)
 
 
 def run_to_end(runner: Runner, sequences: list[Sequence], max_batch: int | None = None) -> list[Sequence]:
@@ -192,20 +70,40 @@ def run_to_end(runner: Runner, sequences: list[Sequence], max_batch: int | None 
     return sequences
 
 
-class Scheduler:
-    """Runs sequences on one runner, every running one in the same forward (see the module docstring)."""
+# prompt tokens prefilled per step, shared first come first served by the prompts waiting (decode
+# steps of the running sequences go on in between): docs/serving.md "Prefill" for the measurement
+PREFILL_CHUNK = 128
 
-    def __init__(self, runner: Runner, max_batch: int = 16):
+
+class Scheduler:
+    """Runs sequences on one runner, every running one in the same forward (see the module docstring).
+
+    `prefill_chunk`: prompt tokens prefilled per step (None: every prompt whole in the step that admits
+    it); `max_cache_mb`: the KV cache bytes the admitted sequences may hold at their longest (None: no
+    limit but max_batch); a sequence that would pass it waits, one that alone passes it is refused."""
+
+    def __init__(self, runner: Runner, max_batch: int = 16, prefill_chunk: int | None = PREFILL_CHUNK,
+                 max_cache_mb: float | None = None):
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise ParameterError("max_batch", f"must be an integer >= 1, got {max_batch}")
         limit = getattr(runner, "max_batch", None)
         if limit is not None and max_batch > limit:
             raise ParameterError("max_batch", f"is {max_batch}, more than {runner.name} takes ({limit})")
+        if prefill_chunk is not None and (not isinstance(prefill_chunk, int) or prefill_chunk < 1):
+            raise ParameterError("prefill_chunk", f"must be an integer >= 1 or None, got {prefill_chunk}")
+        if max_cache_mb is not None and not max_cache_mb > 0:
+            raise ParameterError("max_cache_mb", f"must be > 0, got {max_cache_mb}")
         self.runner, self.max_batch = runner, max_batch
         self.config = runner.config
+        # a chunk after a past needs a graph (or TensorRT profile) that takes one: else prompts go whole
+        self.prefill_chunk = prefill_chunk if runner.chunked_prefill else None
+        self.max_cache_bytes = None if max_cache_mb is None else int(max_cache_mb * 2**20)
+        c = self.config
+        self.position_bytes = len(runner.spec.past_names) * c.n_head * c.head_dim * runner.cache_dtype().itemsize
         self.queue: deque[Sequence] = deque()
         self.rows: list[Sequence] = []  # decode rows 0..n-1 of the cache, packed
-        self.cropping: list[Sequence] = []  # past block_size: a window recomputed every step
+        self.filling: list[Sequence] = []  # prompts being prefilled, in arrival order, each in its own row
+        self.cropping: list[Sequence] = []  # past block_size: a window recomputed every step, in no row
         self.cache = None
         self.lock = threading.Lock()  # submit() may come from other threads than step()
         self._wake = threading.Condition(self.lock)
@@ -225,6 +123,10 @@ class Scheduler:
         except UsageError as e:
             raise ParameterError("prompt_ids", f"has {e}") from None
         seq.params.check_vocab(self.config.vocab_size)
+        if self.max_cache_bytes is not None and self._cache_bytes([seq]) > self.max_cache_bytes:
+            raise ParameterError("max_new_tokens", f"{self._reach(seq)} positions of KV cache "
+                                 f"({self._cache_bytes([seq]) / 2**20:.1f} MB) are more than this server's "
+                                 f"limit of {self.max_cache_bytes / 2**20:.1f} MB (--max-cache-mb)")
         if seq.params.max_new_tokens == 0:
             seq.retire("length")
             return seq
@@ -234,8 +136,12 @@ class Scheduler:
         return seq
 
     @property
+    def running(self) -> list[Sequence]:
+        return [*self.rows, *self.filling, *self.cropping]
+
+    @property
     def busy(self) -> bool:
-        return bool(self.queue or self.rows or self.cropping)
+        return bool(self.queue or self.rows or self.filling or self.cropping)
 
     def run(self, until: Sequence | None = None) -> None:
         """Step until every sequence (or `until`) is done."""
@@ -255,9 +161,9 @@ class Scheduler:
                 self.step()
             except Exception as e:
                 on_bug(e)
-                for seq in [*self.rows, *self.cropping]:
+                for seq in self.running:
                     seq.retire("error", GptExportError(f"internal error: {type(e).__name__}: {e}"))
-                self.rows, self.cropping = [], []
+                self.rows, self.filling, self.cropping = [], [], []
                 self.close()
 
     def close(self) -> None:
@@ -265,11 +171,34 @@ class Scheduler:
             self.cache.close()
             self.cache = None
 
+    # ---- admission: how many run, and what their cache may cost ----
+
+    def _reach(self, seq: Sequence) -> int:
+        """The positions a sequence may hold: its prompt and tokens, at most block_size."""
+        return min(self.config.block_size, len(seq.prompt_ids) + seq.params.max_new_tokens)
+
+    def _cache_bytes(self, seqs: list[Sequence]) -> int:
+        """What rows for `seqs` cost at the longest reach among them (every row of a batch cache has
+        the capacity of its longest, rounded up as the cache rounds it)."""
+        from .backends.batchcache import ROOM_STEP
+
+        reach = max(self._reach(s) for s in seqs)
+        return len(seqs) * min(self.config.block_size, -(-reach // ROOM_STEP) * ROOM_STEP) * self.position_bytes
+
+    def _admits(self, seq: Sequence) -> bool:
+        running = self.running
+        if len(running) >= self.max_batch:
+            return False
+        return self.max_cache_bytes is None or self._cache_bytes([*running, seq]) <= self.max_cache_bytes
+
     # ---- one step ----
 
     def step(self) -> None:
-        """Admit, crop, decode: every running sequence samples one token (admitted ones two)."""
+        """Admit, fill, crop, decode: every running sequence samples one token (one whose prompt
+        has just filled, two)."""
         self._admit()
+        if self.filling:
+            self._fill()
         if self.cropping:
             self._crop()
         if self.rows:
@@ -278,39 +207,94 @@ class Scheduler:
             self.close()  # an idle scheduler holds no cache: the next sequences size it afresh
 
     def _admit(self) -> None:
-        """Queued sequences into the free rows, first come first served; prompts of one length are
-        prefilled together (one forward, a row each), other lengths one forward per length."""
+        """Queued sequences, first come first served while max_batch and the cache limit allow, each
+        into a free row (the lowest) to fill."""
         with self.lock:
-            free = self.max_batch - len(self.rows) - len(self.cropping)
-            admitted = [self.queue.popleft() for _ in range(min(free, len(self.queue)))]
+            admitted = []
+            while self.queue and self._admits(self.queue[0]):
+                admitted.append(self.queue.popleft())
+                self.filling.append(admitted[-1])
         block = self.config.block_size
-        groups: dict[tuple[int, bool], list[Sequence]] = {}
         for seq in admitted:
             if len(seq.prompt_ids) > block:
                 (seq.notice or to_stderr)(crop_notice(len(seq.prompt_ids), block))
-            seq.context = seq.prompt_ids[-block:]
-            all_positions = seq.probe is not None and seq.probe.all_positions
-            groups.setdefault((len(seq.context), all_positions), []).append(seq)
-        for (T, all_positions), seqs in groups.items():
-            reach = max(min(block, T + s.params.max_new_tokens) for s in seqs)
-            self._prefill(seqs, reach, all_positions)
+            seq.context, seq.filled = seq.prompt_ids[-block:], 0
+            taken = {s.row for s in self.filling if s is not seq and s.row >= 0}
+            seq.row = next(r for r in range(len(self.rows), self.max_batch) if r not in taken)
+            self._cache(len(seq.context))
 
-    def _prefill(self, seqs: list[Sequence], reach: int, all_positions: bool = False) -> None:
-        """Admitted sequences with prompts of one length into the next free rows, then their first tokens."""
+    def _fill(self) -> None:
+        """The next chunks of the waiting prompts, prefill_chunk tokens in all, first come first
+        served; chunks of one length in consecutive rows share a forward. A prompt that is whole
+        samples its first token and joins the decode rows."""
+        for seq in self.filling:
+            if seq.filled and seq.finish is None and seq.cancelled():  # between chunks: stop paying for it
+                seq.retire("cancelled")
+        budget = self.prefill_chunk or sys.maxsize
+        work: list[tuple[Sequence, int]] = []
+        for seq in self.filling:
+            if budget <= 0:
+                break
+            if seq.finish is not None:
+                continue
+            whole = seq.probe is not None and seq.probe.all_positions  # every position's logits: one forward
+            take = len(seq.context) - seq.filled if whole else min(len(seq.context) - seq.filled, budget)
+            work.append((seq, take))
+            budget -= take
+        whole_now: list[Sequence] = []
+        while work:
+            seq, take = work[0]
+            whole = seq.probe is not None and seq.probe.all_positions
+            k = 1
+            while (k < len(work) and work[k][1] == take and work[k][0].row == seq.row + k and not whole
+                   and not (work[k][0].probe is not None and work[k][0].probe.all_positions)):
+                k += 1
+            whole_now += self._fill_chunks([s for s, _ in work[:k]], take, whole)
+            work = work[k:]
+        for seq in [s for s in self.filling if s.finish is not None or s in whole_now]:
+            self.filling.remove(seq)  # the others (done too, or not) keep their rows meanwhile
+            self._filled(seq)
+
+    def _fill_chunks(self, seqs: list[Sequence], take: int, all_positions: bool) -> list[Sequence]:
+        """`take` more tokens of each of `seqs` (consecutive rows), in one forward; those now whole."""
+        starts = np.array([s.filled for s in seqs], np.int64)
+        ids = np.array([s.context[s.filled:s.filled + take] for s in seqs])
         try:
-            logits = self._cache(reach).prefill(len(self.rows), np.array([s.context for s in seqs]), all_positions)
+            logits = self.cache.prefill(seqs[0].row, ids, all_positions, starts)
         except GptExportError as e:  # these sequences fail (a broken backend); the others go on
             for seq in seqs:
                 seq.retire("error", e)
-            return
+            return []
+        for seq in seqs:
+            seq.filled += take
         if all_positions:
             for seq, rows in zip(seqs, logits):
                 seq.probe.prefill_logits = np.array(rows, np.float32)
             logits = logits[:, -1]
-        self._accept(seqs, logits)
-        self.rows += seqs
-        self.cropping += [s for s in seqs if s.finish is None and len(s.context) > self.config.block_size]
-        self._pack()
+        whole = [i for i, s in enumerate(seqs) if s.filled == len(s.context)]
+        if whole:
+            self._accept([seqs[i] for i in whole], logits[whole])
+        return [seqs[i] for i in whole]
+
+    def _filled(self, seq: Sequence) -> None:
+        """A sequence whose prompt is in its row (and has sampled from it), or that failed: into the
+        decode rows (row len(rows), traded with the prompt there if one fills it), to the cropped
+        windows, or out."""
+        if seq.finish is not None or len(seq.context) > self.config.block_size:
+            self.cache.lengths[seq.row] = 0  # the row is free again
+            if seq.finish is None:
+                self.cropping.append(seq)
+            seq.row = -1
+            return
+        target = len(self.rows)
+        other = next((s for s in self.filling if s.row == target), None)
+        if other is not None:
+            self.cache.swap(seq.row, target)
+            other.row = seq.row
+        else:
+            self.cache.move(seq.row, target)
+        seq.row = target
+        self.rows.append(seq)
 
     def _accept(self, seqs: list[Sequence], logits: np.ndarray) -> None:
         """Each sequence samples from its row of (n, V) logits; a sequence's own failure is its alone."""
@@ -323,12 +307,11 @@ class Scheduler:
 
     def _crop(self) -> None:
         """Every sequence past block_size recomputes its window (block_size tokens, the same length for
-        all): one forward over the free rows after the decode rows; the other rows are untouched."""
-        block = self.config.block_size
+        all) in one forward whose keys and values no row keeps (the window slides every step)."""
         for seq in self.cropping:
             del seq.context[0]  # the window slides: every position shifts, so recompute it whole
         try:
-            logits = self._cache(block).prefill(len(self.rows), np.array([s.context for s in self.cropping]))
+            logits = self._cache(1).window(np.array([s.context for s in self.cropping]))
         except GptExportError as e:
             for seq in self.cropping:
                 seq.retire("error", e)
@@ -355,19 +338,27 @@ class Scheduler:
         self._pack()
 
     def _pack(self) -> None:
-        """Keep the decode rows packed at 0..n-1: the last row fills each row that leaves."""
+        """Keep the decode rows packed at 0..n-1: the last row fills each row that leaves; once rows
+        have left, the cache shrinks to what the rows still there need."""
         self.cropping = [s for s in self.cropping if s.finish is None]
-        i = 0
+        i, left = 0, False
         while i < len(self.rows):
             seq = self.rows[i]
             if seq.finish is None and len(seq.context) <= self.config.block_size:
                 i += 1
                 continue
             last = len(self.rows) - 1
-            if i != last:
-                self.cache.move(last, i)
+            self.cache.move(last, i)
+            self.cache.lengths[last] = 0
             self.rows[i] = self.rows[last]
             self.rows.pop()
+            left = True
+        for i, seq in enumerate(self.rows):
+            seq.row = i
+        if left:
+            lengths = self.cache.lengths
+            self.cache.fit(max([int(lengths[:len(self.rows)].max(initial=0)) + 1,
+                                *(len(s.context) for s in self.filling)]))
 
     def _cache(self, positions: int):
         """The batch cache, with room for `positions` per row (made on first use, grown as needed)."""

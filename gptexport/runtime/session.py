@@ -29,7 +29,7 @@ from ..errors import ParameterError
 from .backends import open_runner
 from .backends.base import Runner
 from .params import GenerationParams, encode, params_from
-from .scheduler import OnDelta, Scheduler, Sequence
+from .scheduler import PREFILL_CHUNK, OnDelta, Scheduler, Sequence
 from .textstream import TextStream
 
 DEFAULT_MAX_BATCH = 16  # sequences in flight at once (see docs/serving.md for how it was chosen)
@@ -63,13 +63,16 @@ class GenerationSession:
     runner: Runner
     tokenizer: object = None
     max_batch: int = DEFAULT_MAX_BATCH
+    prefill_chunk: int | None = PREFILL_CHUNK  # prompt tokens prefilled per step (Scheduler)
+    max_cache_mb: float | None = None  # the KV cache the running sequences may hold (Scheduler)
 
     def __post_init__(self) -> None:
-        self.scheduler = Scheduler(self.runner, self.max_batch)
+        self.scheduler = Scheduler(self.runner, self.max_batch, self.prefill_chunk, self.max_cache_mb)
 
     @classmethod
     def open(cls, model_dir: str | Path | ModelDir, backend: str = "onnxruntime", threads: int | None = None,
-             max_batch: int = DEFAULT_MAX_BATCH, **runner_options) -> "GenerationSession":
+             max_batch: int = DEFAULT_MAX_BATCH, prefill_chunk: int | None = PREFILL_CHUNK,
+             max_cache_mb: float | None = None, **runner_options) -> "GenerationSession":
         """Load a model directory (every hash checked; a ModelDir is taken as loaded), open its runner
         on `backend` and activate it. `runner_options` are open_runner's: tf32, cuda_graphs.
         """
@@ -77,7 +80,7 @@ class GenerationSession:
         runner = open_runner(backend, md, threads, **runner_options)
         runner.activate()
         try:
-            return cls(runner, md.tokenizer(), max_batch)
+            return cls(runner, md.tokenizer(), max_batch, prefill_chunk, max_cache_mb)
         except BaseException:
             runner.deactivate()
             raise

@@ -29,7 +29,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import GptExportError, UsageError
-from ..runtime.scheduler import Sequence
+from ..runtime.scheduler import PREFILL_CHUNK, Sequence
 from ..runtime.session import DEFAULT_MAX_BATCH, GenerationSession, Outcome, outcome_of
 from .protocol import ServeRequest, parse_request, response_tensors
 
@@ -95,9 +95,21 @@ class ServedModel:
 
 
 def open_served_model(path: str | Path, backend: str, max_tokens_limit: int, threads: int | None = None,
-                      max_batch: int = DEFAULT_MAX_BATCH) -> ServedModel:
+                      max_batch: int = DEFAULT_MAX_BATCH, prefill_chunk: int | None = PREFILL_CHUNK,
+                      max_cache_mb: float | None = None) -> ServedModel:
     """Load (hashes checked: a tampered file is refused) and activate one model directory."""
-    return ServedModel(GenerationSession.open(path, backend, threads, max_batch), max_tokens_limit)
+    return ServedModel(GenerationSession.open(path, backend, threads, max_batch, prefill_chunk, max_cache_mb),
+                       max_tokens_limit)
+
+
+def default_cache_mb(backend: str, instances: int) -> float | None:
+    """The KV cache each instance's running sequences may hold by default: on the CPU a quarter of
+    the machine's memory, shared among the instances (the rest is the weights', the servers' and
+    everyone else's); on a GPU no limit but max_batch (the cache is in device memory, sized by it)."""
+    if backend != "onnxruntime":
+        return None
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return total / 4 / max(1, instances) / 2**20
 
 
 def cpu_threads(instances: int) -> int:
@@ -186,12 +198,14 @@ class TritonPythonModel:
             os.environ["CUDA_VISIBLE_DEVICES"] = args["model_instance_device_id"]
         threads = int(params.get("threads") or 0) or cpu_threads(instances)
         max_batch = int(params.get("max_batch") or DEFAULT_MAX_BATCH)
+        chunk = int(params.get("prefill_chunk") or PREFILL_CHUNK)
+        backend = params.get("backend", "onnxruntime")
+        cache_mb = float(params.get("max_cache_mb") or 0) or default_cache_mb(backend, instances)
         version_dir = Path(args["model_repository"]) / args["model_version"]
         self.log = pb_utils.Logger
         try:
             self.model: ServedModel = open_served_model(
-                version_dir, params.get("backend", "onnxruntime"), int(params.get("max_tokens", "1024")), threads,
-                max_batch)
+                version_dir, backend, int(params.get("max_tokens", "1024")), threads, max_batch, chunk, cache_mb)
         except GptExportError as e:  # a tampered file, a missing backend: the model does not load
             raise pb_utils.TritonModelException(f"error: {e}") from None
         on_bug = lambda e: self.log.log_error(f"gptexport: {traceback.format_exc()}")  # noqa: E731
@@ -199,7 +213,8 @@ class TritonPythonModel:
         self.model.start(on_bug=on_bug)
         self.log.log_info(f"gptexport: {args['model_name']} instance {args.get('model_instance_name')}: "
                           f"{version_dir} on {self.model.runner.name}, {threads} thread(s), "
-                          f"up to {max_batch} sequences in flight")
+                          f"up to {max_batch} sequences in flight, prompts prefilled {chunk} tokens per step, "
+                          f"KV cache up to {'the max_batch rows' if cache_mb is None else f'{cache_mb:.0f} MB'}")
 
     def execute(self, requests: list) -> None:
         """Admit each request to the scheduler and return (decoupled: its thread sends the responses)."""

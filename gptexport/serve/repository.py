@@ -22,6 +22,7 @@ from .. import __version__
 from ..artifacts.files import staging_dir
 from ..artifacts.modeldir import MANIFEST, ModelDir, load_model_dir
 from ..errors import ModelDirError, UsageError
+from ..runtime.scheduler import PREFILL_CHUNK
 from ..runtime.session import DEFAULT_MAX_BATCH
 from .chat_template import check_fits, template_source, write_template
 from .protocol import INPUTS, OUTPUTS, TensorSpec, tensors
@@ -45,9 +46,11 @@ except ImportError as e:
 
 def write_repository(model_dir: str | Path, out: str | Path, name: str | None = None, instances: int = 1,
                      backend: str = "onnxruntime", max_tokens: int = DEFAULT_MAX_TOKENS, force: bool = False,
-                     max_batch: int = DEFAULT_MAX_BATCH, chat_template: str | None = None) -> Path:
+                     max_batch: int = DEFAULT_MAX_BATCH, chat_template: str | None = None,
+                     prefill_chunk: int = PREFILL_CHUNK, max_cache_mb: float | None = None) -> Path:
     """Write a Triton model repository serving `model_dir` at `out`; returns `out`. `chat_template`:
-    a Jinja2 file or a shipped template's name, for the OpenAI front's /v1/chat/completions."""
+    a Jinja2 file or a shipped template's name, for the OpenAI front's /v1/chat/completions;
+    `prefill_chunk`, `max_cache_mb`: each instance's scheduler's (None: default_cache_mb at start)."""
     out = Path(out)
     if backend not in BACKENDS:
         raise UsageError(f"unknown backend {backend!r} for Triton; valid: {', '.join(BACKENDS)}")
@@ -57,6 +60,10 @@ def write_repository(model_dir: str | Path, out: str | Path, name: str | None = 
         raise UsageError(f"--max-tokens must be >= 1, got {max_tokens}")
     if max_batch < 1:
         raise UsageError(f"--max-batch must be >= 1, got {max_batch}")
+    if prefill_chunk < 1:
+        raise UsageError(f"--prefill-chunk must be >= 1, got {prefill_chunk}")
+    if max_cache_mb is not None and not max_cache_mb > 0:
+        raise UsageError(f"--max-cache-mb must be > 0, got {max_cache_mb}")
     template = template_source(chat_template) if chat_template is not None else None
     md = load_model_dir(model_dir)  # every hash checked: a tampered model is not copied
     if template is not None:
@@ -74,7 +81,8 @@ def write_repository(model_dir: str | Path, out: str | Path, name: str | None = 
             (version_dir / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(md.path / f, version_dir / f)
         (version_dir / "model.py").write_text(SHIM.replace("{version}", __version__))
-        (tmp / name / "config.pbtxt").write_text(model_config(md, name, instances, backend, max_tokens, max_batch))
+        (tmp / name / "config.pbtxt").write_text(model_config(md, name, instances, backend, max_tokens, max_batch,
+                                                                    prefill_chunk, max_cache_mb))
         if template is not None:
             write_template(template, tmp / name)
         (tmp / "README.md").write_text(readme(md, out, name, instances, backend, max_batch))
@@ -88,7 +96,8 @@ def default_name(model_dir: Path) -> str:
 
 
 def model_config(md: ModelDir, name: str, instances: int, backend: str, max_tokens: int,
-                 max_batch: int = DEFAULT_MAX_BATCH) -> str:
+                 max_batch: int = DEFAULT_MAX_BATCH, prefill_chunk: int = PREFILL_CHUNK,
+                 max_cache_mb: float | None = None) -> str:
     with_text = md.manifest.get("tokenizer") is not None
 
     def block(specs: tuple[TensorSpec, ...], optional: bool) -> str:
@@ -113,6 +122,10 @@ parameters {{ key: "backend" value: {{ string_value: "{backend}" }} }}
 parameters {{ key: "max_tokens" value: {{ string_value: "{max_tokens}" }} }}  # the most a request may ask for
 # max_batch: sequences in flight per instance; more queue
 parameters {{ key: "max_batch" value: {{ string_value: "{max_batch}" }} }}
+# prefill_chunk: prompt tokens prefilled per step beside the running sequences' decode
+parameters {{ key: "prefill_chunk" value: {{ string_value: "{prefill_chunk}" }} }}
+# max_cache_mb: KV cache the running sequences may hold (more wait); empty: a quarter of RAM on the CPU
+parameters {{ key: "max_cache_mb" value: {{ string_value: "{max_cache_mb or ''}" }} }}
 parameters {{ key: "threads" value: {{ string_value: "0" }} }}  # per instance; 0: the cores, shared among instances
 '''
 

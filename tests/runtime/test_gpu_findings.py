@@ -33,8 +33,9 @@ from gptexport.artifacts.modeldir import load_model_dir
 from gptexport.config import numpy_dtype
 from gptexport.errors import BackendUnavailable, GptExportError
 from gptexport.profiles import profile_shapes, select_profile, step_shapes
-from gptexport.runtime.backends import batchcache
-from gptexport.runtime.backends.batchcache import BatchCache, GraphArenas, graph_bucket
+from gptexport.runtime.backends import buckets
+from gptexport.runtime.backends.batchcache import BatchCache
+from gptexport.runtime.backends.buckets import GraphArenas, graph_bucket
 from gptexport.runtime.backends.device import HostMemory
 from gptexport.runtime.backends.ort import OrtRunner
 from gptexport.runtime.backends.ort_session import SessionLoader, _is_provider_failure, is_graph_capture_refusal
@@ -102,7 +103,7 @@ def test_a_tensor_bound_past_the_end_of_its_buffer_is_refused(tiny_model_dir):
     allocation. ONNX Runtime would read them; the runner refuses to bind them."""
     with pointer_runner(tiny_model_dir) as r:
         cache = r.new_batch_cache(3, 12)
-        d = batchcache.Bucket(r.memory, r.spec, r.config, 4, cache.capacity, cache.past).decode_buffers()
+        d = buckets.Bucket(r.memory, r.spec, r.config, 4, cache.capacity, cache.past).decode_buffers()
         with pytest.raises(GptExportError, match="outside a buffer"):
             r._execute(None, d.input_shapes, d.output_shapes, d.addresses)
         cache.close()
@@ -218,11 +219,11 @@ def test_graph_ids_are_reused_across_growth_and_caches(long_model_dir):
     exact = pointer_runner(long_model_dir)
     with exact, GraphLayoutRunner(long_model_dir) as graphs:
         want = workload(Scheduler(exact, 3), 3)
-        first = next(batchcache._GRAPH_IDS)
+        first = next(buckets._GRAPH_IDS)
         assert workload(Scheduler(graphs, 3), 3) == want
-        second = next(batchcache._GRAPH_IDS)
+        second = next(buckets._GRAPH_IDS)
         assert workload(Scheduler(graphs, 3), 3) == want
-        assert next(batchcache._GRAPH_IDS) == second + 1  # only the probe's own id: nothing new
+        assert next(buckets._GRAPH_IDS) == second + 1  # only the probe's own id: nothing new
         # buckets 1, 2, 3 at capacities 64, 128, 160: at most nine graphs
         assert second - first - 1 == graphs.arenas.graph_ids() <= 9
         assert sorted({c for _, c in graphs.arenas.all[0].buckets}) == [64, 128, 160]
@@ -356,6 +357,22 @@ def test_tensorrt_runs_a_non_power_of_two_max_batch(tiny_model_dir):
         assert all(s.finish == "length" for s in seqs)
 
 
+def test_tensorrt_engines_prefill_prompts_whole(tiny_model_dir):
+    """gptexport build's prefill profile has past 0: no chunk after a past would find a profile, so
+    the scheduler prefills whole prompts there, whatever its prefill_chunk."""
+    with pointer_runner(tiny_model_dir) as inner:
+        trt = host_trt_runner(tiny_model_dir, inner, 2)
+        assert not trt.chunked_prefill and inner.chunked_prefill
+        params = GenerationParams(5, SamplingParams(0.0), 0)
+        want, got = Scheduler(inner, 2, prefill_chunk=2), Scheduler(trt, 2, prefill_chunk=2)
+        expected = [want.submit(Sequence(list(range(1, 8 + i)), params)) for i in range(2)]
+        seqs = [got.submit(Sequence(list(range(1, 8 + i)), params)) for i in range(2)]
+        want.run()
+        got.run()
+        assert [s.finish for s in seqs] == ["length", "length"], [s.error for s in seqs]
+        assert [s.tokens for s in seqs] == [s.tokens for s in expected]
+
+
 # ---- 5, 6. onnxruntime >= 1.20; explicit int64 ----
 
 def test_onnxruntime_is_required_at_1_20_or_later():
@@ -370,7 +387,7 @@ def test_onnxruntime_is_required_at_1_20_or_later():
 ARRAY_MAKERS = {"array", "zeros", "empty", "full", "ones", "arange", "asarray", "frombuffer"}
 
 
-@pytest.mark.parametrize("module", ["batchcache.py", "ort.py", "trt.py", "device.py"])
+@pytest.mark.parametrize("module", ["batchcache.py", "buckets.py", "ort.py", "trt.py", "device.py"])
 def test_arrays_uploaded_to_device_memory_name_their_dtype(module):
     """An array built without a dtype takes the platform's default int (int32 on Windows with numpy
     1.x) while its buffer is bound as int64: every numpy array these modules build names its dtype."""

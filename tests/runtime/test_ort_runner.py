@@ -101,7 +101,7 @@ def test_a_runner_reactivated_gives_the_same_tokens(tiny_model_dir):
 
 def test_host_memory_refuses_what_device_memory_would_corrupt():
     """The host twin checks every access against its allocations, as a GPU cannot."""
-    from gptexport.runtime.backends.batchcache import Copy3D
+    from gptexport.runtime.backends.buckets import Copy3D
     from gptexport.runtime.backends.device import HostMemory
 
     memory = HostMemory()

@@ -49,6 +49,10 @@ class Runner(ABC):
     def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One forward of the graph: every input by name in, every output by name out."""
 
+    # whether the graph takes a prompt's chunk after a past of its earlier chunks (the scheduler
+    # prefills prompts in chunks only then); a TensorRT engine says by its profiles
+    chunked_prefill = True
+
     def cache_dtype(self) -> np.dtype:
         """The dtype of the past/new key and value tensors, as the I/O spec gives it."""
         return numpy_dtype(self.spec.cache_dtype)

@@ -18,7 +18,7 @@ bucket of more rows than the cache has) is refused before either is given it.
 The addresses a CUDA graph was captured with are replayed for as long as the graph lives, and
 ONNX Runtime frees its graphs only with the session (see ort.py): buffers a graph names must
 outlive it, which is why the batch cache's decode buckets live in arenas the runner keeps
-(batchcache.GraphArena) rather than in each cache.
+(buckets.GraphArena) rather than in each cache.
 
 What CudaMemory relies on (CUDA Runtime API, as exposed by cuda-python's `cuda.bindings.runtime`):
 - every call returns (cudaError_t, *values); `cuda_call` unwraps it and raises on an error;

@@ -22,7 +22,7 @@ relies on (onnxruntime/core/providers/cuda/cuda_graph.cc, inference_session.cc):
 captured id replays the capture, at its addresses and shapes, whatever is bound; an id cannot be
 captured again; no graph is freed before the session closes. So the addresses of an id never
 change: the batch cache's buckets live in arenas this runner keeps across caches
-(batchcache.GraphArena), a bounded number of ids in all.
+(buckets.GraphArena), a bounded number of ids in all.
 
 Building the session (providers, options, the CUDA-graph fallback) is ort_session.SessionLoader's;
 this runner runs what it returns, as Polygraphy splits its loaders from its runners.
@@ -38,7 +38,8 @@ from ...artifacts.modeldir import ModelDir
 from ...config import numpy_dtype
 from ...errors import BackendUnavailable, GptExportError, UsageError
 from .base import Runner, notice
-from .batchcache import BatchCache, GraphArenas
+from .batchcache import BatchCache
+from .buckets import GraphArenas
 from .device import DeviceMemory, HostMemory, open_memory
 from .ort_session import ELEMENT_TYPES, ORT_TRT_MAX_BATCH, PROVIDERS, SessionLoader, first_line, run_options
 
@@ -114,7 +115,7 @@ class OrtRunner(Runner):
     def new_batch_cache(self, rows: int, capacity: int) -> BatchCache:
         """The scheduler's cache in this runner's memory core, run through the pointer binding (the
         CPU provider's too); with CUDA graphs decode runs at power-of-two buckets of rows, in an
-        arena this runner keeps, so each bucket's graph is captured once (batchcache.GraphArena)."""
+        arena this runner keeps, so each bucket's graph is captured once (buckets.GraphArena)."""
         self.activate()
         return BatchCache(self.memory, self.spec, self.config, rows, capacity, self._execute, self._decode,
                           graphs=self.graph_arenas)

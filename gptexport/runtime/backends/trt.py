@@ -12,7 +12,7 @@ capture), then the next step's `execute_async_v3` is recorded between cudaStream
 cudaStreamEndCapture, instantiated, and launched; later steps only launch it. A graph replays the
 addresses and shapes it was recorded with, and the state of the execution context it was recorded
 on. So each decode bucket of the scheduler's batch cache has an execution context of its own
-(batchcache.GraphArena keeps the buckets, their addresses and these contexts across caches): it is
+(buckets.GraphArena keeps the buckets, their addresses and these contexts across caches): it is
 set up once, captured on its second step and launched from then on, whatever the other buckets do.
 If TensorRT or CUDA refuses the capture, a notice says so and decode continues with plain enqueues
 (without graphs every step sets up the profile's shared context and enqueues).
@@ -28,9 +28,10 @@ from ...artifacts.engine_record import check_compatible, engine_io_problems, imp
 from ...artifacts.modeldir import ModelDir
 from ...config import numpy_dtype
 from ...errors import GptExportError, ModelDirError, UsageError
-from ...profiles import describe_profiles, output_shapes, select_profile
+from ...profiles import describe_profiles, output_shapes, select_profile, step_shapes
 from .base import Runner, notice
-from .batchcache import BatchCache, Bucket, GraphArenas, ScratchBuffers
+from .batchcache import BatchCache
+from .buckets import Bucket, GraphArenas, ScratchBuffers
 from .device import CudaMemory, current_device
 
 
@@ -47,6 +48,12 @@ class TrtRunner(Runner):
         self.engine = self.memory = None
         self.contexts: list = []
         self.graph_arenas: GraphArenas | None = None  # the batch caches' buckets, each with its own context
+
+    @property
+    def chunked_prefill(self) -> bool:
+        """Whether a profile takes a prompt's chunk after a past (gptexport build's prefill profile has
+        past 0, so the scheduler prefills prompts whole on its engines)."""
+        return select_profile(self.record.profiles, step_shapes(self.spec, 1, 2, 2, 1)) is not None
 
     # ---- loading ----
 
