@@ -18,7 +18,8 @@ One step:
    first served (the oldest prompt takes what it needs, the next what is left), each chunk after the
    chunks before it in its row (the graph's past_length is per row); chunks of one length in
    consecutive rows share a forward. So a long prompt never stalls the running sequences for more
-   than a chunk, and first tokens come in arrival order. A prompt that is whole samples its first
+   than a chunk, and first tokens come in arrival order. While no sequence decodes there is no one
+   to keep waiting: the oldest prompt is prefilled whole. A prompt that is whole samples its first
    token and joins the decode rows (docs/serving.md "Prefill" for the measurement of the chunk).
 3. crop: a sequence whose context passed block_size recomputes its cropped window, as nanoGPT
    does (every position shifts): all such windows (block_size tokens each) in one forward whose
@@ -231,6 +232,9 @@ class Scheduler:
             if seq.filled and seq.finish is None and seq.cancelled():  # between chunks: stop paying for it
                 seq.retire("cancelled")
         budget = self.prefill_chunk or sys.maxsize
+        oldest = next((s for s in self.filling if s.finish is None), None)
+        if not self.rows and oldest is not None:  # no one decodes, no one to keep waiting: the oldest goes whole
+            budget = max(budget, len(oldest.context) - oldest.filled)
         work: list[tuple[Sequence, int]] = []
         for seq in self.filling:
             if budget <= 0:

@@ -136,8 +136,9 @@ def test_a_prompt_cancelled_while_it_fills_stops_costing(runner):
 
     s = Scheduler(runner, 2, prefill_chunk=4)
     gone = threading.Event()
+    other = s.submit(Sequence([3, 4], GenerationParams(8, GREEDY, 0)))
+    s.step()
     dropped = s.submit(Sequence(list(range(1, 15)), GenerationParams(4, GREEDY, 0), cancelled=gone.is_set))
-    other = s.submit(Sequence([3, 4], GenerationParams(6, GREEDY, 0)))
     s.step()
     assert dropped.filled == 4 and not dropped.done.is_set()
     gone.set()
@@ -145,4 +146,4 @@ def test_a_prompt_cancelled_while_it_fills_stops_costing(runner):
     assert dropped.finish == "cancelled" and dropped.filled == 4 and dropped.tokens == []
     assert dropped not in s.filling and int(s.cache.lengths[1:].max()) == 0
     s.run()
-    assert other.tokens == alone(runner, [3, 4], GenerationParams(6, GREEDY, 0))[0]
+    assert other.tokens == alone(runner, [3, 4], GenerationParams(8, GREEDY, 0))[0]
