@@ -1,6 +1,6 @@
 """Ragged load on the engine in-process: how the prefill chunk shares steps with decode (issue 23).
 
-    python scripts/bench_prefill.py OUTDIR [--clients 1 4 16] [--chunks 0 32 64 128 256]
+    python scripts/bench_prefill.py OUTDIR [--clients 1 4 16] [--chunks 0 32 64 128 256 128:fixed]
         [--requests 3] [--rounds 2] [--threads 2]
 
 Each of --clients closed-loop clients sends --requests requests one after another (the next as soon
@@ -8,7 +8,9 @@ as the last is done, as serve_load.py's clients do): prompts of random token ids
 log-uniform in 10..400 tokens, outputs uniform in 32..256 tokens (every token made: no end id),
 temperature 0.8, top-k 200, a seed each; the same requests for every setting. One scheduler per
 setting (--chunks: prompt tokens prefilled per step; 0: every prompt whole in the step that admits
-it, the engine before issue 23), max_batch 16, on one runner, settings interleaved round by round.
+it, the engine before issue 23; N:fixed, chunks of N with a cache that never shrinks when its long
+rows leave, to weigh the copy a shrink costs against the attention it saves), max_batch 16, on one
+runner, settings interleaved round by round.
 Reports, per clients and setting, medians over rounds of: output tokens/s (all tokens / wall time),
 time to first token p50/p99 (submit to first token) and inter-token gap p50/p99, plus the largest
 cache capacity a step used. No server: what the engine itself does with the load (serve_load.py
@@ -48,9 +50,12 @@ def pct(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
 
-def run_load(runner, clients: list[list], chunk: int | None, max_batch: int = 16) -> dict:
+def run_load(runner, clients: list[list], setting: str, max_batch: int = 16) -> dict:
     """Every client's requests through one scheduler, closed loop; the load's figures."""
-    s = Scheduler(runner, max_batch, prefill_chunk=chunk)
+    chunk, _, fixed = setting.partition(":")
+    s = Scheduler(runner, max_batch, prefill_chunk=int(chunk) or None)
+    if fixed:
+        s._cache = lambda positions, make=s._cache: fixed_cache(make(positions))
     ttft, gaps, tokens, most = [], [], 0, 0
     stamps: dict[int, list[float]] = {}
 
@@ -84,11 +89,16 @@ def run_load(runner, clients: list[list], chunk: int | None, max_batch: int = 16
             "itl99": pct(gaps, 99), "capacity": most}
 
 
+def fixed_cache(cache):
+    cache.fit = lambda needed: None  # this cache only grows
+    return cache
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model_dir", type=Path)
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
-    ap.add_argument("--chunks", type=int, nargs="+", default=[0, 32, 64, 128, 256])
+    ap.add_argument("--chunks", nargs="+", default=["0", "32", "64", "128", "256", "128:fixed"])
     ap.add_argument("--requests", type=int, default=3, help="requests per client")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
@@ -103,14 +113,15 @@ def main() -> None:
         for n in args.clients:
             reqs = ragged_requests(n * args.requests, md.config.vocab_size, md.config.block_size, seed=n)
             clients = [reqs[c::n] for c in range(n)]
-            results: dict[int, list[dict]] = {c: [] for c in args.chunks}
+            results: dict[str, list[dict]] = {c: [] for c in args.chunks}
             for r in range(args.rounds):
                 order = args.chunks if r % 2 == 0 else args.chunks[::-1]
                 for chunk in order:
-                    results[chunk].append(run_load(runner, clients, chunk or None))
+                    results[chunk].append(run_load(runner, clients, chunk))
             for chunk in args.chunks:
                 med = {k: statistics.median(x[k] for x in results[chunk]) for k in results[chunk][0]}
-                print(f"| {n} | {chunk or 'whole'} | {med['tok_s']:.1f} | {med['ttft50'] * 1e3:.0f} / "
+                label = "whole" if chunk == "0" else chunk
+                print(f"| {n} | {label} | {med['tok_s']:.1f} | {med['ttft50'] * 1e3:.0f} / "
                       f"{med['ttft99'] * 1e3:.0f} | {med['itl50'] * 1e3:.1f} / {med['itl99'] * 1e3:.1f} | "
                       f"{med['capacity']:.0f} |", flush=True)
 
