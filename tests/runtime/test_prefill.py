@@ -7,23 +7,13 @@ import numpy as np
 import pytest
 from test_scheduler import alone, assert_same_as_alone
 
-from gptexport.artifacts.modeldir import load_model_dir
 from gptexport.errors import ParameterError
 from gptexport.runtime.backends.batchcache import BatchCache
-from gptexport.runtime.backends.ort import OrtRunner
 from gptexport.runtime.params import GenerationParams
 from gptexport.runtime.sampling import SamplingParams
 from gptexport.runtime.scheduler import Scheduler, Sequence
 
 GREEDY = SamplingParams(0.0)
-
-
-@pytest.fixture(scope="module")
-def runner(tiny_model_dir):
-    r = OrtRunner(load_model_dir(tiny_model_dir), threads=1)
-    r.activate()
-    yield r
-    r.deactivate()
 
 
 def first_token_steps(s: Scheduler, seqs: list[Sequence], limit: int = 200) -> dict[int, int]:

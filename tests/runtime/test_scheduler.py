@@ -30,14 +30,6 @@ from gptexport.runtime.textstream import TextStream
 NEAR_TIE = 1e-4  # logits this close can swap under a batched forward's rounding
 
 
-@pytest.fixture(scope="module")
-def runner(tiny_model_dir):
-    r = OrtRunner(load_model_dir(tiny_model_dir), threads=1)
-    r.activate()
-    yield r
-    r.deactivate()
-
-
 def alone(runner, prompt, params: GenerationParams, stop_at: int | None = None):
     """The sequence alone in nanoGPT's loop: its tokens and the logits of every step (to tell a
     near-tie from a bug)."""
