@@ -381,7 +381,8 @@ def print_comparison(load: str, rows: list[dict], ours: str, llama: str) -> None
 
 def print_fixed(rows: list[dict], baseline: float, baseline_after: float, args: argparse.Namespace) -> None:
     """The fixed load's table of our servers, against max-batch 1 and the in-process generate()."""
-    ours = [r for r in rows if r["load"] == "fixed" and r["max_batch"]]
+    ours = sorted((r for r in rows if r["load"] == "fixed" and r["max_batch"]),
+                  key=lambda r: (r["instances"], r["max_batch"], r["clients"]))
     print("\n| instances | max-batch | clients | requests | req/s | tok/s | × max-batch 1 | × in-process | "
           "TTFT p50 / p99 ms | ITL p50 / p99 ms |")
     print("|---|---|---|---|---|---|---|---|---|---|")
