@@ -463,4 +463,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # the servers were stopped on the way out
+        print("interrupted: every server stopped", file=sys.stderr)
+        sys.exit(130)
