@@ -3,7 +3,7 @@
 #
 #   bash scripts/genai_perf.sh OUTDIR [--concurrency "1 4 16"] [--max-batch "1 16"] [--requests N]
 #                              [--input-tokens 64] [--output-tokens 128] [--threads N] [--peers DIR]
-#                              [--llama-gguf FILE.gguf]
+#                              [--input-tokens-stddev 0] [--output-tokens-stddev 0] [--llama-gguf FILE.gguf]
 #
 # For each --max-batch value it writes a Triton repository (`gptexport triton --max-batch`), starts
 # `gptexport serve` on 127.0.0.1 (free ports), and for each --concurrency value runs
@@ -18,6 +18,13 @@
 # tokens/s, requests/s, time to first token p50/p99, inter-token latency p50/p99) and keeps every
 # GenAI-Perf artifact under WORK (default: a temporary directory, printed).
 #
+# --input-tokens-stddev / --output-tokens-stddev (GenAI-Perf's --synthetic-input-tokens-stddev and
+# --output-tokens-stddev) make the prompt and output lengths ragged: GenAI-Perf draws each request's
+# from a normal distribution around the means (its own generator, --random-seed 0, so the same
+# requests for both servers). llama-server then gets no min_tokens (ignore_eos alone makes every token
+# of each request's max_tokens) and slots long enough for mean + 3 stddev. For wide, skewed lengths
+# (log-uniform prompts, 10 to 400 tokens) see scripts/serve_load.py --load ragged.
+#
 # The client comes from `bash scripts/prepare_peers.sh --only genai-perf` (a venv of its own with
 # genai-perf 0.0.16 and tritonclient[all] 2.51.0, whose perf_analyzer runs on this glibc with
 # Debian's libb64-0d and libcudart.so.12 from the nvidia-cuda-runtime-cu12 wheel). GenAI-Perf needs a
@@ -27,7 +34,7 @@
 set -euo pipefail
 
 usage() { sed -n '2,/^set -euo/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'; }
-CONCURRENCY="1 4 16"; MAX_BATCH="1 16"; REQUESTS=""; ISL=64; OSL=128; THREADS=0
+CONCURRENCY="1 4 16"; MAX_BATCH="1 16"; REQUESTS=""; ISL=64; OSL=128; THREADS=0; ISL_SD=0; OSL_SD=0
 PEERS="${GPTEXPORT_PEERS:-$HOME/.cache/gptexport-peers}"; WORK=""; MODEL_DIR=""; GGUF=""
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -36,6 +43,8 @@ while [[ $# -gt 0 ]]; do
     --requests) REQUESTS="$2"; shift 2 ;;
     --input-tokens) ISL="$2"; shift 2 ;;
     --output-tokens) OSL="$2"; shift 2 ;;
+    --input-tokens-stddev) ISL_SD="$2"; shift 2 ;;
+    --output-tokens-stddev) OSL_SD="$2"; shift 2 ;;
     --threads) THREADS="$2"; shift 2 ;;
     --peers) PEERS="$2"; shift 2 ;;
     --work) WORK="$2"; shift 2 ;;
@@ -94,8 +103,8 @@ profile() {  # profile NAME DIR CONCURRENCY REQUESTS ARGS...: one GenAI-Perf run
     echo "==> $name, concurrency $c, $n requests" >&2
     rm -rf "$dir"
     "$GENAI_PERF" profile --concurrency "$c" --request-count "$n" --warmup-request-count "$c" \
-      --synthetic-input-tokens-mean "$ISL" --synthetic-input-tokens-stddev 0 \
-      --output-tokens-mean "$OSL" --output-tokens-stddev 0 \
+      --synthetic-input-tokens-mean "$ISL" --synthetic-input-tokens-stddev "$ISL_SD" \
+      --output-tokens-mean "$OSL" --output-tokens-stddev "$OSL_SD" \
       --tokenizer "$WORK/tokenizer" --random-seed 0 --artifact-dir "$dir" "$@" > "$dir.log" 2>&1 && break
     tail -5 "$dir.log" >&2
     [[ $attempt == 2 ]] && { echo "error: genai-perf failed (log: $dir.log)" >&2; exit 1; }
@@ -114,7 +123,7 @@ PYEOF
 }
 for mb in $MAX_BATCH; do
   repo="$WORK/repo-mb$mb"
-  "$PY" -m gptexport triton "$MODEL_DIR" -o "$repo" --name m --max-batch "$mb" --max-tokens "$OSL" --force >&2
+  "$PY" -m gptexport triton "$MODEL_DIR" -o "$repo" --name m --max-batch "$mb" --max-tokens $(( OSL + 4 * OSL_SD )) --force >&2
   if [[ "$THREADS" != 0 ]]; then
     sed -i "s/key: \"threads\" value: { string_value: \"0\" }/key: \"threads\" value: { string_value: \"$THREADS\" }/" "$repo/m/config.pbtxt"
   fi
@@ -133,7 +142,9 @@ done
 
 if [[ -n "$GGUF" ]]; then
   port=$(free_port)
-  "$PEERS/bin/llama-server" -m "$GGUF" -np 16 -cb -t 2 -c $(( 16 * (ISL + OSL + 64) )) --host 127.0.0.1 \
+  MIN_TOKENS=(--extra-inputs "min_tokens:$OSL")  # (deterministic is Triton-only in GenAI-Perf)
+  [[ "$OSL_SD" == 0 ]] || MIN_TOKENS=()           # ragged outputs: each request's own max_tokens
+  "$PEERS/bin/llama-server" -m "$GGUF" -np 16 -cb -t 2 -c $(( 16 * (ISL + 3 * ISL_SD + OSL + 3 * OSL_SD + 64) )) --host 127.0.0.1 \
     --port "$port" > "$WORK/llama-server.log" 2>&1 &
   SERVE_PID=$!
   for _ in $(seq 1 240); do "$PY" -c "import urllib.request,sys; urllib.request.urlopen('http://127.0.0.1:$port/health', timeout=1)" \
@@ -141,16 +152,17 @@ if [[ -n "$GGUF" ]]; then
   for c in $CONCURRENCY; do
     profile "llama-server -np 16" "$WORK/llama-c$c" "$c" "${REQUESTS:-$(( c * 2 > 8 ? c * 2 : 8 ))}" \
       -m gpt2 --endpoint-type completions --streaming -u "127.0.0.1:$port" \
-      --extra-inputs ignore_eos:true --extra-inputs "min_tokens:$OSL"  # (deterministic is Triton-only in GenAI-Perf)
+      --extra-inputs ignore_eos:true "${MIN_TOKENS[@]}"
   done
   stop_server
 fi
 
-"$PY" - "$ROWS" "$MODEL_DIR" "$ISL" "$OSL" <<'EOF'
+"$PY" - "$ROWS" "$MODEL_DIR" "$ISL" "$OSL" "$ISL_SD" "$OSL_SD" <<'EOF'
 import json, sys
 rows = [json.loads(line) for line in open(sys.argv[1])]
-print(f"GenAI-Perf 0.0.16 against gptexport serve {sys.argv[2]}: {sys.argv[3]}-token prompts, {sys.argv[4]} output "
-      f"tokens (--output-tokens-mean-deterministic), streamed over gRPC")
+sd = lambda s: f" (stddev {s})" if s != "0" else ""
+print(f"GenAI-Perf 0.0.16 against gptexport serve {sys.argv[2]}: {sys.argv[3]}-token prompts{sd(sys.argv[5])}, "
+      f"{sys.argv[4]} output tokens{sd(sys.argv[6])} (--output-tokens-mean-deterministic), streamed over gRPC")
 print("| server | clients | output tok/s | × max-batch 1 | × llama-server | req/s | TTFT p50 / p99 ms | ITL p50 / p99 ms "
       "| output tokens |")
 print("|---|---|---|---|---|---|---|---|---|")
