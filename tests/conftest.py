@@ -88,6 +88,18 @@ def tiny_model_dir(tiny_ckpt, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def runner(tiny_model_dir):
+    """The tiny model on ONNX Runtime's CPU provider, one thread, activated (the runtime tests')."""
+    from gptexport.artifacts.modeldir import load_model_dir
+    from gptexport.runtime.backends.ort import OrtRunner
+
+    r = OrtRunner(load_model_dir(tiny_model_dir), threads=1)
+    r.activate()
+    yield r
+    r.deactivate()
+
+
+@pytest.fixture(scope="module")
 def served(tiny_model_dir):
     """The served model in-process (tests/serve)."""
     from gptexport.serve.model import open_served_model
