@@ -37,9 +37,49 @@
 #include <string>
 #include <vector>
 
-namespace {
+#define RETURN_IF_ERROR(expr)            \
+  do {                                   \
+    OrtStatus* _status = (expr);         \
+    if (_status != nullptr) return _status; \
+  } while (0)
+
+// What int8_matmul.cc shares with this file (it declares them itself: the package ships .cc files only).
+namespace gptexport_kernels {
 
 const OrtApi* g_api = nullptr;
+bool g_use_avx2 = false;
+
+OrtStatus* Error(const std::string& msg) { return g_api->CreateStatus(ORT_FAIL, msg.c_str()); }
+
+OrtStatus* TensorShape(const OrtValue* value, std::vector<int64_t>* shape) {
+  OrtTensorTypeAndShapeInfo* info = nullptr;
+  RETURN_IF_ERROR(g_api->GetTensorTypeAndShape(value, &info));
+  size_t rank = 0;
+  OrtStatus* status = g_api->GetDimensionsCount(info, &rank);
+  if (status == nullptr) {
+    shape->resize(rank);
+    status = g_api->GetDimensions(info, shape->data(), rank);
+  }
+  g_api->ReleaseTensorTypeAndShapeInfo(info);
+  return status;
+}
+
+OrtStatus* ConstantInput(const OrtKernelInfo* info, size_t index, const char* op, const char* name,
+                         const OrtValue** out) {
+  int is_constant = 0;
+  RETURN_IF_ERROR(g_api->KernelInfoGetConstantInput_tensor(info, index, &is_constant, out));
+  if (!is_constant || *out == nullptr) return Error(std::string(op) + ": input " + name + " must be an initializer");
+  return nullptr;
+}
+
+const OrtCustomOp* Int8MatMulOp();  // int8_matmul.cc
+
+}  // namespace gptexport_kernels
+
+namespace {
+
+using namespace gptexport_kernels;
+
 constexpr int kBlock = 32;          // k per scale
 constexpr int kGroup = 8;           // output columns per repacked group
 constexpr int kBlockBytes = 128;    // nibbles of one group's block: 8 columns x 32 k / 2
@@ -63,16 +103,6 @@ struct Int4Weights {
   int64_t K = 0, N = 0, blocks = 0, groups = 0;
   std::vector<PackedBlock> packed;  // [groups][blocks]
 };
-
-bool g_use_avx2 = false;
-
-OrtStatus* Error(const std::string& msg) { return g_api->CreateStatus(ORT_FAIL, msg.c_str()); }
-
-#define RETURN_IF_ERROR(expr)            \
-  do {                                   \
-    OrtStatus* _status = (expr);         \
-    if (_status != nullptr) return _status; \
-  } while (0)
 
 // ---- repacking ----
 
@@ -230,26 +260,6 @@ struct Int4MatMulKernel {
   Int4Weights w;
 };
 
-OrtStatus* TensorShape(const OrtValue* value, std::vector<int64_t>* shape) {
-  OrtTensorTypeAndShapeInfo* info = nullptr;
-  RETURN_IF_ERROR(g_api->GetTensorTypeAndShape(value, &info));
-  size_t rank = 0;
-  OrtStatus* status = g_api->GetDimensionsCount(info, &rank);
-  if (status == nullptr) {
-    shape->resize(rank);
-    status = g_api->GetDimensions(info, shape->data(), rank);
-  }
-  g_api->ReleaseTensorTypeAndShapeInfo(info);
-  return status;
-}
-
-OrtStatus* ConstantInput(const OrtKernelInfo* info, size_t index, const char* name, const OrtValue** out) {
-  int is_constant = 0;
-  RETURN_IF_ERROR(g_api->KernelInfoGetConstantInput_tensor(info, index, &is_constant, out));
-  if (!is_constant || *out == nullptr) return Error(std::string("Int4MatMul: input ") + name + " must be an initializer");
-  return nullptr;
-}
-
 OrtStatus* Attribute(const OrtKernelInfo* info, const char* name, int64_t* out) {
   OrtStatus* status = g_api->KernelInfoGetAttribute_int64(info, name, out);
   if (status != nullptr) {
@@ -272,8 +282,8 @@ OrtStatus* LoadWeights(const OrtKernelInfo* info, Int4MatMulKernel* kernel) {
   w.blocks = (w.K + kBlock - 1) / kBlock;
   w.groups = (w.N + kGroup - 1) / kGroup;
   const OrtValue *B = nullptr, *scales = nullptr;
-  RETURN_IF_ERROR(ConstantInput(info, 1, "B", &B));
-  RETURN_IF_ERROR(ConstantInput(info, 2, "scales", &scales));
+  RETURN_IF_ERROR(ConstantInput(info, 1, "Int4MatMul", "B", &B));
+  RETURN_IF_ERROR(ConstantInput(info, 2, "Int4MatMul", "scales", &scales));
   std::vector<int64_t> b_shape, s_shape;
   RETURN_IF_ERROR(TensorShape(B, &b_shape));
   RETURN_IF_ERROR(TensorShape(scales, &s_shape));
@@ -412,6 +422,7 @@ __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps
   OrtCustomOpDomain* domain = nullptr;
   RETURN_IF_ERROR(g_api->CreateCustomOpDomain("gptexport", &domain));
   RETURN_IF_ERROR(g_api->CustomOpDomain_Add(domain, &g_int4_matmul));
+  RETURN_IF_ERROR(g_api->CustomOpDomain_Add(domain, Int8MatMulOp()));
   return g_api->AddCustomOpDomain(options, domain);
 }
 
