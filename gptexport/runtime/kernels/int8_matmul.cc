@@ -157,24 +157,25 @@ void GroupGeneric(const int8_t* wg, int64_t padded, const QuantRow* rows, int nr
 template <int R>
 __attribute__((target("avx2"))) void GroupAvx2(const int8_t* wg, int64_t padded, const QuantRow* rows,
                                                int32_t (*out)[kGroup]) {
-  __m256i acc[R][2];
-  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
+  __m256i acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_si256();
   for (int64_t k = 0; k < padded; k += kStep) {
     const int8_t* line = wg + k * kGroup;  // 64 bytes: inputs k .. k+7 of the 8 columns
     _mm_prefetch(reinterpret_cast<const char*>(line) + kPrefetchBytes, _MM_HINT_T0);
     __m256i w[4];
     for (int i = 0; i < 4; ++i) w[i] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(line + 16 * i)));
     for (int r = 0; r < R; ++r) {
-      int32_t pair[4];  // activations k+2i, k+2i+1 as one 32-bit word, broadcast to every column's lane
-      std::memcpy(pair, rows[r].v + k, sizeof(pair));
-      acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(w[0], _mm256_set1_epi32(pair[0])));
-      acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(w[1], _mm256_set1_epi32(pair[1])));
-      acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(w[2], _mm256_set1_epi32(pair[2])));
-      acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(w[3], _mm256_set1_epi32(pair[3])));
+      // activations k+2i, k+2i+1 (one 32-bit word) broadcast to every column's lane straight from
+      // memory (vbroadcastss: a load, no ALU work; set1 from a register cost two more instructions each)
+      const float* pair = reinterpret_cast<const float*>(rows[r].v + k);
+      __m256i p[4];
+      for (int i = 0; i < 4; ++i) p[i] = _mm256_madd_epi16(w[i], _mm256_castps_si256(_mm256_broadcast_ss(pair + i)));
+      // summed as a tree into one accumulator per row: 4 rows' accumulators and the 4 weight
+      // vectors stay in registers (two accumulators per row spilled to the stack at 4 rows)
+      acc[r] = _mm256_add_epi32(acc[r], _mm256_add_epi32(_mm256_add_epi32(p[0], p[1]), _mm256_add_epi32(p[2], p[3])));
     }
   }
-  for (int r = 0; r < R; ++r)
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out[r]), _mm256_add_epi32(acc[r][0], acc[r][1]));
+  for (int r = 0; r < R; ++r) _mm256_storeu_si256(reinterpret_cast<__m256i*>(out[r]), acc[r]);
 }
 
 void Group(const int8_t* wg, int64_t padded, const QuantRow* rows, int nrows, int32_t (*out)[kGroup]) {
