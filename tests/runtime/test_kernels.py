@@ -1,4 +1,5 @@
-"""Our CPU kernels (runtime/kernels/): Int4MatMul against ONNX Runtime's own MatMulNBits, the graph
+"""Our CPU kernels (runtime/kernels/): Int4MatMul against ONNX Runtime's own MatMulNBits, Int8MatMul
+against exact integer math and its DynamicQuantizeLinear + MatMulInteger, the graph
 swap, and the CPU runner with `--kernels off|auto|on`.
 
 The library is built (or found built) once for the session; without a compiler or headers these

@@ -1,14 +1,15 @@
 """The CPU runner's one hook into our kernels: the model a session loads, and the library it registers.
 
 `session_model(onnx_path, mode)` is called when the CPU provider's session is created. With the
-kernels on, it reads model.onnx, swaps Int4MatMul in for the MatMulNBits nodes it can run
-(runtime/kernels/onnxgraph.py) and returns the rewritten bytes with the library to register; the
+kernels on, it reads model.onnx, swaps our ops in for the nodes they can run (Int4MatMul for
+MatMulNBits, Int8MatMul for quantize_dynamic's DynamicQuantizeLinear + MatMulInteger pattern;
+runtime/kernels/onnxgraph.py) and returns the rewritten bytes with the library to register; the
 model directory itself is never changed, so it still runs anywhere ONNX Runtime runs.
 
 Modes (`--kernels`):
 - "off": the graph as it is.
-- "auto" (default): the kernels when the graph has a MatMulNBits they take and the library builds
-  or is built here; otherwise the graph as it is, and why is logged once at INFO on the
+- "auto" (default): the kernels when the graph has nodes they take and the library builds or is
+  built here; otherwise the graph as it is, and why is logged once at INFO on the
   "gptexport.kernels" logger (`--verbose` shows it).
 - "on": the kernels, or BackendUnavailable with one line saying why not.
 """
@@ -71,7 +72,7 @@ def session_model(onnx_path: Path, mode: str = "auto") -> SessionModel:
     except build.KernelsUnavailable as e:
         if mode == "on":
             raise BackendUnavailable(f"--kernels on: gptexport's kernel library is unavailable: {e}") from None
-        _say_once(f"kernels off: {e}; running ONNX Runtime's MatMulNBits")
+        _say_once(f"kernels off: {e}; running ONNX Runtime's own ops")
         return plain
     try:
         rewritten, swapped = onnxgraph.swap_model(data, ops)

@@ -1,6 +1,7 @@
-// gptexport's ONNX Runtime custom-op library: Int4MatMul, a drop-in for com.microsoft MatMulNBits
-// with 4-bit symmetric weights in blocks of 32 (what `gptexport quantize --int4` writes), tuned for
-// decode: few activation rows, many weight columns.
+// gptexport's ONNX Runtime custom-op library (this file registers it; Int8MatMul is in
+// int8_matmul.cc): Int4MatMul, a drop-in for com.microsoft MatMulNBits with 4-bit symmetric
+// weights in blocks of 32 (what `gptexport quantize --int4` writes), tuned for decode: few
+// activation rows, many weight columns.
 //
 //   Y[M, N] = A[M, K] @ dequant(B)[K, N] (+ bias[N])
 //   B: uint8 [N, K/32, 16], byte j of block b holds k = 32b+2j in its low nibble, 32b+2j+1 in its high;
