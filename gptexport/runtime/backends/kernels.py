@@ -65,7 +65,7 @@ def session_model(onnx_path: Path, mode: str = "auto") -> SessionModel:
         return plain
     data = onnx_path.read_bytes()
     ops = OPS[mode]
-    if not any(SWAPS[op] in data for op in ops):
+    if mode == "auto" and not any(SWAPS[op] in data for op in ops):
         return plain  # nothing to swap: no reason to build anything
     try:
         library = build.ensure_library()
