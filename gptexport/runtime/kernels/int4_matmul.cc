@@ -34,6 +34,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <new>
 #include <string>
 #include <vector>
@@ -73,7 +74,69 @@ OrtStatus* ConstantInput(const OrtKernelInfo* info, size_t index, const char* op
   return nullptr;
 }
 
-const OrtCustomOp* Int8MatMulOp();  // int8_matmul.cc
+// What differs between our ops' C tables; OpTable does the rest (the CPU provider, one float
+// output, the last input optional, exceptions stopped at the C boundary).
+struct OpSpec {
+  const char* name;
+  size_t inputs;
+  ONNXTensorElementDataType (*input_type)(size_t index);
+  OrtStatus* (*create)(const OrtKernelInfo* info, void** kernel);  // may throw std::bad_alloc
+  OrtStatus* (*compute)(void* kernel, OrtKernelContext* context);   // may throw std::bad_alloc
+  void (*destroy)(void* kernel);
+};
+
+const OpSpec& Int8MatMulSpec();  // int8_matmul.cc
+
+struct BoundKernel {  // what ONNX Runtime holds for one node: the op's spec and its kernel
+  const OpSpec* spec;
+  void* kernel = nullptr;
+};
+
+struct OpTable : OrtCustomOp {
+  const OpSpec& spec;
+
+  static const OpSpec& Of(const OrtCustomOp* op) { return static_cast<const OpTable*>(op)->spec; }
+
+  explicit OpTable(const OpSpec& op_spec) : OrtCustomOp(), spec(op_spec) {
+    version = ORT_API_VERSION;
+    GetName = [](const OrtCustomOp* op) { return Of(op).name; };
+    GetExecutionProviderType = [](const OrtCustomOp*) { return "CPUExecutionProvider"; };
+    GetInputTypeCount = [](const OrtCustomOp* op) { return Of(op).inputs; };
+    GetInputType = [](const OrtCustomOp* op, size_t i) { return Of(op).input_type(i); };
+    GetInputCharacteristic = [](const OrtCustomOp* op, size_t i) {
+      return i + 1 == Of(op).inputs ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+    };
+    GetOutputTypeCount = [](const OrtCustomOp*) -> size_t { return 1; };
+    GetOutputType = [](const OrtCustomOp*, size_t) { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; };
+    GetOutputCharacteristic = [](const OrtCustomOp*, size_t) { return INPUT_OUTPUT_REQUIRED; };
+    GetInputMemoryType = [](const OrtCustomOp*, size_t) { return OrtMemTypeDefault; };
+    CreateKernelV2 = [](const OrtCustomOp* op, const OrtApi*, const OrtKernelInfo* info, void** out) -> OrtStatusPtr {
+      try {  // the repacked weights' allocation
+        std::unique_ptr<BoundKernel> bound(new BoundKernel{&Of(op)});
+        RETURN_IF_ERROR(bound->spec->create(info, &bound->kernel));
+        *out = bound.release();
+        return nullptr;
+      } catch (const std::exception& e) {
+        return Error(std::string(Of(op).name) + ": " + e.what());
+      }
+    };
+    KernelComputeV2 = [](void* kernel, OrtKernelContext* context) -> OrtStatusPtr {
+      const BoundKernel& bound = *static_cast<BoundKernel*>(kernel);
+      try {
+        return bound.spec->compute(bound.kernel, context);
+      } catch (const std::exception& e) {  // std::bad_alloc: never let it cross into ONNX Runtime
+        return Error(std::string(bound.spec->name) + ": " + e.what());
+      }
+    };
+    KernelDestroy = [](void* kernel) {
+      auto* bound = static_cast<BoundKernel*>(kernel);
+      if (bound->kernel != nullptr) bound->spec->destroy(bound->kernel);
+      delete bound;
+    };
+    GetStartVersion = [](const OrtCustomOp*) { return 1; };
+    GetEndVersion = [](const OrtCustomOp*) { return 1; };
+  }
+};
 
 }  // namespace gptexport_kernels
 
@@ -387,53 +450,20 @@ OrtStatus* Compute(const Int4MatMulKernel& kernel, OrtKernelContext* context) {
 
 // ---- the custom op's C table ----
 
-struct Int4MatMulOp : OrtCustomOp {
-  Int4MatMulOp() {
-    std::memset(static_cast<OrtCustomOp*>(this), 0, sizeof(OrtCustomOp));
-    version = ORT_API_VERSION;
-    GetName = [](const OrtCustomOp*) { return "Int4MatMul"; };
-    GetExecutionProviderType = [](const OrtCustomOp*) { return "CPUExecutionProvider"; };
-    GetInputTypeCount = [](const OrtCustomOp*) -> size_t { return 4; };
-    GetInputType = [](const OrtCustomOp*, size_t i) {
-      return i == 1 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
-    };
-    GetInputCharacteristic = [](const OrtCustomOp*, size_t i) {
-      return i == 3 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
-    };
-    GetOutputTypeCount = [](const OrtCustomOp*) -> size_t { return 1; };
-    GetOutputType = [](const OrtCustomOp*, size_t) { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; };
-    GetOutputCharacteristic = [](const OrtCustomOp*, size_t) { return INPUT_OUTPUT_REQUIRED; };
-    GetInputMemoryType = [](const OrtCustomOp*, size_t) { return OrtMemTypeDefault; };
-    CreateKernelV2 = [](const OrtCustomOp*, const OrtApi*, const OrtKernelInfo* info, void** out) -> OrtStatusPtr {
-      auto* kernel = new (std::nothrow) Int4MatMulKernel();
-      if (kernel == nullptr) return Error("Int4MatMul: out of memory");
-      OrtStatus* status = nullptr;
-      try {
-        status = LoadWeights(info, kernel);
-      } catch (const std::exception& e) {  // the repacked weights' allocation
-        status = Error(std::string("Int4MatMul: ") + e.what());
-      }
-      if (status != nullptr) {
-        delete kernel;
-        return status;
-      }
-      *out = kernel;
-      return nullptr;
-    };
-    KernelComputeV2 = [](void* kernel, OrtKernelContext* context) -> OrtStatusPtr {
-      try {
-        return Compute(*static_cast<Int4MatMulKernel*>(kernel), context);
-      } catch (const std::exception& e) {  // std::bad_alloc: never let it cross into ONNX Runtime
-        return Error(std::string("Int4MatMul: ") + e.what());
-      }
-    };
-    KernelDestroy = [](void* kernel) { delete static_cast<Int4MatMulKernel*>(kernel); };
-    GetStartVersion = [](const OrtCustomOp*) { return 1; };
-    GetEndVersion = [](const OrtCustomOp*) { return 1; };
-  }
-};
+OrtStatus* CreateKernel(const OrtKernelInfo* info, void** out) {
+  std::unique_ptr<Int4MatMulKernel> kernel(new Int4MatMulKernel());  // std::bad_alloc: OpTable reports it
+  RETURN_IF_ERROR(LoadWeights(info, kernel.get()));
+  *out = kernel.release();
+  return nullptr;
+}
 
-Int4MatMulOp g_int4_matmul;
+const OpSpec kInt4MatMul = {
+    "Int4MatMul", 4,  // A, B, scales[, bias]
+    [](size_t i) { return i == 1 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; },
+    CreateKernel,
+    [](void* kernel, OrtKernelContext* context) { return Compute(*static_cast<Int4MatMulKernel*>(kernel), context); },
+    [](void* kernel) { delete static_cast<Int4MatMulKernel*>(kernel); },
+};
 
 bool ChooseAvx2() {
   const char* isa = std::getenv("GPTEXPORT_KERNELS_ISA");
@@ -460,8 +490,9 @@ __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps
   // object per registration)
   OrtCustomOpDomain* domain = nullptr;
   RETURN_IF_ERROR(g_api->CreateCustomOpDomain("gptexport", &domain));
-  RETURN_IF_ERROR(g_api->CustomOpDomain_Add(domain, &g_int4_matmul));
-  RETURN_IF_ERROR(g_api->CustomOpDomain_Add(domain, Int8MatMulOp()));
+  static OpTable int4_matmul(kInt4MatMul), int8_matmul(Int8MatMulSpec());
+  RETURN_IF_ERROR(g_api->CustomOpDomain_Add(domain, &int4_matmul));
+  RETURN_IF_ERROR(g_api->CustomOpDomain_Add(domain, &int8_matmul));
   return g_api->AddCustomOpDomain(options, domain);
 }
 

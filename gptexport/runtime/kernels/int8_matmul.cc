@@ -30,6 +30,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <new>
 #include <string>
 #include <vector>
@@ -47,7 +48,15 @@ OrtStatus* Error(const std::string& msg);
 OrtStatus* TensorShape(const OrtValue* value, std::vector<int64_t>* shape);
 OrtStatus* ConstantInput(const OrtKernelInfo* info, size_t index, const char* op, const char* name,
                          const OrtValue** out);
-const OrtCustomOp* Int8MatMulOp();
+struct OpSpec {  // as int4_matmul.cc defines it
+  const char* name;
+  size_t inputs;
+  ONNXTensorElementDataType (*input_type)(size_t index);
+  OrtStatus* (*create)(const OrtKernelInfo* info, void** kernel);
+  OrtStatus* (*compute)(void* kernel, OrtKernelContext* context);
+  void (*destroy)(void* kernel);
+};
+const OpSpec& Int8MatMulSpec();
 }  // namespace gptexport_kernels
 
 namespace {
@@ -315,56 +324,23 @@ OrtStatus* Compute(const Int8Weights& w, OrtKernelContext* context) {
   return g_api->KernelContext_ParallelFor(context, RunTask, static_cast<size_t>(tasks), 0, &call);
 }
 
-// ---- the custom op's C table ----
+// ---- the custom op's C table (int4_matmul.cc's OpTable) ----
 
-struct Int8MatMulOpTable : OrtCustomOp {
-  Int8MatMulOpTable() {
-    std::memset(static_cast<OrtCustomOp*>(this), 0, sizeof(OrtCustomOp));
-    version = ORT_API_VERSION;
-    GetName = [](const OrtCustomOp*) { return "Int8MatMul"; };
-    GetExecutionProviderType = [](const OrtCustomOp*) { return "CPUExecutionProvider"; };
-    GetInputTypeCount = [](const OrtCustomOp*) -> size_t { return 5; };  // A, B, b_scale, b_zero_point[, bias]
-    GetInputType = [](const OrtCustomOp*, size_t i) {
-      return (i == 1 || i == 3) ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
-    };
-    GetInputCharacteristic = [](const OrtCustomOp*, size_t i) {
-      return i == 4 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
-    };
-    GetOutputTypeCount = [](const OrtCustomOp*) -> size_t { return 1; };
-    GetOutputType = [](const OrtCustomOp*, size_t) { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; };
-    GetOutputCharacteristic = [](const OrtCustomOp*, size_t) { return INPUT_OUTPUT_REQUIRED; };
-    GetInputMemoryType = [](const OrtCustomOp*, size_t) { return OrtMemTypeDefault; };
-    CreateKernelV2 = [](const OrtCustomOp*, const OrtApi*, const OrtKernelInfo* info, void** out) -> OrtStatusPtr {
-      auto* w = new (std::nothrow) Int8Weights();
-      if (w == nullptr) return Error("Int8MatMul: out of memory");
-      OrtStatus* status = nullptr;
-      try {
-        status = LoadWeights(info, w);
-      } catch (const std::exception& e) {  // the repacked weights' allocation
-        status = Error(std::string("Int8MatMul: ") + e.what());
-      }
-      if (status != nullptr) {
-        delete w;
-        return status;
-      }
-      *out = w;
-      return nullptr;
-    };
-    KernelComputeV2 = [](void* w, OrtKernelContext* context) -> OrtStatusPtr {
-      try {
-        return Compute(*static_cast<Int8Weights*>(w), context);
-      } catch (const std::exception& e) {  // std::bad_alloc: never let it cross into ONNX Runtime
-        return Error(std::string("Int8MatMul: ") + e.what());
-      }
-    };
-    KernelDestroy = [](void* w) { delete static_cast<Int8Weights*>(w); };
-    GetStartVersion = [](const OrtCustomOp*) { return 1; };
-    GetEndVersion = [](const OrtCustomOp*) { return 1; };
-  }
+OrtStatus* CreateKernel(const OrtKernelInfo* info, void** out) {
+  std::unique_ptr<Int8Weights> w(new Int8Weights());  // std::bad_alloc: OpTable reports it
+  RETURN_IF_ERROR(LoadWeights(info, w.get()));
+  *out = w.release();
+  return nullptr;
+}
+
+const OpSpec kInt8MatMul = {
+    "Int8MatMul", 5,  // A, B, b_scale, b_zero_point[, bias]
+    [](size_t i) { return (i == 1 || i == 3) ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; },
+    CreateKernel,
+    [](void* w, OrtKernelContext* context) { return Compute(*static_cast<Int8Weights*>(w), context); },
+    [](void* w) { delete static_cast<Int8Weights*>(w); },
 };
-
-Int8MatMulOpTable g_int8_matmul;
 
 }  // namespace
 
-const OrtCustomOp* gptexport_kernels::Int8MatMulOp() { return &g_int8_matmul; }
+const gptexport_kernels::OpSpec& gptexport_kernels::Int8MatMulSpec() { return kInt8MatMul; }
