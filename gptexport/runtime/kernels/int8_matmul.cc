@@ -63,8 +63,8 @@ namespace {
 
 using namespace gptexport_kernels;
 
-constexpr int kGroup = 8;            // output columns per repacked group
-constexpr int kStep = 8;             // inputs per inner step: 64 bytes of a group, one cache line
+constexpr int kGroup = 16;           // output columns per repacked group: two vectors of 8
+constexpr int kStep = 4;             // inputs per inner step: 64 bytes of a group, one cache line
 constexpr int kMaxRows = 4;          // activation rows served by one load of weights
 constexpr int kTaskWork = 4096;      // row-steps (8 inputs x 8 columns x 1 row) per pool task
 constexpr int kPrefetchBytes = 2048;  // how far ahead the weight stream is prefetched
@@ -86,6 +86,10 @@ struct QuantRow {
 
 // ---- repacking ----
 
+// Where input k of column c (of 16) lies in a group: per pair of inputs 32 bytes, columns 0-7 then
+// 8-15, two bytes (k even, k odd) per column.
+inline int64_t PackedIndex(int64_t k, int64_t c) { return (k / 2) * 32 + (c / 8) * 16 + 2 * (c % 8) + (k % 2); }
+
 void Repack(const int8_t* B, const float* scale, int64_t scale_count, const int8_t* zp, int64_t zp_count,
             Int8Weights* w) {
   w->packed.assign(static_cast<size_t>(w->groups * w->padded * kGroup), 0);
@@ -97,7 +101,7 @@ void Repack(const int8_t* B, const float* scale, int64_t scale_count, const int8
     w->has_zero_point |= w->zero_point[n] != 0;
     int8_t* group = &w->packed[(n / kGroup) * w->padded * kGroup];
     const int64_t c = n % kGroup;
-    for (int64_t k = 0; k < w->K; ++k) group[(k / 2) * 16 + 2 * c + (k % 2)] = B[k * w->N + n];
+    for (int64_t k = 0; k < w->K; ++k) group[PackedIndex(k, c)] = B[k * w->N + n];
   }
 }
 
@@ -157,7 +161,7 @@ void GroupGeneric(const int8_t* wg, int64_t padded, const QuantRow* rows, int nr
   for (int r = 0; r < nrows; ++r) {
     for (int c = 0; c < kGroup; ++c) {
       int32_t dot = 0;
-      for (int64_t k = 0; k < padded; ++k) dot += wg[(k / 2) * 16 + 2 * c + (k % 2)] * rows[r].v[k];
+      for (int64_t k = 0; k < padded; ++k) dot += wg[PackedIndex(k, c)] * rows[r].v[k];
       out[r][c] = dot;
     }
   }
@@ -166,25 +170,28 @@ void GroupGeneric(const int8_t* wg, int64_t padded, const QuantRow* rows, int nr
 template <int R>
 __attribute__((target("avx2"))) void GroupAvx2(const int8_t* wg, int64_t padded, const QuantRow* rows,
                                                int32_t (*out)[kGroup]) {
-  __m256i acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_si256();
+  __m256i lo[R], hi[R];  // columns 0-7 and 8-15 of each row
+  for (int r = 0; r < R; ++r) lo[r] = hi[r] = _mm256_setzero_si256();
   for (int64_t k = 0; k < padded; k += kStep) {
-    const int8_t* line = wg + k * kGroup;  // 64 bytes: inputs k .. k+7 of the 8 columns
+    const int8_t* line = wg + k * kGroup;  // 64 bytes: inputs k .. k+3 of the 16 columns
     _mm_prefetch(reinterpret_cast<const char*>(line) + kPrefetchBytes, _MM_HINT_T0);
-    __m256i w[4];
+    __m256i w[4];  // pair k (columns 0-7, 8-15), pair k+2 (columns 0-7, 8-15)
     for (int i = 0; i < 4; ++i) w[i] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(line + 16 * i)));
     for (int r = 0; r < R; ++r) {
-      // activations k+2i, k+2i+1 (one 32-bit word) broadcast to every column's lane straight from
-      // memory (vbroadcastss: a load, no ALU work; set1 from a register cost two more instructions each)
+      // activations k, k+1 and k+2, k+3 (32-bit words) broadcast to every column's lane straight
+      // from memory (vbroadcastss: a load, no ALU work; set1 from a register cost two more
+      // instructions each), each serving 16 columns
       const float* pair = reinterpret_cast<const float*>(rows[r].v + k);
-      __m256i p[4];
-      for (int i = 0; i < 4; ++i) p[i] = _mm256_madd_epi16(w[i], _mm256_castps_si256(_mm256_broadcast_ss(pair + i)));
-      // summed as a tree into one accumulator per row: 4 rows' accumulators and the 4 weight
-      // vectors stay in registers (two accumulators per row spilled to the stack at 4 rows)
-      acc[r] = _mm256_add_epi32(acc[r], _mm256_add_epi32(_mm256_add_epi32(p[0], p[1]), _mm256_add_epi32(p[2], p[3])));
+      const __m256i a0 = _mm256_castps_si256(_mm256_broadcast_ss(pair));
+      const __m256i a1 = _mm256_castps_si256(_mm256_broadcast_ss(pair + 1));
+      lo[r] = _mm256_add_epi32(lo[r], _mm256_add_epi32(_mm256_madd_epi16(w[0], a0), _mm256_madd_epi16(w[2], a1)));
+      hi[r] = _mm256_add_epi32(hi[r], _mm256_add_epi32(_mm256_madd_epi16(w[1], a0), _mm256_madd_epi16(w[3], a1)));
     }
   }
-  for (int r = 0; r < R; ++r) _mm256_storeu_si256(reinterpret_cast<__m256i*>(out[r]), acc[r]);
+  for (int r = 0; r < R; ++r) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out[r]), lo[r]);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out[r] + 8), hi[r]);
+  }
 }
 
 void Group(const int8_t* wg, int64_t padded, const QuantRow* rows, int nrows, int32_t (*out)[kGroup]) {
