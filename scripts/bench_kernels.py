@@ -1,8 +1,11 @@
 """Our CPU kernels on and off, interleaved in one run, through the scheduler (the path of
 `gptexport generate --prompts` and the server): decode tokens per second, wall and CPU time.
 
-    python scripts/bench_kernels.py OUT_INT4 [--batch 1 --batch 8] [--rounds 5] [--threads 2]
-    python scripts/bench_kernels.py --ops [--threads 2]     # one matmul alone: GPT-2's shapes
+    python scripts/bench_kernels.py MODEL_DIR [--batch 1 --batch 8] [--rounds 5] [--threads 2]
+    python scripts/bench_kernels.py --ops [int4|int8] [--threads 2]   # one matmul alone: GPT-2's shapes
+
+MODEL_DIR is an int4 (MatMulNBits: our Int4MatMul) or int8 (quantize_dynamic's pattern: our
+Int8MatMul) directory; "off" runs ONNX Runtime's own ops, "on" ours.
 
 Both sessions stay open; each round runs every (batch, kernels) pair once, off before on, so drift
 and other tenants hit both alike. Per pair: B random prompts of --prompt-tokens, greedy, then the
@@ -11,8 +14,10 @@ wall time it reports the process's CPU seconds per decode token (all threads): o
 that is the steadier figure, since other processes slow wall time but do not add to our CPU time.
 Ratios (on ÷ off) come from the medians of the rounds. Prints the machine's CPU and vector flags.
 
---ops times one matmul alone in a session, MatMulNBits against Int4MatMul on the same random int4
-weights (GPT-2's shapes, 1 to 8 rows; microseconds per call, the fastest of interleaved repeats).
+--ops times one matmul alone in a session, ONNX Runtime's op against ours on the same random weights
+(int4: MatMulNBits vs Int4MatMul; int8: the quantize_dynamic pattern, which ONNX Runtime fuses into
+DynamicQuantizeMatMul, vs Int8MatMul; GPT-2's shapes, 1 to 8 rows; microseconds per call, the
+fastest of interleaved repeats).
 """
 
 from __future__ import annotations
@@ -44,29 +49,48 @@ def decode_rate(session: GenerationSession, prompts: np.ndarray, new_tokens: int
     return tokens / wall, cpu / tokens
 
 
-def bench_ops(threads: int, rows: tuple[int, ...] = (1, 2, 4, 8), repeats: int = 7, calls: int = 50) -> None:
-    """MatMulNBits vs Int4MatMul alone, per GPT-2 shape and row count (imports the test's model builder)."""
+def op_sessions(kind: str, K: int, N: int, threads: int, rng) -> dict:
+    """{name: session} of one matmul on the same random weights: ONNX Runtime's own op (first) and ours.
+    int4: MatMulNBits and Int4MatMul; int8: quantize_dynamic's pattern (which ONNX Runtime fuses into
+    DynamicQuantizeMatMul) and Int8MatMul. Imports the tests' model builders."""
     import onnxruntime as ort
 
     tests = Path(__file__).resolve().parents[1] / "tests"
     sys.path[:0] = [str(tests / "runtime"), str(tests)]  # test_kernels imports conftest
-    from test_kernels import matmul_model, quantize_weights  # one node over initializers
+    from test_kernels import int8_pattern_model, matmul_model, quantize_int8_weights, quantize_weights
 
+    from gptexport.runtime.kernels import onnxgraph
     from gptexport.runtime.kernels.build import ensure_library
 
-    library, rng = ensure_library(), np.random.default_rng(0)
-    print("| K × N | rows | MatMulNBits µs | Int4MatMul µs | ÷ |")
-    print("|---|---|---|---|---|")
+    w = rng.standard_normal((K, N)).astype(np.float32) * 0.05
+    if kind == "int4":
+        B, scales = quantize_weights(w)
+        models = {"MatMulNBits": matmul_model("MatMulNBits", K, N, B, scales),
+                  "Int4MatMul": matmul_model("Int4MatMul", K, N, B, scales)}
+    else:
+        theirs = int8_pattern_model(K, N, *quantize_int8_weights(w), rng.standard_normal(N).astype(np.float32))
+        models = {"DynamicQuantizeMatMul": theirs, "Int8MatMul": onnxgraph.swap_model(theirs, ("Int8MatMul",))[0]}
+    sessions = {}
+    for op, model in models.items():
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        if op in ("Int4MatMul", "Int8MatMul"):
+            options.register_custom_ops_library(str(ensure_library()))
+        sessions[op] = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    return sessions
+
+
+def bench_ops(kind: str, threads: int, rows: tuple[int, ...] = (1, 2, 4, 8), repeats: int = 7, calls: int = 50) -> None:
+    """ONNX Runtime's op vs ours alone, per GPT-2 shape and row count (`kind`: int4 or int8)."""
+    rng = np.random.default_rng(0)
+    first = True
     for K, N in ((768, 768), (768, 2304), (768, 3072), (3072, 768), (768, 50257)):
-        B, scales = quantize_weights(rng.standard_normal((K, N)).astype(np.float32) * 0.05)
-        sessions = {}
-        for op, lib in (("MatMulNBits", None), ("Int4MatMul", library)):
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = threads
-            if lib is not None:
-                options.register_custom_ops_library(str(lib))
-            sessions[op] = ort.InferenceSession(matmul_model(op, K, N, B, scales), options,
-                                                providers=["CPUExecutionProvider"])
+        sessions = op_sessions(kind, K, N, threads, rng)
+        theirs_name, ours_name = sessions
+        if first:
+            print(f"| K × N | rows | {theirs_name} µs | {ours_name} µs | ÷ |")
+            print("|---|---|---|---|---|")
+            first = False
         for M in rows:
             feed = {"A": rng.standard_normal((M, K)).astype(np.float32)}
             best = {op: float("inf") for op in sessions}
@@ -76,14 +100,15 @@ def bench_ops(threads: int, rows: tuple[int, ...] = (1, 2, 4, 8), repeats: int =
                     for _ in range(calls):
                         sess.run(None, feed)
                     best[op] = min(best[op], (time.perf_counter() - t) / calls * 1e6)
-            theirs, ours = best["MatMulNBits"], best["Int4MatMul"]
+            theirs, ours = best[theirs_name], best[ours_name]
             print(f"| {K} × {N} | {M} | {theirs:.0f} | {ours:.0f} | {theirs / ours:.2f}× |", flush=True)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model_dir", type=Path, nargs="?", help="an int4 model directory (gptexport quantize --int4)")
-    p.add_argument("--ops", action="store_true", help="time one matmul alone instead, GPT-2's shapes")
+    p.add_argument("model_dir", type=Path, nargs="?", help="an int4 or int8 model directory (gptexport quantize)")
+    p.add_argument("--ops", nargs="?", const="int4", choices=("int4", "int8"),
+                   help="time one matmul alone instead, GPT-2's shapes (int4: the default, or int8)")
     p.add_argument("--batch", type=int, action="append", help="batch sizes [1 and 8]")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
@@ -94,9 +119,9 @@ def main() -> None:
     cpu_name, flags = cpu()
     print(f"CPU: {cpu_name}, flags: {flags}; {args.threads} threads; {args.rounds} rounds, interleaved")
     if args.ops:
-        return bench_ops(args.threads)
+        return bench_ops(args.ops, args.threads)
     if args.model_dir is None:
-        p.error("give an int4 model directory, or --ops")
+        p.error("give an int4 or int8 model directory, or --ops")
     sessions = {k: GenerationSession.open(args.model_dir, threads=args.threads, max_batch=max(batches), kernels=k)
                 for k in ("off", "on")}
     rng = np.random.default_rng(0)

@@ -1,4 +1,5 @@
-"""Our CPU kernels (runtime/kernels/): Int4MatMul against ONNX Runtime's own MatMulNBits, the graph
+"""Our CPU kernels (runtime/kernels/): Int4MatMul against ONNX Runtime's own MatMulNBits, Int8MatMul
+against exact integer math and its DynamicQuantizeLinear + MatMulInteger, the graph
 swap, and the CPU runner with `--kernels off|auto|on`.
 
 The library is built (or found built) once for the session; without a compiler or headers these
@@ -106,6 +107,27 @@ def test_int4_matmul_matches_matmulnbits(library, K, N):
     check_against_matmulnbits(library, K, N, rows)
 
 
+@pytest.mark.parametrize("isa", ["avx2", "generic"])
+def test_int4_scales_of_every_magnitude(library, monkeypatch, isa):
+    """Scales are kept in fp16 relative to the largest: columns from 1e-8 to 1e2 (and zeros) keep
+    their relative precision (fp16 rounds a scale by at most 2^-11)."""
+    if isa == "generic":
+        monkeypatch.setenv("GPTEXPORT_KERNELS_ISA", "generic")
+    rng = np.random.default_rng(4)
+    K, N = 256, 40
+    w = rng.standard_normal((K, N)).astype(np.float32) * np.logspace(-8, 2, N).astype(np.float32)
+    w[:, 7] = 0
+    B, scales = quantize_weights(w)
+    theirs, ours = (session(matmul_model("MatMulNBits", K, N, B, scales)),
+                    session(matmul_model("Int4MatMul", K, N, B, scales), library))
+    a = rng.standard_normal((3, K)).astype(np.float32)
+    got, want = ours.run(None, {"A": a})[0], theirs.run(None, {"A": a})[0]
+    scale = np.abs(a) @ np.abs(dequantized(B, scales, K))  # each output's sum of |products|
+    others = np.arange(N) != 7
+    assert np.all(np.abs(got - want)[:, others] <= 1e-3 * scale[:, others])
+    assert np.all(got[:, 7] == 0)  # MatMulNBits leaves float noise there (1.5e-5 in one run)
+
+
 def test_plain_path_matches_matmulnbits(library, monkeypatch):
     monkeypatch.setenv("GPTEXPORT_KERNELS_ISA", "generic")  # read when a session registers the library
     assert build.isa(library) == "generic"
@@ -115,8 +137,102 @@ def test_plain_path_matches_matmulnbits(library, monkeypatch):
 
 def test_the_machine_runs_avx2_when_it_has_it(library):
     flags = open("/proc/cpuinfo").read()
-    expected = "avx2" if " avx2 " in flags and " fma " in flags else "generic"
+    expected = "avx2" if all(f" {flag} " in flags for flag in ("avx2", "fma", "f16c")) else "generic"
     assert build.isa(library) == expected
+
+
+# ---- Int8MatMul against ONNX Runtime's dynamic int8 path ----
+
+def quantize_int8_weights(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """quantize_dynamic's per-channel int8: B [K, N] int8 (zero points 0), one scale per column."""
+    scales = np.abs(w).max(0) / 127.0
+    scales[scales == 0] = 1.0
+    return np.clip(np.round(w / scales), -127, 127).astype(np.int8), scales.astype(np.float32)
+
+
+def int8_pattern_model(K: int, N: int, B, scales, bias=None, zero_points=None) -> bytes:
+    """One MatMul as quantize_dynamic writes it: DynamicQuantizeLinear, MatMulInteger, Cast, Mul (+ Add)."""
+    zero_points = np.zeros(N, np.int8) if zero_points is None else zero_points
+    nodes = [helper.make_node("DynamicQuantizeLinear", ["A"], ["Aq", "As", "Az"]),
+             helper.make_node("Mul", ["As", "b_scale"], ["s"]),
+             helper.make_node("MatMulInteger", ["Aq", "B", "Az", "b_zp"], ["i"]),
+             helper.make_node("Cast", ["i"], ["f"], to=TensorProto.FLOAT),
+             helper.make_node("Mul", ["f", "s"], ["Y" if bias is None else "y"])]
+    inits = [numpy_helper.from_array(B, "B"), numpy_helper.from_array(scales, "b_scale"),
+             numpy_helper.from_array(zero_points, "b_zp")]
+    if bias is not None:
+        nodes.append(helper.make_node("Add", ["y", "bias"], ["Y"]))
+        inits.append(numpy_helper.from_array(bias, "bias"))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["M", K])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    return model.SerializeToString()
+
+
+def int8_sessions(library, K: int, N: int, seed: int = 0, zero_points=None):
+    """ONNX Runtime's own int8 path and ours on the same random weights, the int8 weights (minus their
+    zero points) and their scales, and the bias."""
+    rng = np.random.default_rng(seed)
+    B, scales = quantize_int8_weights(rng.standard_normal((K, N)).astype(np.float32) * 0.05)
+    bias = rng.standard_normal(N).astype(np.float32)
+    theirs = int8_pattern_model(K, N, B, scales, bias, zero_points)
+    ours, swapped = onnxgraph.swap_model(theirs, ("Int8MatMul",))
+    assert swapped == {"Int8MatMul": 1}
+    zp = np.zeros(N) if zero_points is None else zero_points.astype(np.float64)
+    return session(theirs), session(ours, library), B.astype(np.float64) - zp, scales, bias
+
+
+def dynamic_quantize_rows(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """DynamicQuantizeLinear's formula on each row alone: (q - zero point) and the scale, per row."""
+    lo, hi = np.minimum(a.min(1), 0), np.maximum(a.max(1), 0)
+    scale = ((hi - lo) / np.float32(255)).astype(np.float32)
+    zp = np.round(np.clip(-lo / scale, 0, 255))
+    q = np.clip(np.round(a / scale[:, None]) + zp[:, None], 0, 255) - zp[:, None]
+    return q.astype(np.float64), scale
+
+
+def check_against_matmulinteger(library, K: int, N: int, rows: tuple[int, ...], zero_points=None) -> None:
+    theirs, ours, b, scales, bias = int8_sessions(library, K, N, zero_points=zero_points)
+    rng = np.random.default_rng(1)
+    for M in rows:
+        a = rng.standard_normal((M, K)).astype(np.float32)
+        got = ours.run(None, {"A": a})[0]
+        assert got.shape == (M, N)
+        # each row quantized as DynamicQuantizeLinear quantizes a tensor of that one row, the integer
+        # products summed exactly (float64 holds these sums exactly), scaled as the graph's Muls do
+        q, a_scale = dynamic_quantize_rows(a)
+        exact_int = (q @ b).astype(np.float32) * (a_scale[:, None] * scales) + bias
+        np.testing.assert_allclose(got, exact_int, atol=1e-5, rtol=1e-5, err_msg=f"{K}x{N}, {M} rows")
+        # ONNX Runtime's own path row by row is that too, but for MLAS's AVX2 u8 x s8 kernel, which
+        # saturates some pairs of products in int16 (vpmaddubsw): within the int8 preset of each other
+        # (its share of values; a saturated sum can be off by more)
+        want = np.concatenate([theirs.run(None, {"A": a[r:r + 1]})[0] for r in range(M)])
+        within = np.mean(np.abs(got - want) <= PRESETS["int8"].bound(want))
+        assert within >= PRESETS["int8"].within, f"{K}x{N}, {M} rows: {within:.4f} within the int8 preset"
+
+
+@pytest.mark.parametrize("K,N", GPT2_SHAPES + ((100, 37), (64, 8), (30, 9)))
+def test_int8_matmul_matches_matmulinteger(library, K, N):
+    rows = (1, 8) if N > 10000 else ROWS  # the output projection: batch 1 and 8 keep it fast
+    check_against_matmulinteger(library, K, N, rows)
+
+
+def test_int8_plain_path_and_zero_points(library, monkeypatch):
+    zero_points = np.random.default_rng(2).integers(-5, 6, 37).astype(np.int8)
+    check_against_matmulinteger(library, 100, 37, (1, 5), zero_points)
+    monkeypatch.setenv("GPTEXPORT_KERNELS_ISA", "generic")  # read when a session registers the library
+    assert build.isa(library) == "generic"
+    check_against_matmulinteger(library, 768, 768, (1, 3, 4, 7))
+    check_against_matmulinteger(library, 100, 37, (2, 5), zero_points)
+
+
+def test_int8_rows_do_not_depend_on_their_batch(library):
+    """A row's result is the same alone or beside a row of a hundred times its range."""
+    ours = int8_sessions(library, 768, 768)[1]
+    a = np.random.default_rng(3).standard_normal((2, 768)).astype(np.float32)
+    a[1] *= 100
+    np.testing.assert_array_equal(ours.run(None, {"A": a})[0][:1], ours.run(None, {"A": a[:1]})[0])
 
 
 # ---- the graph swap and the CPU runner ----
@@ -132,7 +248,7 @@ def test_swap_changes_only_the_matmulnbits_nodes_and_their_bias_adds(int4_dir):
     before, after = onnx.load_from_string(data), onnx.load_from_string(swapped_bytes)
     nbits = {n.output[0]: n for n in before.graph.node if n.op_type == "MatMulNBits"}
     ours = [n for n in after.graph.node if n.op_type == "Int4MatMul"]
-    assert swapped == len(nbits) == len(ours) > 0
+    assert swapped == {"Int4MatMul": len(nbits)} and len(nbits) == len(ours) > 0
     absorbed = {n.output[0] for n in ours} - set(nbits)  # the outputs of the bias Adds taken in
     assert absorbed  # torch's Linear exports its bias as an Add after MatMulNBits
     for n in ours:
@@ -153,7 +269,7 @@ def test_swap_changes_only_the_matmulnbits_nodes_and_their_bias_adds(int4_dir):
 def test_swap_leaves_what_int4matmul_cannot_run():
     B, scales = quantize_weights(np.ones((64, 8), np.float32))
     plain = matmul_model("MatMulNBits", 64, 8, B, scales)
-    assert onnxgraph.swap_model(plain)[1] == 1
+    assert onnxgraph.swap_model(plain)[1] == {"Int4MatMul": 1}
     with_zero_points = onnx.load_from_string(plain)
     with_zero_points.graph.node[0].input.append("B")
     overridable = onnx.load_from_string(plain)  # B also a graph input: not a constant
@@ -162,7 +278,45 @@ def test_swap_leaves_what_int4matmul_cannot_run():
     next(a for a in eight_bits.graph.node[0].attribute if a.name == "bits").i = 8
     for model in (with_zero_points, overridable, eight_bits):
         data = model.SerializeToString()
-        assert onnxgraph.swap_model(data) == (data, 0)
+        assert onnxgraph.swap_model(data) == (data, {})
+
+
+@pytest.fixture(scope="module")
+def int8_dir(tiny_model_dir, tmp_path_factory):
+    return quantize(tiny_model_dir, tmp_path_factory.mktemp("kernels") / "int8", "int8", progress=lambda m: None)
+
+
+def test_swap_takes_every_int8_pattern_and_nothing_else(int8_dir):
+    data = (int8_dir / "model.onnx").read_bytes()
+    swapped_bytes, swapped = onnxgraph.swap_model(data)
+    before, after = onnx.load_from_string(data), onnx.load_from_string(swapped_bytes)
+    matmuls = [n for n in before.graph.node if n.op_type == "MatMulInteger"]
+    ours = [n for n in after.graph.node if n.op_type == "Int8MatMul"]
+    assert swapped == {"Int8MatMul": len(matmuls)} and len(ours) == len(matmuls) > 0
+    assert not {n.op_type for n in after.graph.node} & {"DynamicQuantizeLinear", "MatMulInteger", "Cast"}
+    biased = sum(len(n.input) == 5 for n in ours)
+    assert biased > 0  # torch's Linear exports its bias as an Add after the pattern's last Mul
+    assert len(before.graph.node) - len(after.graph.node) == 4 * len(ours) + biased
+    produced = {o for n in before.graph.node for o in n.output}
+    for n in ours:
+        assert n.domain == "gptexport" and n.output[0] in produced and len(n.input) in (4, 5)
+    kept = [n for n in after.graph.node if n.op_type != "Int8MatMul"]
+    assert all(n in before.graph.node for n in kept)
+    assert after.graph.initializer == before.graph.initializer and after.graph.output == before.graph.output
+
+
+def test_swap_leaves_an_int8_pattern_it_cannot_run():
+    B, scales = quantize_int8_weights(np.ones((64, 8), np.float32))
+    plain = int8_pattern_model(64, 8, B, scales)
+    assert onnxgraph.swap_model(plain)[1] == {"Int8MatMul": 1}
+    shared = onnx.load_from_string(plain)  # the quantized activations also used elsewhere
+    shared.graph.output.append(helper.make_tensor_value_info("Aq", TensorProto.UINT8, None))
+    overridable = onnx.load_from_string(plain)  # B also a graph input: not a constant
+    overridable.graph.input.append(helper.make_tensor_value_info("B", TensorProto.INT8, list(B.shape)))
+    unsigned = onnx.load_from_string(int8_pattern_model(64, 8, B.view(np.uint8), scales))
+    for model in (shared, overridable, unsigned):
+        data = model.SerializeToString()
+        assert onnxgraph.swap_model(data) == (data, {})
 
 
 def test_kernels_need_onnxruntime_1_21(int4_dir, monkeypatch):
@@ -188,12 +342,25 @@ def test_runner_with_kernels_matches_without(library, int4_dir):
     assert session_model(md.onnx_path, "on").swapped > 0
     ids = np.random.default_rng(0).integers(0, md.config.vocab_size, (3, 10))
     off, on = logits(OrtRunner(md, kernels="off"), ids), logits(OrtRunner(md, kernels="on"), ids)
-    np.testing.assert_allclose(on, off, atol=1e-3, rtol=1e-3)
+    # fp16 scales (rounded by at most 2^-11) move the tiny model's logits by up to ~2.4e-3
+    np.testing.assert_allclose(on, off, atol=5e-3, rtol=1e-3)
     tokens = {}
     for mode in ("off", "on"):
         with OrtRunner(md, kernels=mode) as runner:
             tokens[mode] = engine_generate(runner, ids[:1], 20, SamplingParams(0.8, 20), seed=7)
     assert np.array_equal(tokens["on"], tokens["off"])
+
+
+def test_runner_with_int8_kernels_matches_without(library, int8_dir):
+    from gptexport.artifacts.modeldir import load_model_dir
+
+    md = load_model_dir(int8_dir)
+    assert session_model(md.onnx_path, "on").ops == {"Int8MatMul": 4 * md.config.n_layer + 1}
+    ids = np.random.default_rng(0).integers(0, md.config.vocab_size, (1, 1))
+    # one token: one row per matmul, where our per-row quantization is the graph's own
+    off, on = logits(OrtRunner(md, kernels="off"), ids), logits(OrtRunner(md, kernels="on"), ids)
+    assert np.mean(np.abs(on - off) <= PRESETS["int8"].bound(off)) >= PRESETS["int8"].within
+    assert np.argmax(on[0, -1]) == np.argmax(off[0, -1])
 
 
 def test_kernels_on_without_library_is_one_line(int4_dir, tmp_path, monkeypatch):
@@ -229,6 +396,16 @@ def test_parity_passes_on_int4_with_the_kernels(library, int4_dir, tiny_ckpt):
     assert session_model(int4_dir / "model.onnx", "auto").swapped > 0  # auto, as parity's runner opens it
     report = run_parity(int4_dir, tiny_ckpt, options=ParityOptions(steps=2, backends="onnxruntime"))
     assert report.tolerance == PRESETS["int4"] and report, report.verdict()
+
+
+def test_parity_passes_on_int8_with_the_kernels(library, int8_dir, tiny_ckpt, monkeypatch):
+    from gptexport.runtime.backends import kernels
+    from gptexport.verify.parity import ParityOptions, run_parity
+
+    monkeypatch.setitem(kernels.OPS, "auto", kernels.OPS["on"])  # parity's runner opens with auto
+    assert session_model(int8_dir / "model.onnx", "auto").ops == {"Int8MatMul": 9}
+    report = run_parity(int8_dir, tiny_ckpt, options=ParityOptions(steps=2, backends="onnxruntime"))
+    assert report.tolerance == PRESETS["int8"] and report, report.verdict()
 
 
 def test_swapped_model_finds_its_external_weights(library, int4_dir, tmp_path):

@@ -1,14 +1,15 @@
 """The CPU runner's one hook into our kernels: the model a session loads, and the library it registers.
 
 `session_model(onnx_path, mode)` is called when the CPU provider's session is created. With the
-kernels on, it reads model.onnx, swaps Int4MatMul in for the MatMulNBits nodes it can run
-(runtime/kernels/onnxgraph.py) and returns the rewritten bytes with the library to register; the
+kernels on, it reads model.onnx, swaps our ops in for the nodes they can run (Int4MatMul for
+MatMulNBits, Int8MatMul for quantize_dynamic's DynamicQuantizeLinear + MatMulInteger pattern;
+runtime/kernels/onnxgraph.py) and returns the rewritten bytes with the library to register; the
 model directory itself is never changed, so it still runs anywhere ONNX Runtime runs.
 
 Modes (`--kernels`):
 - "off": the graph as it is.
-- "auto" (default): the kernels when the graph has a MatMulNBits they take and the library builds
-  or is built here; otherwise the graph as it is, and why is logged once at INFO on the
+- "auto" (default): the kernels when the graph has nodes they take and the library builds or is
+  built here; otherwise the graph as it is, and why is logged once at INFO on the
   "gptexport.kernels" logger (`--verbose` shows it).
 - "on": the kernels, or BackendUnavailable with one line saying why not.
 """
@@ -16,13 +17,18 @@ Modes (`--kernels`):
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ...errors import BackendUnavailable, UsageError
 from ..kernels import build, onnxgraph
 
 MODES = ("off", "auto", "on")
+# what each of our ops replaces (the bytes a model must hold for a swap to be worth a look)
+SWAPS = {"Int4MatMul": b"MatMulNBits", "Int8MatMul": b"MatMulInteger"}
+# the ops each mode swaps in: "auto" only where they measured faster than ONNX Runtime's own path
+# (docs/performance.md, "Our own kernels"); "on" every op we have
+OPS = {"off": (), "auto": ("Int4MatMul", "Int8MatMul"), "on": ("Int4MatMul", "Int8MatMul")}
 EXTERNAL_FOLDER = "session.model_external_initializers_file_folder_path"
 log = logging.getLogger("gptexport.kernels")
 _said: set[str] = set()
@@ -35,7 +41,8 @@ class SessionModel:
     model: str | bytes
     folder: Path  # model.onnx's folder: where its external weights (model.onnx.data) are
     library: Path | None = None
-    swapped: int = 0  # MatMulNBits nodes now Int4MatMul
+    swapped: int = 0  # nodes now ours (MatMulNBits as Int4MatMul, int8 patterns as Int8MatMul)
+    ops: dict[str, int] = field(default_factory=dict)  # how many of each of our ops
 
     def configure(self, options) -> None:
         """Register the library and, for bytes, say where the external weights lie."""
@@ -57,24 +64,26 @@ def session_model(onnx_path: Path, mode: str = "auto") -> SessionModel:
     if check_mode(mode) == "off":
         return plain
     data = onnx_path.read_bytes()
-    if mode == "auto" and b"MatMulNBits" not in data:
+    ops = OPS[mode]
+    if mode == "auto" and not any(SWAPS[op] in data for op in ops):
         return plain  # nothing to swap: no reason to build anything
     try:
         library = build.ensure_library()
     except build.KernelsUnavailable as e:
         if mode == "on":
             raise BackendUnavailable(f"--kernels on: gptexport's kernel library is unavailable: {e}") from None
-        _say_once(f"kernels off: {e}; running ONNX Runtime's MatMulNBits")
+        _say_once(f"kernels off: {e}; running ONNX Runtime's own ops")
         return plain
     try:
-        rewritten, swapped = onnxgraph.swap_model(data)
+        rewritten, swapped = onnxgraph.swap_model(data, ops)
     except ValueError as e:  # not a protobuf we can walk; ONNX Runtime will say what it thinks of it
         _say_once(f"kernels off: {onnx_path} could not be read for the swap ({e})")
         return plain
     if not swapped:
         return plain
-    _say_once(f"kernels on: {swapped} MatMulNBits nodes run as Int4MatMul ({build.isa(library)}, {library})")
-    return SessionModel(rewritten, onnx_path.parent, library, swapped)
+    said = ", ".join(f"{n} {SWAPS[op].decode()} as {op}" for op, n in swapped.items())
+    _say_once(f"kernels on: {said} ({build.isa(library)}, {library})")
+    return SessionModel(rewritten, onnx_path.parent, library, sum(swapped.values()), swapped)
 
 
 def availability() -> str:

@@ -1,6 +1,6 @@
 """Build the kernel library on first use, into a cache folder, with the machine's own C++ compiler.
 
-Why built at first use rather than at install: the library is one C++ file compiled in seconds, and
+Why built at first use rather than at install: the library is two C++ files compiled in seconds, and
 building it when a session first needs it works the same for `pip install -e .`, a wheel, or a
 source tree on PYTHONPATH, with no build hook; a machine without a compiler or without ONNX
 Runtime's headers installs and runs as before (on MatMulNBits), and the reason is one line.
@@ -30,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-SOURCE = Path(__file__).with_name("int4_matmul.cc")
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("int4_matmul.cc", "int8_matmul.cc"))
 LIBRARY = "libgptexport_kernels.so"
 HEADER = "onnxruntime_c_api.h"
 SYSTEM_INCLUDES = (Path("/usr/include/onnxruntime"), Path("/usr/local/include/onnxruntime"))
@@ -101,7 +101,7 @@ def ensure_library() -> Path:
     check_onnxruntime()
     cxx = compiler()
     include = find_headers()
-    key = hashlib.sha256(SOURCE.read_bytes() + cxx.encode() + str(include).encode()
+    key = hashlib.sha256(b"".join(s.read_bytes() for s in SOURCES) + cxx.encode() + str(include).encode()
                          + (include / HEADER).read_bytes() + " ".join(CXX_FLAGS).encode()).hexdigest()[:16]
     path = cache_root() / key / LIBRARY
     if not path.exists():
@@ -190,7 +190,8 @@ def _compile(cxx: str, include: Path, path: Path) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".so.tmp")
     os.close(fd)
     try:
-        _run([cxx, *CXX_FLAGS, f"-I{include}", "-o", tmp, str(SOURCE)], f"{Path(cxx).name} {SOURCE.name}")
+        _run([cxx, *CXX_FLAGS, f"-I{include}", "-o", tmp, *map(str, SOURCES)],
+             f"{Path(cxx).name} {' '.join(s.name for s in SOURCES)}")
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

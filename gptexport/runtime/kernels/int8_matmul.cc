@@ -1,0 +1,353 @@
+// Int8MatMul, in the same library as Int4MatMul (registered there): what ONNX Runtime's dynamic
+// int8 quantization computes (`gptexport quantize --int8`: DynamicQuantizeLinear + MatMulInteger +
+// Cast + Mul, and the bias Add), as one op tuned for decode.
+//
+//   Y[M, N] = dequant(A)[M, K] @ ((B[K, N] - b_zero_point[N]) * b_scale[N]) (+ bias[N])
+//   B: int8 [K, N]; b_scale: float [N] or one; b_zero_point: int8 [N] or one.
+//
+// Activations: DynamicQuantizeLinear's own formula (uint8, asymmetric: scale = (max(0, max a) -
+// min(0, min a)) / 255, zero point round(-min / scale), values round(a / scale) + zero point, ties
+// to even), applied to each row rather than to the whole tensor. At one row (batch-1 decode) that
+// is exactly the graph's quantization; with more rows each row gets a range no wider than the
+// tensor's, and a row's result no longer depends on the other rows of its batch.
+//
+// How it computes:
+// - B is repacked once, when ONNX Runtime creates the kernel, into groups of 8 output columns: per
+//   pair of inputs k, 16 bytes, byte 2c+i = B[2p+i][column c]. One `vpmovsxbw` widens them to 8
+//   lanes of two int16, and one `vpmaddwd` against the row's two activations broadcast to every
+//   lane gives each column's partial sum in its own int32 lane: no horizontal sums, no saturation
+//   (vpmaddubsw would saturate u8 x s8 pairs: 2 * 255 * 127 > 32767), exact int32 sums.
+// - Each activation row is quantized once per call and kept as int16 (q - zero point, -255..255).
+// - A group's widened weights serve up to 4 rows before the next load.
+// - Work is split over groups of columns with ONNX Runtime's intra-op pool, as Int4MatMul's.
+// Paths: AVX2 when the CPU has it (chosen with Int4MatMul's), else plain C++ on the same layout.
+
+#include "onnxruntime_c_api.h"
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <new>
+#include <string>
+#include <vector>
+
+#define RETURN_IF_ERROR(expr)               \
+  do {                                      \
+    OrtStatus* _status = (expr);            \
+    if (_status != nullptr) return _status; \
+  } while (0)
+
+namespace gptexport_kernels {  // defined in int4_matmul.cc
+extern const OrtApi* g_api;
+extern bool g_use_avx2;
+OrtStatus* Error(const std::string& msg);
+OrtStatus* TensorShape(const OrtValue* value, std::vector<int64_t>* shape);
+OrtStatus* ConstantInput(const OrtKernelInfo* info, size_t index, const char* op, const char* name,
+                         const OrtValue** out);
+struct OpSpec {  // as int4_matmul.cc defines it
+  const char* name;
+  size_t inputs;
+  ONNXTensorElementDataType (*input_type)(size_t index);
+  OrtStatus* (*create)(const OrtKernelInfo* info, void** kernel);
+  OrtStatus* (*compute)(void* kernel, OrtKernelContext* context);
+  void (*destroy)(void* kernel);
+};
+const OpSpec& Int8MatMulSpec();
+}  // namespace gptexport_kernels
+
+namespace {
+
+using namespace gptexport_kernels;
+
+constexpr int kGroup = 16;           // output columns per repacked group: two vectors of 8
+constexpr int kStep = 4;             // inputs per inner step: 64 bytes of a group, one cache line
+constexpr int kMaxRows = 4;          // activation rows served by one load of weights
+constexpr int kTaskWork = 4096;      // row-steps (8 inputs x 8 columns x 1 row) per pool task
+constexpr int kPrefetchBytes = 2048;  // how far ahead the weight stream is prefetched
+
+struct Int8Weights {
+  int64_t K = 0, N = 0, padded = 0, groups = 0;  // padded: K rounded up to kStep
+  std::vector<int8_t> packed;                    // [groups][padded / 2][16]
+  std::vector<float> scale;                      // [groups * 8], 0 past N
+  std::vector<int32_t> zero_point;               // [groups * 8]
+  bool has_zero_point = false;
+};
+
+// One activation row, quantized: q - zero point per input (padded with 0), its scale and sum.
+struct QuantRow {
+  const int16_t* v;
+  float scale;
+  int32_t sum;
+};
+
+// ---- repacking ----
+
+// Where input k of column c (of 16) lies in a group: per pair of inputs 32 bytes, columns 0-7 then
+// 8-15, two bytes (k even, k odd) per column.
+inline int64_t PackedIndex(int64_t k, int64_t c) { return (k / 2) * 32 + (c / 8) * 16 + 2 * (c % 8) + (k % 2); }
+
+void Repack(const int8_t* B, const float* scale, int64_t scale_count, const int8_t* zp, int64_t zp_count,
+            Int8Weights* w) {
+  w->packed.assign(static_cast<size_t>(w->groups * w->padded * kGroup), 0);
+  w->scale.assign(static_cast<size_t>(w->groups * kGroup), 0.0f);
+  w->zero_point.assign(static_cast<size_t>(w->groups * kGroup), 0);
+  for (int64_t n = 0; n < w->N; ++n) {
+    w->scale[n] = scale[scale_count == 1 ? 0 : n];
+    w->zero_point[n] = zp[zp_count == 1 ? 0 : n];
+    w->has_zero_point |= w->zero_point[n] != 0;
+    int8_t* group = &w->packed[(n / kGroup) * w->padded * kGroup];
+    const int64_t c = n % kGroup;
+    for (int64_t k = 0; k < w->K; ++k) group[PackedIndex(k, c)] = B[k * w->N + n];
+  }
+}
+
+// ---- activation quantization: DynamicQuantizeLinear's formula, per row ----
+
+struct RowRange {
+  float scale, zero_point;
+};
+
+RowRange Range(const float* a, int64_t K) {
+  float lo = 0.0f, hi = 0.0f;  // the range always holds 0, as DynamicQuantizeLinear's does
+  for (int64_t k = 0; k < K; ++k) {
+    lo = std::min(lo, a[k]);
+    hi = std::max(hi, a[k]);
+  }
+  const float scale = (hi - lo) / 255.0f;
+  if (!(scale > 0.0f) || !std::isfinite(scale)) return {0.0f, 0.0f};
+  return {scale, std::nearbyint(std::min(255.0f, std::max(0.0f, -lo / scale)))};
+}
+
+void QuantizeGeneric(const float* a, int64_t K, RowRange r, int16_t* v) {
+  for (int64_t k = 0; k < K; ++k) {
+    const float q = std::nearbyint(a[k] / r.scale) + r.zero_point;
+    v[k] = static_cast<int16_t>(std::min(255.0f, std::max(0.0f, q)) - r.zero_point);
+  }
+}
+
+__attribute__((target("avx2"))) int64_t QuantizeAvx2(const float* a, int64_t K, RowRange r, int16_t* v) {
+  const __m256 scale = _mm256_set1_ps(r.scale), zp = _mm256_set1_ps(r.zero_point);
+  const __m256 lo = _mm256_setzero_ps(), hi = _mm256_set1_ps(255.0f);
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {  // division and ties-to-even rounding, as the scalar path
+    __m256 q = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(a + k), scale), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    q = _mm256_sub_ps(_mm256_min_ps(hi, _mm256_max_ps(lo, _mm256_add_ps(q, zp))), zp);
+    const __m256i i32 = _mm256_cvtps_epi32(q);
+    const __m128i i16 = _mm_packs_epi32(_mm256_castsi256_si128(i32), _mm256_extracti128_si256(i32, 1));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(v + k), i16);
+  }
+  return k;
+}
+
+int32_t QuantizeRow(const float* a, int64_t K, int64_t padded, int16_t* v, float* scale) {
+  const RowRange r = Range(a, K);
+  *scale = r.scale;
+  std::fill(v, v + padded, 0);
+  if (r.scale == 0.0f) return 0;
+  const int64_t done = g_use_avx2 ? QuantizeAvx2(a, K, r, v) : 0;
+  QuantizeGeneric(a + done, K - done, r, v + done);
+  int32_t sum = 0;
+  for (int64_t k = 0; k < K; ++k) sum += v[k];
+  return sum;
+}
+
+// ---- microkernels: rows x one group of 8 columns, integer dot products out[r][0..8) ----
+
+void GroupGeneric(const int8_t* wg, int64_t padded, const QuantRow* rows, int nrows, int32_t (*out)[kGroup]) {
+  for (int r = 0; r < nrows; ++r) {
+    for (int c = 0; c < kGroup; ++c) {
+      int32_t dot = 0;
+      for (int64_t k = 0; k < padded; ++k) dot += wg[PackedIndex(k, c)] * rows[r].v[k];
+      out[r][c] = dot;
+    }
+  }
+}
+
+template <int R>
+__attribute__((target("avx2"))) void GroupAvx2(const int8_t* wg, int64_t padded, const QuantRow* rows,
+                                               int32_t (*out)[kGroup]) {
+  __m256i lo[R], hi[R];  // columns 0-7 and 8-15 of each row
+  for (int r = 0; r < R; ++r) lo[r] = hi[r] = _mm256_setzero_si256();
+  for (int64_t k = 0; k < padded; k += kStep) {
+    const int8_t* line = wg + k * kGroup;  // 64 bytes: inputs k .. k+3 of the 16 columns
+    _mm_prefetch(reinterpret_cast<const char*>(line) + kPrefetchBytes, _MM_HINT_T0);
+    __m256i w[4];  // pair k (columns 0-7, 8-15), pair k+2 (columns 0-7, 8-15)
+    for (int i = 0; i < 4; ++i) w[i] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(line + 16 * i)));
+    for (int r = 0; r < R; ++r) {
+      // activations k, k+1 and k+2, k+3 (32-bit words) broadcast to every column's lane straight
+      // from memory (vbroadcastss: a load, no ALU work; set1 from a register cost two more
+      // instructions each), each serving 16 columns
+      const float* pair = reinterpret_cast<const float*>(rows[r].v + k);
+      const __m256i a0 = _mm256_castps_si256(_mm256_broadcast_ss(pair));
+      const __m256i a1 = _mm256_castps_si256(_mm256_broadcast_ss(pair + 1));
+      lo[r] = _mm256_add_epi32(lo[r], _mm256_add_epi32(_mm256_madd_epi16(w[0], a0), _mm256_madd_epi16(w[2], a1)));
+      hi[r] = _mm256_add_epi32(hi[r], _mm256_add_epi32(_mm256_madd_epi16(w[1], a0), _mm256_madd_epi16(w[3], a1)));
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out[r]), lo[r]);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out[r] + 8), hi[r]);
+  }
+}
+
+void Group(const int8_t* wg, int64_t padded, const QuantRow* rows, int nrows, int32_t (*out)[kGroup]) {
+  if (!g_use_avx2) return GroupGeneric(wg, padded, rows, nrows, out);
+  switch (nrows) {
+    case 1: return GroupAvx2<1>(wg, padded, rows, out);
+    case 2: return GroupAvx2<2>(wg, padded, rows, out);
+    case 3: return GroupAvx2<3>(wg, padded, rows, out);
+    default: return GroupAvx2<4>(wg, padded, rows, out);
+  }
+}
+
+// ---- one call: every row against the groups of one task ----
+
+struct Call {
+  const Int8Weights* w;
+  std::vector<QuantRow> rows;
+  const float* bias;
+  float* y;  // [M, N]
+  int64_t groups_per_task;
+};
+
+void RunTask(void* data, size_t task) {
+  const Call& call = *static_cast<const Call*>(data);
+  const Int8Weights& w = *call.w;
+  const int64_t g0 = static_cast<int64_t>(task) * call.groups_per_task;
+  const int64_t g1 = std::min(w.groups, g0 + call.groups_per_task);
+  const int64_t M = static_cast<int64_t>(call.rows.size());
+  int32_t tile[kMaxRows][kGroup];
+  for (int64_t g = g0; g < g1; ++g) {
+    const int64_t n0 = g * kGroup, width = std::min<int64_t>(kGroup, w.N - n0);
+    for (int64_t r0 = 0; r0 < M; r0 += kMaxRows) {
+      const int nrows = static_cast<int>(std::min<int64_t>(kMaxRows, M - r0));
+      Group(&w.packed[g * w.padded * kGroup], w.padded, &call.rows[r0], nrows, tile);
+      for (int r = 0; r < nrows; ++r) {
+        const QuantRow& row = call.rows[r0 + r];
+        float* dst = call.y + (r0 + r) * w.N + n0;
+        for (int64_t c = 0; c < width; ++c) {
+          // Σ a·(b - zp) = Σ a·b - zp·Σ a; the scales multiply as the graph's Mul(a_scale, b_scale) does
+          const int32_t dot = tile[r][c] - w.zero_point[n0 + c] * row.sum;
+          dst[c] = static_cast<float>(dot) * (row.scale * w.scale[n0 + c]) + (call.bias ? call.bias[n0 + c] : 0.0f);
+        }
+      }
+    }
+  }
+}
+
+// ---- the ONNX Runtime kernel ----
+
+int64_t Count(const std::vector<int64_t>& shape) {
+  int64_t count = 1;
+  for (int64_t d : shape) count *= d;
+  return count;
+}
+
+OrtStatus* LoadWeights(const OrtKernelInfo* info, Int8Weights* w) {
+  const OrtValue *B = nullptr, *scale = nullptr, *zp = nullptr;
+  RETURN_IF_ERROR(ConstantInput(info, 1, "Int8MatMul", "B", &B));
+  RETURN_IF_ERROR(ConstantInput(info, 2, "Int8MatMul", "b_scale", &scale));
+  RETURN_IF_ERROR(ConstantInput(info, 3, "Int8MatMul", "b_zero_point", &zp));
+  std::vector<int64_t> b_shape, s_shape, z_shape;
+  RETURN_IF_ERROR(TensorShape(B, &b_shape));
+  RETURN_IF_ERROR(TensorShape(scale, &s_shape));
+  RETURN_IF_ERROR(TensorShape(zp, &z_shape));
+  if (b_shape.size() != 2 || b_shape[0] <= 0 || b_shape[1] <= 0) return Error("Int8MatMul: B must be [K, N]");
+  w->K = b_shape[0];
+  w->N = b_shape[1];
+  const int64_t s_count = Count(s_shape), z_count = Count(z_shape);
+  if ((s_count != 1 && s_count != w->N) || (z_count != 1 && z_count != w->N))
+    return Error("Int8MatMul: b_scale and b_zero_point must hold one value or one per column (N=" +
+                 std::to_string(w->N) + ")");
+  w->padded = (w->K + kStep - 1) / kStep * kStep;
+  w->groups = (w->N + kGroup - 1) / kGroup;
+  void *b_data = nullptr, *s_data = nullptr, *z_data = nullptr;
+  RETURN_IF_ERROR(g_api->GetTensorMutableData(const_cast<OrtValue*>(B), &b_data));
+  RETURN_IF_ERROR(g_api->GetTensorMutableData(const_cast<OrtValue*>(scale), &s_data));
+  RETURN_IF_ERROR(g_api->GetTensorMutableData(const_cast<OrtValue*>(zp), &z_data));
+  Repack(static_cast<const int8_t*>(b_data), static_cast<const float*>(s_data), s_count,
+         static_cast<const int8_t*>(z_data), z_count, w);
+  return nullptr;
+}
+
+struct Inputs {
+  std::vector<int64_t> shape;  // A's
+  const float* a = nullptr;
+  const float* bias = nullptr;
+};
+
+OrtStatus* ReadInputs(const Int8Weights& w, OrtKernelContext* context, Inputs* in) {
+  const OrtValue* A = nullptr;
+  RETURN_IF_ERROR(g_api->KernelContext_GetInput(context, 0, &A));
+  RETURN_IF_ERROR(TensorShape(A, &in->shape));
+  if (in->shape.empty() || in->shape.back() != w.K)
+    return Error("Int8MatMul: A's last dimension is not K=" + std::to_string(w.K));
+  void* data = nullptr;
+  RETURN_IF_ERROR(g_api->GetTensorMutableData(const_cast<OrtValue*>(A), &data));
+  in->a = static_cast<const float*>(data);
+  size_t inputs = 0;
+  RETURN_IF_ERROR(g_api->KernelContext_GetInputCount(context, &inputs));
+  const OrtValue* bias = nullptr;
+  if (inputs > 4) RETURN_IF_ERROR(g_api->KernelContext_GetInput(context, 4, &bias));
+  if (bias != nullptr) {
+    RETURN_IF_ERROR(g_api->GetTensorMutableData(const_cast<OrtValue*>(bias), &data));
+    in->bias = static_cast<const float*>(data);
+  }
+  return nullptr;
+}
+
+OrtStatus* Compute(const Int8Weights& w, OrtKernelContext* context) {
+  Inputs in;
+  RETURN_IF_ERROR(ReadInputs(w, context, &in));
+  const int64_t M = Count(in.shape) / w.K;
+  std::vector<int64_t> y_shape = in.shape;
+  y_shape.back() = w.N;
+  OrtValue* Y = nullptr;
+  RETURN_IF_ERROR(g_api->KernelContext_GetOutput(context, 0, y_shape.data(), y_shape.size(), &Y));
+  if (M == 0) return nullptr;
+  void* y_data = nullptr;
+  RETURN_IF_ERROR(g_api->GetTensorMutableData(Y, &y_data));
+
+  // the quantized rows live for this call only: calls may run concurrently on one kernel
+  std::vector<int16_t> v(static_cast<size_t>(M * w.padded));
+  Call call{&w, std::vector<QuantRow>(static_cast<size_t>(M)), in.bias, static_cast<float*>(y_data), 1};
+  for (int64_t r = 0; r < M; ++r) {
+    QuantRow& row = call.rows[r];
+    row.v = &v[r * w.padded];
+    row.sum = QuantizeRow(in.a + r * w.K, w.K, w.padded, &v[r * w.padded], &row.scale);
+  }
+  const int64_t work = M * (w.padded / kStep);  // row-steps per group
+  const int64_t tasks_wanted = std::max<int64_t>(1, std::min<int64_t>(w.groups, work * w.groups / kTaskWork));
+  call.groups_per_task = (w.groups + tasks_wanted - 1) / tasks_wanted;
+  const int64_t tasks = (w.groups + call.groups_per_task - 1) / call.groups_per_task;
+  if (tasks == 1) {
+    RunTask(&call, 0);
+    return nullptr;
+  }
+  return g_api->KernelContext_ParallelFor(context, RunTask, static_cast<size_t>(tasks), 0, &call);
+}
+
+// ---- the custom op's C table (int4_matmul.cc's OpTable) ----
+
+OrtStatus* CreateKernel(const OrtKernelInfo* info, void** out) {
+  std::unique_ptr<Int8Weights> w(new Int8Weights());  // std::bad_alloc: OpTable reports it
+  RETURN_IF_ERROR(LoadWeights(info, w.get()));
+  *out = w.release();
+  return nullptr;
+}
+
+const OpSpec kInt8MatMul = {
+    "Int8MatMul", 5,  // A, B, b_scale, b_zero_point[, bias]
+    [](size_t i) { return (i == 1 || i == 3) ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; },
+    CreateKernel,
+    [](void* w, OrtKernelContext* context) { return Compute(*static_cast<Int8Weights*>(w), context); },
+    [](void* w) { delete static_cast<Int8Weights*>(w); },
+};
+
+}  // namespace
+
+const gptexport_kernels::OpSpec& gptexport_kernels::Int8MatMulSpec() { return kInt8MatMul; }
