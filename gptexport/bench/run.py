@@ -291,21 +291,27 @@ def _runtimes(model_dir: Path, md, ckpt, config: BenchConfig, precisions: tuple[
 
 
 def _kernel_variants(precision: str, modes: tuple[str, ...], notes: list[str]) -> list[tuple[str, str]]:
-    """(kernels mode, row variant) of a precision's rows: int4 with MatMulNBits and/or our kernels,
-    when they are available here (else a note why not); other precisions once, as they are."""
-    if precision != "int4":
+    """(kernels mode, row variant) of a precision's rows: int4 and int8 with ONNX Runtime's own ops
+    (MatMulNBits; DynamicQuantizeLinear + MatMulInteger) and/or our kernels, when they are available
+    here (else a note why not); other precisions once, as they are."""
+    if precision not in ONNX_RUNTIME_OPS:
         return [("off", "")]
     from ..runtime.backends.kernels import availability
 
-    variants = [("off", "MatMulNBits")] if "off" in modes else []
+    variants = [("off", ONNX_RUNTIME_OPS[precision])] if "off" in modes else []
     if "on" in modes:
         status = availability()
         if status.startswith("available"):
             variants.append(("on", "our kernels"))
-            notes.append(f"gptexport's kernels {status}")
+            if not any(n.startswith("gptexport's kernels") for n in notes):
+                notes.append(f"gptexport's kernels {status}")
         else:
-            notes.append(f"int4 with our kernels skipped: {status}")
+            notes.append(f"{precision} with our kernels skipped: {status}")
     return variants
+
+
+# what a quantized model directory's matmuls run on in ONNX Runtime without our kernels
+ONNX_RUNTIME_OPS = {"int4": "MatMulNBits", "int8": "MatMulInteger"}
 
 
 def _baselines(runtimes: list[Runtime], notes: list[str], md, ckpt, config: BenchConfig) -> None:

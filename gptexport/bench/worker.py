@@ -7,8 +7,8 @@ time to first token (prefill), then the mean time per token of the rest (decode)
 Runtimes:
   gptexport-ort, gptexport-ort-cuda, gptexport-ort-tensorrt, gptexport-tensorrt
                  the model directory on that backend, the batch's rows as sequences of the generation
-                 engine (`cuda_graphs` false: decode without CUDA graphs; `kernels` off|auto|on: int4's
-                 MatMulNBits on our CPU kernels, see backends/kernels.py)
+                 engine (`cuda_graphs` false: decode without CUDA graphs; `kernels` off|auto|on: the int4 and int8
+                 matmuls on our CPU kernels, see backends/kernels.py)
   nanoGPT        gptexport.convert.model.GPT.generate: nanoGPT's loop, a full forward per new token (CPU)
   transformers   GPT2LMHeadModel.generate with its KV cache, on the job's `device` ("cpu" or "cuda",
                  there in the model directory's dtype: fp32 or fp16), in PyTorch's eager mode
