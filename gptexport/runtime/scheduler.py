@@ -327,7 +327,6 @@ class Scheduler:
     def _decode(self) -> None:
         n = len(self.rows)
         try:
-            self.cache.ensure_capacity(int(self.cache.lengths[:n].max()) + 1)  # room for this step's position
             logits = self.cache.decode(np.array([s.last for s in self.rows], np.int64))
         except GptExportError as e:  # the forward itself failed: every sequence in it fails
             for seq in self.rows:

@@ -266,13 +266,17 @@ class BatchCache:
         return self.buckets[size]
 
     def decode(self, ids: np.ndarray) -> np.ndarray:
-        """One token for each of rows 0..n-1 (ids (n,)), each at its own length; (n, V) logits, a view
-        of the bucket's buffer valid until its next step."""
+        """One token for each of rows 0..n-1 (ids (n,)), each at its own length (the cache grows to
+        make room for the new position); (n, V) logits, a view of the bucket's buffer valid until its
+        next step."""
         n = len(ids)
         lengths = self.lengths[:n]
-        if not 1 <= n <= self.rows or lengths.min() < 1 or lengths.max() >= self.capacity:
+        shortest, longest = (int(lengths[0]), int(lengths[0])) if n == 1 else (int(lengths.min()), int(lengths.max()))
+        if not 1 <= n <= self.rows or shortest < 1 or longest >= self.config.block_size:
             raise GptExportError(f"internal error: decode of {n} rows at lengths {lengths.tolist()}, "
-                                 f"capacity {self.capacity}")
+                                 f"block_size {self.config.block_size}")
+        if longest >= self.capacity:
+            self.ensure_capacity(longest + 1)
         size = self.bucket_of(n)
         bucket = self._bucket(size)
         m = self.memory
