@@ -15,6 +15,10 @@ import numpy as np
 from .peers import NAMES as PEERS
 from .peers import SAME_PRECISION
 
+# what a quantized model directory's matmuls run on in ONNX Runtime without our kernels (the bench's
+# rows of each precision with `--kernels off`, beside ours with `on`)
+ONNX_RUNTIME_OPS = {"int4": "MatMulNBits", "int8": "MatMulInteger"}
+
 MB = 1e6
 
 
@@ -136,15 +140,19 @@ def table(report: dict) -> str:
 
 
 def kernel_lines(report: dict) -> list[str]:
-    """int4 with our kernels ÷ int4 on MatMulNBits, per batch size (both rows measured in this run)."""
-    ours = next((r for r in report["results"] if r.get("variant") == "our kernels"), None)
-    theirs = next((r for r in report["results"] if r.get("variant") == "MatMulNBits"), None)
-    if not ours or not theirs:
-        return []
-    ratios = [f"B={b} {_ratio_plain(ours['by_batch'][b]['decode_tok_s'], theirs['by_batch'][b]['decode_tok_s'])}"
-              for b in ours["by_batch"] if b in theirs["by_batch"]]
-    flags = report.get("machine", {}).get("cpu_flags", "")
-    return [f"int4 decode, our kernels ÷ MatMulNBits: {', '.join(ratios)} (CPU flags: {flags or 'unknown'})"]
+    """Each quantized precision with our kernels ÷ with ONNX Runtime's own ops, per batch size (both
+    rows measured in this run)."""
+    lines, flags = [], report.get("machine", {}).get("cpu_flags", "")
+    for weights, op in ONNX_RUNTIME_OPS.items():
+        rows = [r for r in report["results"] if r.get("weights") == weights]
+        ours = next((r for r in rows if r.get("variant") == "our kernels"), None)
+        theirs = next((r for r in rows if r.get("variant") == op), None)
+        if not ours or not theirs:
+            continue
+        ratios = [f"B={b} {_ratio_plain(ours['by_batch'][b]['decode_tok_s'], theirs['by_batch'][b]['decode_tok_s'])}"
+                  for b in ours["by_batch"] if b in theirs["by_batch"]]
+        lines.append(f"{weights} decode, our kernels ÷ {op}: {', '.join(ratios)} (CPU flags: {flags or 'unknown'})")
+    return lines
 
 
 def peer_table(report: dict) -> list[str]:

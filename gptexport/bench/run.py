@@ -42,6 +42,7 @@ import numpy as np
 
 from ..errors import GptExportError, UsageError
 from . import peers
+from .report import ONNX_RUNTIME_OPS
 
 PRECISIONS = ("fp32", "int8", "int4")
 GPU_BACKENDS = ("ort-cuda", "ort-tensorrt", "tensorrt")
@@ -309,9 +310,6 @@ def _kernel_variants(precision: str, modes: tuple[str, ...], notes: list[str]) -
             notes.append(f"{precision} with our kernels skipped: {status}")
     return variants
 
-
-# what a quantized model directory's matmuls run on in ONNX Runtime without our kernels
-ONNX_RUNTIME_OPS = {"int4": "MatMulNBits", "int8": "MatMulInteger"}
 
 
 def _baselines(runtimes: list[Runtime], notes: list[str], md, ckpt, config: BenchConfig) -> None:

@@ -147,3 +147,18 @@ def test_a_gpu_backend_that_cannot_run_stops_the_bench(tiny_model_dir):
                                        "--new-tokens", "2", "--context", "4", "--rounds", "1"])
     assert result.exit_code == 1
     assert result.stderr.splitlines()[-1].startswith("error: bench worker gptexport-ort-cuda failed: ONNX Runtime")
+
+
+def test_kernel_ratios_pair_rows_of_one_precision():
+    """Ours ÷ ONNX Runtime's own ops per precision: int8's kernel row against int8's MatMulInteger row,
+    never against int4's MatMulNBits (the bench of 2026-12-07 printed 0.73× so)."""
+    def row(weights: str, variant: str, tok_s: float) -> dict:
+        return {"runtime": "gptexport-ort", "weights": weights, "variant": variant,
+                "by_batch": {"1": {"decode_tok_s": tok_s}}}
+
+    report = {"results": [row("int8", "MatMulInteger", 88.9), row("int8", "our kernels", 106.0),
+                          row("int4", "MatMulNBits", 145.0), row("int4", "our kernels", 161.0)],
+              "machine": {"cpu_flags": "avx2 fma"}}
+    lines = render.kernel_lines(report)
+    assert lines == ["int4 decode, our kernels ÷ MatMulNBits: B=1 1.11× (CPU flags: avx2 fma)",
+                     "int8 decode, our kernels ÷ MatMulInteger: B=1 1.19× (CPU flags: avx2 fma)"]
