@@ -55,6 +55,10 @@ def to_stderr(msg: str) -> None:
     print(msg, file=sys.stderr)
 
 
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**20:.1f} MB" if nbytes >= 2**20 else f"{nbytes / 2**10:.1f} KB"
+
+
 def run_to_end(runner: Runner, sequences: list[Sequence], max_batch: int | None = None) -> list[Sequence]:
     """Offline work (parity, the perplexity, benchmarks): `sequences` to their end on a scheduler of
     their own, `max_batch` at a time (default: all), its cache freed after; a sequence's error raised."""
@@ -125,9 +129,10 @@ class Scheduler:
             raise ParameterError("prompt_ids", f"has {e}") from None
         seq.params.check_vocab(self.config.vocab_size)
         if self.max_cache_bytes is not None and self._cache_bytes([seq]) > self.max_cache_bytes:
-            raise ParameterError("max_new_tokens", f"{self._reach(seq)} positions of KV cache "
-                                 f"({self._cache_bytes([seq]) / 2**20:.1f} MB) are more than this server's "
-                                 f"limit of {self.max_cache_bytes / 2**20:.1f} MB (--max-cache-mb)")
+            need = self._cache_bytes([seq])
+            raise ParameterError("max_new_tokens", f"needs {need // self.position_bytes} positions of KV cache "
+                                 f"({_size(need)}) with its prompt, more than this server's limit of "
+                                 f"{_size(self.max_cache_bytes)} (--max-cache-mb)")
         if seq.params.max_new_tokens == 0:
             seq.retire("length")
             return seq

@@ -229,3 +229,23 @@ def test_triton_refuses_a_tampered_model_dir_and_an_existing_repo(tiny_model_dir
     (tmp_path / "repo").mkdir()
     result = CliRunner().invoke(main, ["triton", str(tiny_model_dir), "-o", str(tmp_path / "repo")])
     assert result.exit_code == 2 and "already exists; pass --force" in result.stderr
+
+
+def test_a_request_past_the_cache_limit_is_refused_by_name(tiny_model_dir):
+    """`gptexport triton --max-cache-mb`: a request whose cache alone would pass the limit gets an error
+    naming max_new_tokens and the limit (Triton's INVALID_ARG in the server). On the tiny model (block_size
+    16) every request's cache rounds up to 16 positions, so a limit of 8 refuses them all."""
+    from gptexport.serve.model import open_served_model
+
+    c = GPTConfig(**json.loads((tiny_model_dir / "gptexport.json").read_text())["config"])
+    position = 2 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * 4
+    model = open_served_model(tiny_model_dir, "onnxruntime", 64, max_cache_mb=8 * position / 2**20)
+    try:
+        for _ in range(2):  # refused, and refused again: nothing is left half-admitted
+            big = model.parse(request_tensors(text_input="To be", max_tokens=20), {})
+            with pytest.raises(UsageError, match=r"max_new_tokens needs 16 positions of KV cache \(8.0 KB\) "
+                                                 r".* limit of 4.0 KB \(--max-cache-mb\)"):
+                model.run(big, lambda seq, ids, text: None)
+        assert not model.session.scheduler.busy
+    finally:
+        model.close()
