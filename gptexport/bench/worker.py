@@ -62,7 +62,7 @@ def gptexport_generator(job: dict) -> Generator:
         if grow:
             for row in prompt[1:]:
                 s.submit(Sequence(row.tolist(), GenerationParams(max(1, n // 8), SamplingParams(0.0), 0)))
-            s.step()  # admitted with a short reach: the cache is small until the first row comes
+            s.step()  # the short ones first: the cache grows under them as the long first row decodes
         for i, row in enumerate(prompt[:1] if grow else prompt):
             s.submit(Sequence(row.tolist(), params, (lambda seq, ids, text: stamp()) if i == 0 else None))
         s.run()
