@@ -41,6 +41,7 @@ import numpy as np
 
 from ..errors import GptExportError, ParameterError
 from .backends.base import Runner
+from .backends.batchcache import rounded_capacity
 from .sequence import OnDelta, Probe, Sequence
 
 __all__ = ["PREFILL_CHUNK", "OnDelta", "Probe", "Scheduler", "Sequence", "crop_notice", "run_to_end", "to_stderr"]
@@ -128,8 +129,8 @@ class Scheduler:
         except UsageError as e:
             raise ParameterError("prompt_ids", f"has {e}") from None
         seq.params.check_vocab(self.config.vocab_size)
-        if self.max_cache_bytes is not None and self._cache_bytes([seq]) > self.max_cache_bytes:
-            need = self._cache_bytes([seq])
+        need = self._cache_bytes([seq])
+        if self.max_cache_bytes is not None and need > self.max_cache_bytes:
             raise ParameterError("max_new_tokens", f"needs {need // self.position_bytes} positions of KV cache "
                                  f"({_size(need)}) with its prompt, more than this server's limit of "
                                  f"{_size(self.max_cache_bytes)} (--max-cache-mb)")
@@ -186,10 +187,8 @@ class Scheduler:
     def _cache_bytes(self, seqs: list[Sequence]) -> int:
         """What rows for `seqs` cost at the longest reach among them (every row of a batch cache has
         the capacity of its longest, rounded up as the cache rounds it)."""
-        from .backends.batchcache import ROOM_STEP
-
         reach = max(self._reach(s) for s in seqs)
-        return len(seqs) * min(self.config.block_size, -(-reach // ROOM_STEP) * ROOM_STEP) * self.position_bytes
+        return len(seqs) * rounded_capacity(reach, self.config.block_size) * self.position_bytes
 
     def _admits(self, seq: Sequence) -> bool:
         running = self.running
@@ -240,25 +239,23 @@ class Scheduler:
         oldest = next((s for s in self.filling if s.finish is None), None)
         if not self.rows and oldest is not None:  # no one decodes, no one to keep waiting: the oldest goes whole
             budget = max(budget, len(oldest.context) - oldest.filled)
-        work: list[tuple[Sequence, int]] = []
+        work: list[tuple[Sequence, int, bool]] = []  # (sequence, tokens to take, every position's logits)
         for seq in self.filling:
             if budget <= 0:
                 break
             if seq.finish is not None:
                 continue
-            whole = seq.probe is not None and seq.probe.all_positions  # every position's logits: one forward
-            take = len(seq.context) - seq.filled if whole else min(len(seq.context) - seq.filled, budget)
-            work.append((seq, take))
+            every = seq.probe is not None and seq.probe.all_positions  # every position's logits: one forward
+            take = len(seq.context) - seq.filled if every else min(len(seq.context) - seq.filled, budget)
+            work.append((seq, take, every))
             budget -= take
         whole_now: list[Sequence] = []
         while work:
-            seq, take = work[0]
-            whole = seq.probe is not None and seq.probe.all_positions
+            seq, take, every = work[0]
             k = 1
-            while (k < len(work) and work[k][1] == take and work[k][0].row == seq.row + k and not whole
-                   and not (work[k][0].probe is not None and work[k][0].probe.all_positions)):
+            while k < len(work) and work[k][1:] == (take, every) and work[k][0].row == seq.row + k and not every:
                 k += 1
-            whole_now += self._fill_chunks([s for s, _ in work[:k]], take, whole)
+            whole_now += self._fill_chunks([s for s, _, _ in work[:k]], take, every)
             work = work[k:]
         for seq in [s for s in self.filling if s.finish is not None or s in whole_now]:
             self.filling.remove(seq)  # the others (done too, or not) keep their rows meanwhile
@@ -290,7 +287,7 @@ class Scheduler:
         decode rows (row len(rows), traded with the prompt there if one fills it), to the cropped
         windows, or out."""
         if seq.finish is not None or len(seq.context) > self.config.block_size:
-            self.cache.lengths[seq.row] = 0  # the row is free again
+            self.cache.release(seq.row)
             if seq.finish is None:
                 self.cropping.append(seq)
             seq.row = -1
@@ -302,7 +299,7 @@ class Scheduler:
             other.row = seq.row
         else:
             self.cache.move(seq.row, target)
-        seq.row = target
+        seq.row = -1  # a decode row: its index in self.rows
         self.rows.append(seq)
 
     def _accept(self, seqs: list[Sequence], logits: np.ndarray) -> None:
@@ -357,12 +354,10 @@ class Scheduler:
                 continue
             last = len(self.rows) - 1
             self.cache.move(last, i)
-            self.cache.lengths[last] = 0
+            self.cache.release(last)  # (moved, or the row that left was the last)
             self.rows[i] = self.rows[last]
             self.rows.pop()
             left = True
-        for i, seq in enumerate(self.rows):
-            seq.row = i
         if left:
             lengths = self.cache.lengths
             self.cache.fit(max([int(lengths[:len(self.rows)].max(initial=0)) + 1,

@@ -64,7 +64,7 @@ class Sequence:
     finish: str | None = None  # "length", "stop", "cancelled" or "error" once retired
     error: Exception | None = None
     context: list[int] = field(default_factory=list)  # the last block_size tokens: what the model sees
-    row: int = -1  # its row of the batch cache while its prompt fills (then its decode row's index)
+    row: int = -1  # its row of the batch cache while its prompt fills (a decode row is its index in the rows)
     filled: int = 0  # positions of its context in the cache so far (its prompt fills in chunks)
     done: threading.Event = field(default_factory=threading.Event)
 

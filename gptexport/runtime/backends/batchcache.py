@@ -60,6 +60,12 @@ RunBucket = Callable[["Bucket"], None]
 ROOM_STEP = 64
 
 
+def rounded_capacity(positions: int, block_size: int, room_step: int = ROOM_STEP) -> int:
+    """The capacity a cache without CUDA graphs lays out for `positions`: rounded up to room_step, at
+    most block_size (what the scheduler's cache limit counts, too)."""
+    return min(block_size, -(-positions // room_step) * room_step)
+
+
 class BatchCache:
     """The KV cache of up to `rows` sequences at their own lengths (see the module docstring)."""
 
@@ -125,7 +131,7 @@ class BatchCache:
             raise GptExportError(f"internal error: cache capacity {capacity} > block_size {self.config.block_size}")
         if self.arena is not None:
             return graph_capacity(capacity, self.config.block_size)
-        return min(self.config.block_size, -(-capacity // self.room_step) * self.room_step)
+        return rounded_capacity(capacity, self.config.block_size, self.room_step)
 
     def _relayout(self, capacity: int) -> None:
         """The buffers at `capacity` positions per row: the rows in use (those up to the last one
@@ -181,6 +187,10 @@ class BatchCache:
         nh = self.config.n_head
         return Copy3D(dst_offset, self.pitch, dslice, src_offset, self.pitch, sslice, self.pitch, nh,
                       len(self.spec.past_names))
+
+    def release(self, row: int) -> None:
+        """Row `row` holds nothing from now on (what it held is masked, then overwritten)."""
+        self.lengths[row] = 0
 
     def move(self, src: int, dst: int) -> None:
         """Row `src`'s cache and length into row `dst` (the scheduler packs its rows)."""
@@ -271,7 +281,7 @@ class BatchCache:
         next step."""
         n = len(ids)
         lengths = self.lengths[:n]
-        shortest, longest = (int(lengths[0]), int(lengths[0])) if n == 1 else (int(lengths.min()), int(lengths.max()))
+        shortest, longest = int(lengths.min()), int(lengths.max())
         if not 1 <= n <= self.rows or shortest < 1 or longest >= self.config.block_size:
             raise GptExportError(f"internal error: decode of {n} rows at lengths {lengths.tolist()}, "
                                  f"block_size {self.config.block_size}")
