@@ -53,6 +53,12 @@ bool g_use_avx2 = false;
 
 OrtStatus* Error(const std::string& msg) { return g_api->CreateStatus(ORT_FAIL, msg.c_str()); }
 
+int64_t Count(const std::vector<int64_t>& shape) {
+  int64_t count = 1;
+  for (int64_t d : shape) count *= d;
+  return count;
+}
+
 OrtStatus* TensorShape(const OrtValue* value, std::vector<int64_t>* shape) {
   OrtTensorTypeAndShapeInfo* info = nullptr;
   RETURN_IF_ERROR(g_api->GetTensorTypeAndShape(value, &info));
@@ -388,9 +394,7 @@ OrtStatus* LoadWeights(const OrtKernelInfo* info, Int4MatMulKernel* kernel) {
   std::vector<int64_t> b_shape, s_shape;
   RETURN_IF_ERROR(TensorShape(B, &b_shape));
   RETURN_IF_ERROR(TensorShape(scales, &s_shape));
-  int64_t s_count = 1;
-  for (int64_t d : s_shape) s_count *= d;
-  if (b_shape != std::vector<int64_t>{w.N, w.blocks, kBlock / 2} || s_count != w.N * w.blocks)
+  if (b_shape != std::vector<int64_t>{w.N, w.blocks, kBlock / 2} || Count(s_shape) != w.N * w.blocks)
     return Error("Int4MatMul: B or scales do not have the shape K and N say");
   void *b_data = nullptr, *s_data = nullptr;
   RETURN_IF_ERROR(g_api->GetTensorMutableData(const_cast<OrtValue*>(B), &b_data));
@@ -407,8 +411,7 @@ OrtStatus* Compute(const Int4MatMulKernel& kernel, OrtKernelContext* context) {
   RETURN_IF_ERROR(TensorShape(A, &shape));
   if (shape.empty() || shape.back() != w.K)
     return Error("Int4MatMul: A's last dimension is not K=" + std::to_string(w.K));
-  int64_t M = 1;
-  for (size_t i = 0; i + 1 < shape.size(); ++i) M *= shape[i];
+  const int64_t M = Count(shape) / w.K;  // the rows: every dimension but the last (K, checked > 0)
   size_t inputs = 0;
   RETURN_IF_ERROR(g_api->KernelContext_GetInputCount(context, &inputs));
   const OrtValue* bias_value = nullptr;

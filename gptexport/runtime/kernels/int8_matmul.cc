@@ -45,6 +45,7 @@ namespace gptexport_kernels {  // defined in int4_matmul.cc
 extern const OrtApi* g_api;
 extern bool g_use_avx2;
 OrtStatus* Error(const std::string& msg);
+int64_t Count(const std::vector<int64_t>& shape);  // elements of a shape
 OrtStatus* TensorShape(const OrtValue* value, std::vector<int64_t>* shape);
 OrtStatus* ConstantInput(const OrtKernelInfo* info, size_t index, const char* op, const char* name,
                          const OrtValue** out);
@@ -240,12 +241,6 @@ void RunTask(void* data, size_t task) {
 }
 
 // ---- the ONNX Runtime kernel ----
-
-int64_t Count(const std::vector<int64_t>& shape) {
-  int64_t count = 1;
-  for (int64_t d : shape) count *= d;
-  return count;
-}
 
 OrtStatus* LoadWeights(const OrtKernelInfo* info, Int8Weights* w) {
   const OrtValue *B = nullptr, *scale = nullptr, *zp = nullptr;
