@@ -4,9 +4,10 @@
         [--requests 3] [--rounds 2] [--threads 2]
 
 Each of --clients closed-loop clients sends --requests requests one after another (the next as soon
-as the last is done, as serve_load.py's clients do): prompts of random token ids, their lengths
-log-uniform in 10..400 tokens, outputs uniform in 32..256 tokens (every token made: no end id),
-temperature 0.8, top-k 200, a seed each; the same requests for every setting. One scheduler per
+as the last is done, as serve_load.py's clients do): serve_load.py's ragged requests (prompts of
+random token ids, their lengths log-uniform in 10..400 tokens, outputs uniform in 32..256 tokens,
+every token made: no end id; temperature 0.8, top-k 200, a seed each); the same requests for every
+setting. One scheduler per
 setting (--chunks: prompt tokens prefilled per step; 0: every prompt whole in the step that admits
 it, the engine before issue 23; N:fixed, chunks of N with a cache that never shrinks when its long
 rows leave, to weigh the copy a shrink costs against the attention it saves), max_batch 16, on one
@@ -25,6 +26,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from serve_load import TEMPERATURE, TOP_K, draw_request  # scripts/ is on sys.path
 
 from gptexport.artifacts.modeldir import load_model_dir
 from gptexport.bench.run import cpu
@@ -35,14 +37,13 @@ from gptexport.runtime.scheduler import Scheduler, Sequence
 
 
 def ragged_requests(n: int, vocab: int, block: int, seed: int = 0) -> list[tuple[list[int], GenerationParams]]:
-    """n requests: prompt lengths log-uniform in 10..400, outputs uniform in 32..256 (within
-    block_size: at most half of it, the prompt the rest), random ids, temperature 0.8, top-k 200."""
-    rng = np.random.default_rng(seed)
+    """n requests of serve_load.py's ragged load (its draw_request, seeds 1000 * seed + i), with its
+    sampling settings: what the served measurement sends, run in-process."""
     out = []
     for i in range(n):
-        new = min(int(rng.integers(32, 257)), block // 2)  # the shipped model's block_size is 128
-        T = max(1, min(int(np.exp(rng.uniform(np.log(10), np.log(400)))), block - new))
-        out.append((rng.integers(0, vocab, T).tolist(), GenerationParams(new, SamplingParams(0.8, 200), 1000 + i)))
+        req = draw_request("ragged", 1000 * seed + i, vocab, block)
+        params = GenerationParams(req.max_tokens, SamplingParams(TEMPERATURE, TOP_K), req.seed)
+        out.append((list(req.prompt_ids), params))
     return out
 
 
