@@ -237,15 +237,24 @@ def test_int8_rows_do_not_depend_on_their_batch(library):
 
 # ---- the graph swap and the CPU runner ----
 
+def quantized(tiny_model_dir, tmp_path_factory, precision: str):
+    return quantize(tiny_model_dir, tmp_path_factory.mktemp("kernels") / precision, precision, progress=lambda m: None)
+
+
+def swap_graphs(model_dir) -> tuple[onnx.ModelProto, onnx.ModelProto, dict]:
+    """(the directory's graph, the graph with our ops swapped in, {op: nodes swapped})."""
+    data = (model_dir / "model.onnx").read_bytes()
+    swapped_bytes, swapped = onnxgraph.swap_model(data)
+    return onnx.load_from_string(data), onnx.load_from_string(swapped_bytes), swapped
+
+
 @pytest.fixture(scope="module")
 def int4_dir(tiny_model_dir, tmp_path_factory):
-    return quantize(tiny_model_dir, tmp_path_factory.mktemp("kernels") / "int4", "int4", progress=lambda m: None)
+    return quantized(tiny_model_dir, tmp_path_factory, "int4")
 
 
 def test_swap_changes_only_the_matmulnbits_nodes_and_their_bias_adds(int4_dir):
-    data = (int4_dir / "model.onnx").read_bytes()
-    swapped_bytes, swapped = onnxgraph.swap_model(data)
-    before, after = onnx.load_from_string(data), onnx.load_from_string(swapped_bytes)
+    before, after, swapped = swap_graphs(int4_dir)
     nbits = {n.output[0]: n for n in before.graph.node if n.op_type == "MatMulNBits"}
     ours = [n for n in after.graph.node if n.op_type == "Int4MatMul"]
     assert swapped == {"Int4MatMul": len(nbits)} and len(nbits) == len(ours) > 0
@@ -283,13 +292,11 @@ def test_swap_leaves_what_int4matmul_cannot_run():
 
 @pytest.fixture(scope="module")
 def int8_dir(tiny_model_dir, tmp_path_factory):
-    return quantize(tiny_model_dir, tmp_path_factory.mktemp("kernels") / "int8", "int8", progress=lambda m: None)
+    return quantized(tiny_model_dir, tmp_path_factory, "int8")
 
 
 def test_swap_takes_every_int8_pattern_and_nothing_else(int8_dir):
-    data = (int8_dir / "model.onnx").read_bytes()
-    swapped_bytes, swapped = onnxgraph.swap_model(data)
-    before, after = onnx.load_from_string(data), onnx.load_from_string(swapped_bytes)
+    before, after, swapped = swap_graphs(int8_dir)
     matmuls = [n for n in before.graph.node if n.op_type == "MatMulInteger"]
     ours = [n for n in after.graph.node if n.op_type == "Int8MatMul"]
     assert swapped == {"Int8MatMul": len(matmuls)} and len(ours) == len(matmuls) > 0

@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 SOURCES = tuple(Path(__file__).with_name(name) for name in ("int4_matmul.cc", "int8_matmul.cc"))
+HEADERS = (Path(__file__).with_name("kernels.h"),)  # included by the sources: part of the build's key
 LIBRARY = "libgptexport_kernels.so"
 HEADER = "onnxruntime_c_api.h"
 SYSTEM_INCLUDES = (Path("/usr/include/onnxruntime"), Path("/usr/local/include/onnxruntime"))
@@ -101,7 +102,7 @@ def ensure_library() -> Path:
     check_onnxruntime()
     cxx = compiler()
     include = find_headers()
-    key = hashlib.sha256(b"".join(s.read_bytes() for s in SOURCES) + cxx.encode() + str(include).encode()
+    key = hashlib.sha256(b"".join(s.read_bytes() for s in (*SOURCES, *HEADERS)) + cxx.encode() + str(include).encode()
                          + (include / HEADER).read_bytes() + " ".join(CXX_FLAGS).encode()).hexdigest()[:16]
     path = cache_root() / key / LIBRARY
     if not path.exists():

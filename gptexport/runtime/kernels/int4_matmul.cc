@@ -25,27 +25,17 @@
 // Paths: AVX2+FMA+F16C when the CPU has them (checked with CPUID at load), else plain C++ on the same
 // layout; GPTEXPORT_KERNELS_ISA=generic forces the plain path (the tests run both).
 
-#include "onnxruntime_c_api.h"  // ONNX Runtime's C API (headers only: the API arrives in RegisterCustomOps)
+#include "kernels.h"
 
 #include <immintrin.h>
 
-#include <algorithm>
 #include <cmath>
-#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <new>
-#include <string>
-#include <vector>
 
-#define RETURN_IF_ERROR(expr)            \
-  do {                                   \
-    OrtStatus* _status = (expr);         \
-    if (_status != nullptr) return _status; \
-  } while (0)
-
-// What int8_matmul.cc shares with this file (it declares them itself: the package ships .cc files only).
+// kernels.h's shared helpers are defined here; int8_matmul.cc uses them.
 namespace gptexport_kernels {
 
 const OrtApi* g_api = nullptr;
@@ -79,19 +69,6 @@ OrtStatus* ConstantInput(const OrtKernelInfo* info, size_t index, const char* op
   if (!is_constant || *out == nullptr) return Error(std::string(op) + ": input " + name + " must be an initializer");
   return nullptr;
 }
-
-// What differs between our ops' C tables; OpTable does the rest (the CPU provider, one float
-// output, the last input optional, exceptions stopped at the C boundary).
-struct OpSpec {
-  const char* name;
-  size_t inputs;
-  ONNXTensorElementDataType (*input_type)(size_t index);
-  OrtStatus* (*create)(const OrtKernelInfo* info, void** kernel);  // may throw std::bad_alloc
-  OrtStatus* (*compute)(void* kernel, OrtKernelContext* context);   // may throw std::bad_alloc
-  void (*destroy)(void* kernel);
-};
-
-const OpSpec& Int8MatMulSpec();  // int8_matmul.cc
 
 struct BoundKernel {  // what ONNX Runtime holds for one node: the op's spec and its kernel
   const OpSpec* spec;
@@ -331,31 +308,20 @@ void Group(const PackedBlock* wb, int64_t blocks, const QuantRow* rows, int nrow
   }
 }
 
-// ---- one call: every row against the groups of one task ----
+// ---- one call: every row against the column groups of one task ----
 
-struct Call {
-  const Int4Weights* w;
-  std::vector<QuantRow> rows;
-  const float* bias;
-  float* y;  // [M, N]
-  int64_t groups_per_task;
-};
-
-void RunTask(void* data, size_t task) {
-  const Call& call = *static_cast<const Call*>(data);
-  const Int4Weights& w = *call.w;
-  const int64_t g0 = static_cast<int64_t>(task) * call.groups_per_task;
-  const int64_t g1 = std::min(w.groups, g0 + call.groups_per_task);
-  const int64_t M = static_cast<int64_t>(call.rows.size());
+void RunGroups(const Int4Weights& w, const std::vector<QuantRow>& rows, const float* bias, float* y,
+               int64_t g0, int64_t g1) {
+  const int64_t M = static_cast<int64_t>(rows.size());
   float tile[kMaxRows][kGroup];
   for (int64_t g = g0; g < g1; ++g) {
     const int64_t n0 = g * kGroup, width = std::min<int64_t>(kGroup, w.N - n0);
     for (int64_t r0 = 0; r0 < M; r0 += kMaxRows) {
       const int nrows = static_cast<int>(std::min<int64_t>(kMaxRows, M - r0));
-      Group(&w.packed[g * w.blocks], w.blocks, &call.rows[r0], nrows, tile);
+      Group(&w.packed[g * w.blocks], w.blocks, &rows[r0], nrows, tile);
       for (int r = 0; r < nrows; ++r) {
-        float* dst = call.y + (r0 + r) * w.N + n0;
-        for (int64_t c = 0; c < width; ++c) dst[c] = tile[r][c] + (call.bias ? call.bias[n0 + c] : 0.0f);
+        float* dst = y + (r0 + r) * w.N + n0;
+        for (int64_t c = 0; c < width; ++c) dst[c] = tile[r][c] + (bias ? bias[n0 + c] : 0.0f);
       }
     }
   }
@@ -430,25 +396,17 @@ OrtStatus* Compute(const Int4MatMulKernel& kernel, OrtKernelContext* context) {
   std::vector<int8_t> q(static_cast<size_t>(M * padded));
   std::vector<float> scale(static_cast<size_t>(M * w.blocks));
   std::vector<int32_t> offset(static_cast<size_t>(M * w.blocks));
-  Call call{&w, std::vector<QuantRow>(static_cast<size_t>(M)), static_cast<const float*>(bias_data),
-            static_cast<float*>(y_data), 1};
+  std::vector<QuantRow> rows(static_cast<size_t>(M));
   const float* a = static_cast<const float*>(a_data);
   for (int64_t r = 0; r < M; ++r) {
     QuantizeRow(a + r * w.K, w.K, w.blocks, &q[r * padded], &scale[r * w.blocks], &offset[r * w.blocks]);
     for (int64_t b = 0; b < w.blocks; ++b) scale[r * w.blocks + b] *= w.scale_unit;  // the weights' unit, once per row
-    call.rows[r] = QuantRow{&q[r * padded], &scale[r * w.blocks], &offset[r * w.blocks]};
+    rows[r] = QuantRow{&q[r * padded], &scale[r * w.blocks], &offset[r * w.blocks]};
   }
-  // tasks of about kTaskWork row-blocks (a few microseconds each): enough of them to balance the
-  // pool, each worth a thread hand-off; a small matmul runs on the calling thread alone
-  const int64_t work = M * w.blocks;  // row-blocks per group
-  const int64_t tasks_wanted = std::max<int64_t>(1, std::min<int64_t>(w.groups, work * w.groups / kTaskWork));
-  call.groups_per_task = (w.groups + tasks_wanted - 1) / tasks_wanted;
-  const int64_t tasks = (w.groups + call.groups_per_task - 1) / call.groups_per_task;
-  if (tasks == 1) {
-    RunTask(&call, 0);
-    return nullptr;
-  }
-  return g_api->KernelContext_ParallelFor(context, RunTask, static_cast<size_t>(tasks), 0, &call);
+  const float* bias = static_cast<const float*>(bias_data);
+  float* y = static_cast<float*>(y_data);
+  return ForGroups(context, w.groups, M * w.blocks, kTaskWork,
+                   [&](int64_t g0, int64_t g1) { RunGroups(w, rows, bias, y, g0, g1); });
 }
 
 // ---- the custom op's C table ----

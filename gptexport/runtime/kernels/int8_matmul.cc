@@ -22,43 +22,14 @@
 // - Work is split over groups of columns with ONNX Runtime's intra-op pool, as Int4MatMul's.
 // Paths: AVX2 when the CPU has it (chosen with Int4MatMul's), else plain C++ on the same layout.
 
-#include "onnxruntime_c_api.h"
+#include "kernels.h"
 
 #include <immintrin.h>
 
-#include <algorithm>
 #include <cmath>
-#include <cstdint>
 #include <cstring>
 #include <memory>
 #include <new>
-#include <string>
-#include <vector>
-
-#define RETURN_IF_ERROR(expr)               \
-  do {                                      \
-    OrtStatus* _status = (expr);            \
-    if (_status != nullptr) return _status; \
-  } while (0)
-
-namespace gptexport_kernels {  // defined in int4_matmul.cc
-extern const OrtApi* g_api;
-extern bool g_use_avx2;
-OrtStatus* Error(const std::string& msg);
-int64_t Count(const std::vector<int64_t>& shape);  // elements of a shape
-OrtStatus* TensorShape(const OrtValue* value, std::vector<int64_t>* shape);
-OrtStatus* ConstantInput(const OrtKernelInfo* info, size_t index, const char* op, const char* name,
-                         const OrtValue** out);
-struct OpSpec {  // as int4_matmul.cc defines it
-  const char* name;
-  size_t inputs;
-  ONNXTensorElementDataType (*input_type)(size_t index);
-  OrtStatus* (*create)(const OrtKernelInfo* info, void** kernel);
-  OrtStatus* (*compute)(void* kernel, OrtKernelContext* context);
-  void (*destroy)(void* kernel);
-};
-const OpSpec& Int8MatMulSpec();
-}  // namespace gptexport_kernels
 
 namespace {
 
@@ -205,35 +176,24 @@ void Group(const int8_t* wg, int64_t padded, const QuantRow* rows, int nrows, in
   }
 }
 
-// ---- one call: every row against the groups of one task ----
+// ---- one call: every row against the column groups of one task ----
 
-struct Call {
-  const Int8Weights* w;
-  std::vector<QuantRow> rows;
-  const float* bias;
-  float* y;  // [M, N]
-  int64_t groups_per_task;
-};
-
-void RunTask(void* data, size_t task) {
-  const Call& call = *static_cast<const Call*>(data);
-  const Int8Weights& w = *call.w;
-  const int64_t g0 = static_cast<int64_t>(task) * call.groups_per_task;
-  const int64_t g1 = std::min(w.groups, g0 + call.groups_per_task);
-  const int64_t M = static_cast<int64_t>(call.rows.size());
+void RunGroups(const Int8Weights& w, const std::vector<QuantRow>& rows, const float* bias, float* y,
+               int64_t g0, int64_t g1) {
+  const int64_t M = static_cast<int64_t>(rows.size());
   int32_t tile[kMaxRows][kGroup];
   for (int64_t g = g0; g < g1; ++g) {
     const int64_t n0 = g * kGroup, width = std::min<int64_t>(kGroup, w.N - n0);
     for (int64_t r0 = 0; r0 < M; r0 += kMaxRows) {
       const int nrows = static_cast<int>(std::min<int64_t>(kMaxRows, M - r0));
-      Group(&w.packed[g * w.padded * kGroup], w.padded, &call.rows[r0], nrows, tile);
+      Group(&w.packed[g * w.padded * kGroup], w.padded, &rows[r0], nrows, tile);
       for (int r = 0; r < nrows; ++r) {
-        const QuantRow& row = call.rows[r0 + r];
-        float* dst = call.y + (r0 + r) * w.N + n0;
+        const QuantRow& row = rows[r0 + r];
+        float* dst = y + (r0 + r) * w.N + n0;
         for (int64_t c = 0; c < width; ++c) {
           // Σ a·(b - zp) = Σ a·b - zp·Σ a; the scales multiply as the graph's Mul(a_scale, b_scale) does
           const int32_t dot = tile[r][c] - w.zero_point[n0 + c] * row.sum;
-          dst[c] = static_cast<float>(dot) * (row.scale * w.scale[n0 + c]) + (call.bias ? call.bias[n0 + c] : 0.0f);
+          dst[c] = static_cast<float>(dot) * (row.scale * w.scale[n0 + c]) + (bias ? bias[n0 + c] : 0.0f);
         }
       }
     }
@@ -309,21 +269,14 @@ OrtStatus* Compute(const Int8Weights& w, OrtKernelContext* context) {
 
   // the quantized rows live for this call only: calls may run concurrently on one kernel
   std::vector<int16_t> v(static_cast<size_t>(M * w.padded));
-  Call call{&w, std::vector<QuantRow>(static_cast<size_t>(M)), in.bias, static_cast<float*>(y_data), 1};
+  std::vector<QuantRow> rows(static_cast<size_t>(M));
   for (int64_t r = 0; r < M; ++r) {
-    QuantRow& row = call.rows[r];
-    row.v = &v[r * w.padded];
-    row.sum = QuantizeRow(in.a + r * w.K, w.K, w.padded, &v[r * w.padded], &row.scale);
+    rows[r].v = &v[r * w.padded];
+    rows[r].sum = QuantizeRow(in.a + r * w.K, w.K, w.padded, &v[r * w.padded], &rows[r].scale);
   }
-  const int64_t work = M * (w.padded / kStep);  // row-steps per group
-  const int64_t tasks_wanted = std::max<int64_t>(1, std::min<int64_t>(w.groups, work * w.groups / kTaskWork));
-  call.groups_per_task = (w.groups + tasks_wanted - 1) / tasks_wanted;
-  const int64_t tasks = (w.groups + call.groups_per_task - 1) / call.groups_per_task;
-  if (tasks == 1) {
-    RunTask(&call, 0);
-    return nullptr;
-  }
-  return g_api->KernelContext_ParallelFor(context, RunTask, static_cast<size_t>(tasks), 0, &call);
+  float* y = static_cast<float*>(y_data);
+  return ForGroups(context, w.groups, M * (w.padded / kStep), kTaskWork,
+                   [&](int64_t g0, int64_t g1) { RunGroups(w, rows, in.bias, y, g0, g1); });
 }
 
 // ---- the custom op's C table (int4_matmul.cc's OpTable) ----
