@@ -2,10 +2,13 @@
 `gptexport generate --prompts` and the server): decode tokens per second, wall and CPU time.
 
     python scripts/bench_kernels.py MODEL_DIR [--batch 1 --batch 8] [--rounds 5] [--threads 2]
+        [--prompt-tokens 16] [--long-prompt N] [--new-tokens 64]
     python scripts/bench_kernels.py --ops [int4|int8] [--threads 2]   # one matmul alone: GPT-2's shapes
 
-MODEL_DIR is an int4 (MatMulNBits: our Int4MatMul) or int8 (quantize_dynamic's pattern: our
-Int8MatMul) directory; "off" runs ONNX Runtime's own ops, "on" ours.
+MODEL_DIR is an fp32 (its attention: our CachedAttention), int4 (MatMulNBits: our Int4MatMul, and
+CachedAttention) or int8 (quantize_dynamic's pattern: our Int8MatMul, and CachedAttention)
+directory; "off" runs ONNX Runtime's own ops, "on" ours. `--prompt-tokens 900` measures decode at a
+long context; `--long-prompt 900` a ragged batch (the first row long, the others short).
 
 Both sessions stay open; each round runs every (batch, kernels) pair once, off before on, so drift
 and other tenants hit both alike. Per pair: B random prompts of --prompt-tokens, greedy, then the
@@ -36,11 +39,12 @@ from gptexport.runtime.sampling import SamplingParams
 from gptexport.runtime.session import GenerationSession
 
 
-def decode_rate(session: GenerationSession, prompts: np.ndarray, new_tokens: int) -> tuple[float, float]:
+def decode_rate(session: GenerationSession, prompts: list[list[int]], new_tokens: int) -> tuple[float, float]:
     """(decode tokens per wall second, CPU seconds per decode token) of one batch through the scheduler."""
     params = GenerationParams(new_tokens, SamplingParams(0.0), 0)
-    seqs = [session.submit(row.tolist(), params) for row in prompts]
-    session.scheduler.step()  # admits and prefills every prompt (and may decode once): not timed
+    seqs = [session.submit(row, params) for row in prompts]
+    while not all(s.tokens or s.done.is_set() for s in seqs):
+        session.scheduler.step()  # admits and prefills every prompt (and may decode): not timed
     done = sum(len(s.tokens) for s in seqs)
     wall, cpu = time.perf_counter(), time.process_time()
     session.scheduler.run()
@@ -106,13 +110,16 @@ def bench_ops(kind: str, threads: int, rows: tuple[int, ...] = (1, 2, 4, 8), rep
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model_dir", type=Path, nargs="?", help="an int4 or int8 model directory (gptexport quantize)")
+    p.add_argument("model_dir", type=Path, nargs="?",
+                   help="a model directory (fp32, or int4/int8 from gptexport quantize)")
     p.add_argument("--ops", nargs="?", const="int4", choices=("int4", "int8"),
                    help="time one matmul alone instead, GPT-2's shapes (int4: the default, or int8)")
     p.add_argument("--batch", type=int, action="append", help="batch sizes [1 and 8]")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--prompt-tokens", type=int, default=16)
+    p.add_argument("--long-prompt", type=int, default=None,
+                   help="the first row's prompt this long, the others --prompt-tokens (a ragged batch)")
     p.add_argument("--new-tokens", type=int, default=64)
     args = p.parse_args()
     batches = args.batch or [1, 8]
@@ -121,7 +128,7 @@ def main() -> None:
     if args.ops:
         return bench_ops(args.ops, args.threads)
     if args.model_dir is None:
-        p.error("give an int4 or int8 model directory, or --ops")
+        p.error("give a model directory, or --ops")
     sessions = {k: GenerationSession.open(args.model_dir, threads=args.threads, max_batch=max(batches), kernels=k)
                 for k in ("off", "on")}
     rng = np.random.default_rng(0)
@@ -129,7 +136,9 @@ def main() -> None:
     results: dict[tuple[int, str], list[tuple[float, float]]] = {}
     for r in range(args.rounds):
         for b in batches:
-            prompts = rng.integers(0, vocab, (b, args.prompt_tokens))
+            prompts = rng.integers(0, vocab, (b, args.prompt_tokens)).tolist()
+            if args.long_prompt:
+                prompts[0] = rng.integers(0, vocab, args.long_prompt).tolist()
             for k, session in sessions.items():
                 results.setdefault((b, k), []).append(decode_rate(session, prompts, args.new_tokens))
         print(f"round {r + 1}: " + ", ".join(f"B={b} {k} {results[(b, k)][-1][0]:.1f} tok/s"

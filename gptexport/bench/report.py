@@ -15,9 +15,10 @@ import numpy as np
 from .peers import NAMES as PEERS
 from .peers import SAME_PRECISION
 
-# what a quantized model directory's matmuls run on in ONNX Runtime without our kernels (the bench's
-# rows of each precision with `--kernels off`, beside ours with `on`)
-ONNX_RUNTIME_OPS = {"int4": "MatMulNBits", "int8": "MatMulInteger"}
+# what a model directory runs on in ONNX Runtime without our kernels (the bench's rows of each
+# precision with `--kernels off`, beside ours with `on`): the quantized matmuls, and for every float32
+# cache the attention as its mask graph (our CachedAttention with the kernels on)
+ONNX_RUNTIME_OPS = {"fp32": "mask-graph attention", "int4": "MatMulNBits", "int8": "MatMulInteger"}
 
 MB = 1e6
 
@@ -140,8 +141,8 @@ def table(report: dict) -> str:
 
 
 def kernel_lines(report: dict) -> list[str]:
-    """Each quantized precision with our kernels ÷ with ONNX Runtime's own ops, per batch size (both
-    rows measured in this run)."""
+    """Each precision with our kernels ÷ with ONNX Runtime's own ops, per batch size (both rows
+    measured in this run)."""
     lines, flags = [], report.get("machine", {}).get("cpu_flags", "")
     for weights, op in ONNX_RUNTIME_OPS.items():
         rows = [r for r in report["results"] if r.get("weights") == weights]
@@ -173,7 +174,8 @@ def peer_table(report: dict) -> list[str]:
             for _, key in keys:
                 a, b, q = _get(r, key), _get(peer, key), peer_ratio(report, r, peer, key)
                 cells.append(f"{_fmt(a)} / {_fmt(b)} = {_fmt_ratio(q)}" if q else "–")
-            rows.append(f"| {r['runtime']} {r['weights']} | {p} {peer['weights']} | " + " | ".join(cells) + " |")
+            ours = r["runtime"] + (f" ({r['variant']})" if r.get("variant") else "")
+            rows.append(f"| {ours} {r['weights']} | {p} {peer['weights']} | " + " | ".join(cells) + " |")
     if not rows:
         return []
     rounds = len(report.get("rounds", [])) or 1

@@ -68,7 +68,7 @@ class BenchConfig:
     peers: bool = True  # llama.cpp and CTranslate2, when installed and hf_dir (or an HF ckpt) is given
     peers_dir: str | None = None  # where peers.json is [default: $GPTEXPORT_PEERS or ~/.cache/gptexport-peers]
     hf_dir: str | None = None  # the Hugging Face directory the model directory was converted from
-    kernels: tuple[str, ...] = ("off", "on")  # int4 rows: MatMulNBits and/or our kernels (runtime/kernels)
+    kernels: tuple[str, ...] = ("off", "on")  # ONNX Runtime's own ops and/or our kernels (runtime/kernels)
 
 
 @dataclass
@@ -292,9 +292,9 @@ def _runtimes(model_dir: Path, md, ckpt, config: BenchConfig, precisions: tuple[
 
 
 def _kernel_variants(precision: str, modes: tuple[str, ...], notes: list[str]) -> list[tuple[str, str]]:
-    """(kernels mode, row variant) of a precision's rows: int4 and int8 with ONNX Runtime's own ops
-    (MatMulNBits; DynamicQuantizeLinear + MatMulInteger) and/or our kernels, when they are available
-    here (else a note why not); other precisions once, as they are."""
+    """(kernels mode, row variant) of a precision's rows: fp32, int4 and int8 with ONNX Runtime's own
+    ops (the mask-graph attention; MatMulNBits; DynamicQuantizeLinear + MatMulInteger) and/or our
+    kernels, when they are available here (else a note why not); fp16 once, as it is."""
     if precision not in ONNX_RUNTIME_OPS:
         return [("off", "")]
     from ..runtime.backends.kernels import availability

@@ -77,12 +77,15 @@ def test_run_bench_on_a_tiny_model(tiny_model_dir, tiny_ckpt, tmp_path):
     config = bench.BenchConfig(prompt_tokens=4, new_tokens=3, batches=(2,), contexts=(4, 15), context_new_tokens=2,
                                rounds=1, threads=1, max_others=None)  # no waiting for a quiet machine in tests
     report = bench.run_bench(tiny_model_dir, tiny_ckpt, config, ("fp32",), tmp_path, progress=lambda m: None)
-    assert [r["runtime"] for r in report["results"]][:2] == ["gptexport-ort", "nanoGPT"]
+    names = [r["runtime"] for r in report["results"]]
+    ours = [r["variant"] for r in report["results"] if r["runtime"] == "gptexport-ort"]
+    assert names[:len(ours) + 1] == ["gptexport-ort"] * len(ours) + ["nanoGPT"]
+    assert ours[0] == "mask-graph attention" and set(ours) <= {"mask-graph attention", "our kernels"}
     assert set(report["memory_bandwidth_bytes_s"]) == {"copy", "read"}
     for r in report["results"]:
         assert set(r["by_batch"]) == {"2"} and set(r["ms_per_token_at"]) == {"4"}  # 15 + 2 > block_size 16
         assert "beyond block_size" in r["note"]
-    assert "| gptexport-ort | fp32 |" in render.table(report)
+    assert "| gptexport-ort (mask-graph attention) | fp32 |" in render.table(report)
     assert set(report["results"][0]["bands"]["by_batch"]["2"]) >= {"decode_tok_s", "prefill_tok_s"}
 
 

@@ -362,7 +362,8 @@ def test_runner_with_int8_kernels_matches_without(library, int8_dir):
     from gptexport.artifacts.modeldir import load_model_dir
 
     md = load_model_dir(int8_dir)
-    assert session_model(md.onnx_path, "on").ops == {"Int8MatMul": 4 * md.config.n_layer + 1}
+    ops = session_model(md.onnx_path, "on").ops
+    assert ops == {"Int8MatMul": 4 * md.config.n_layer + 1, "CachedAttention": md.config.n_layer}
     ids = np.random.default_rng(0).integers(0, md.config.vocab_size, (1, 1))
     # one token: one row per matmul, where our per-row quantization is the graph's own
     off, on = logits(OrtRunner(md, kernels="off"), ids), logits(OrtRunner(md, kernels="on"), ids)
@@ -410,7 +411,7 @@ def test_parity_passes_on_int8_with_the_kernels(library, int8_dir, tiny_ckpt, mo
     from gptexport.verify.parity import ParityOptions, run_parity
 
     monkeypatch.setitem(kernels.OPS, "auto", kernels.OPS["on"])  # parity's runner opens with auto
-    assert session_model(int8_dir / "model.onnx", "auto").ops == {"Int8MatMul": 9}
+    assert session_model(int8_dir / "model.onnx", "auto").ops == {"Int8MatMul": 9, "CachedAttention": 2}
     report = run_parity(int8_dir, tiny_ckpt, options=ParityOptions(steps=2, backends="onnxruntime"))
     assert report.tolerance == PRESETS["int8"] and report, report.verdict()
 

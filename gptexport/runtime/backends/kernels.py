@@ -2,8 +2,9 @@
 
 `session_model(onnx_path, mode)` is called when the CPU provider's session is created. With the
 kernels on, it reads model.onnx, swaps our ops in for the nodes they can run (Int4MatMul for
-MatMulNBits, Int8MatMul for quantize_dynamic's DynamicQuantizeLinear + MatMulInteger pattern;
-runtime/kernels/onnxgraph.py) and returns the rewritten bytes with the library to register; the
+MatMulNBits, Int8MatMul for quantize_dynamic's DynamicQuantizeLinear + MatMulInteger pattern,
+CachedAttention for each layer's float32 attention subgraph; runtime/kernels/onnxgraph.py and
+attention_pattern.py) and returns the rewritten bytes with the library to register; the
 model directory itself is never changed, so it still runs anywhere ONNX Runtime runs.
 
 Modes (`--kernels`):
@@ -24,11 +25,14 @@ from ...errors import BackendUnavailable, UsageError
 from ..kernels import build, onnxgraph
 
 MODES = ("off", "auto", "on")
-# what each of our ops replaces (the bytes a model must hold for a swap to be worth a look)
-SWAPS = {"Int4MatMul": b"MatMulNBits", "Int8MatMul": b"MatMulInteger"}
+# what each of our ops replaces: the op type a model must hold for a swap to be worth a look, and
+# what the log calls the nodes swapped
+SWAPS = {"Int4MatMul": (b"MatMulNBits", "MatMulNBits"), "Int8MatMul": (b"MatMulInteger", "int8 MatMul patterns"),
+         "CachedAttention": (b"Softmax", "attention subgraphs")}
 # the ops each mode swaps in: "auto" only where they measured faster than ONNX Runtime's own path
 # (docs/performance.md, "Our own kernels"); "on" every op we have
-OPS = {"off": (), "auto": ("Int4MatMul", "Int8MatMul"), "on": ("Int4MatMul", "Int8MatMul")}
+OPS = {"off": (), "auto": ("Int4MatMul", "Int8MatMul", "CachedAttention"),
+       "on": ("Int4MatMul", "Int8MatMul", "CachedAttention")}
 EXTERNAL_FOLDER = "session.model_external_initializers_file_folder_path"
 log = logging.getLogger("gptexport.kernels")
 _said: set[str] = set()
@@ -65,7 +69,7 @@ def session_model(onnx_path: Path, mode: str = "auto") -> SessionModel:
         return plain
     data = onnx_path.read_bytes()
     ops = OPS[mode]
-    if mode == "auto" and not any(SWAPS[op] in data for op in ops):
+    if mode == "auto" and not any(SWAPS[op][0] in data for op in ops):
         return plain  # nothing to swap: no reason to build anything
     try:
         library = build.ensure_library()
@@ -81,7 +85,7 @@ def session_model(onnx_path: Path, mode: str = "auto") -> SessionModel:
         return plain
     if not swapped:
         return plain
-    said = ", ".join(f"{n} {SWAPS[op].decode()} as {op}" for op, n in swapped.items())
+    said = ", ".join(f"{n} {SWAPS[op][1]} as {op}" for op, n in swapped.items())
     _say_once(f"kernels on: {said} ({build.isa(library)}, {library})")
     return SessionModel(rewritten, onnx_path.parent, library, sum(swapped.values()), swapped)
 

@@ -30,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("int4_matmul.cc", "int8_matmul.cc"))
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("int4_matmul.cc", "int8_matmul.cc", "attention.cc"))
 HEADERS = (Path(__file__).with_name("kernels.h"),)  # included by the sources: part of the build's key
 LIBRARY = "libgptexport_kernels.so"
 HEADER = "onnxruntime_c_api.h"

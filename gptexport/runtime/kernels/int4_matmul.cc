@@ -87,7 +87,7 @@ struct OpTable : OrtCustomOp {
     GetInputTypeCount = [](const OrtCustomOp* op) { return Of(op).inputs; };
     GetInputType = [](const OrtCustomOp* op, size_t i) { return Of(op).input_type(i); };
     GetInputCharacteristic = [](const OrtCustomOp* op, size_t i) {
-      return i + 1 == Of(op).inputs ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+      return i >= Of(op).required ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
     };
     GetOutputTypeCount = [](const OrtCustomOp*) -> size_t { return 1; };
     GetOutputType = [](const OrtCustomOp*, size_t) { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; };
@@ -419,7 +419,7 @@ OrtStatus* CreateKernel(const OrtKernelInfo* info, void** out) {
 }
 
 const OpSpec kInt4MatMul = {
-    "Int4MatMul", 4,  // A, B, scales[, bias]
+    "Int4MatMul", 4, 3,  // A, B, scales[, bias]
     [](size_t i) { return i == 1 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; },
     CreateKernel,
     [](void* kernel, OrtKernelContext* context) { return Compute(*static_cast<Int4MatMulKernel*>(kernel), context); },
@@ -451,9 +451,8 @@ __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps
   // object per registration)
   OrtCustomOpDomain* domain = nullptr;
   RETURN_IF_ERROR(g_api->CreateCustomOpDomain("gptexport", &domain));
-  static OpTable int4_matmul(kInt4MatMul), int8_matmul(Int8MatMulSpec());
-  RETURN_IF_ERROR(g_api->CustomOpDomain_Add(domain, &int4_matmul));
-  RETURN_IF_ERROR(g_api->CustomOpDomain_Add(domain, &int8_matmul));
+  static OpTable int4_matmul(kInt4MatMul), int8_matmul(Int8MatMulSpec()), attention(CachedAttentionSpec());
+  for (OpTable* op : {&int4_matmul, &int8_matmul, &attention}) RETURN_IF_ERROR(g_api->CustomOpDomain_Add(domain, op));
   return g_api->AddCustomOpDomain(options, domain);
 }
 

@@ -289,7 +289,7 @@ OrtStatus* CreateKernel(const OrtKernelInfo* info, void** out) {
 }
 
 const OpSpec kInt8MatMul = {
-    "Int8MatMul", 5,  // A, B, b_scale, b_zero_point[, bias]
+    "Int8MatMul", 5, 4,  // A, B, b_scale, b_zero_point[, bias]
     [](size_t i) { return (i == 1 || i == 3) ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; },
     CreateKernel,
     [](void* w, OrtKernelContext* context) { return Compute(*static_cast<Int8Weights*>(w), context); },

@@ -1,4 +1,4 @@
-// What our two ops share: the error macro, ONNX Runtime's API and helpers (defined in
+// What our ops share: the error macro, ONNX Runtime's API and helpers (defined in
 // int4_matmul.cc, which registers the library), the spec of an op's C table, and the split of a
 // matmul's column groups over ONNX Runtime's intra-op pool.
 
@@ -31,17 +31,19 @@ OrtStatus* ConstantInput(const OrtKernelInfo* info, size_t index, const char* op
                          const OrtValue** out);
 
 // What differs between our ops' C tables; int4_matmul.cc's OpTable does the rest (the CPU provider,
-// one float output, the last input optional, exceptions stopped at the C boundary).
+// one float output, exceptions stopped at the C boundary).
 struct OpSpec {
   const char* name;
   size_t inputs;
+  size_t required;  // inputs 0..required-1 must be given, the rest are optional
   ONNXTensorElementDataType (*input_type)(size_t index);
   OrtStatus* (*create)(const OrtKernelInfo* info, void** kernel);  // may throw std::bad_alloc
   OrtStatus* (*compute)(void* kernel, OrtKernelContext* context);   // may throw std::bad_alloc
   void (*destroy)(void* kernel);
 };
 
-const OpSpec& Int8MatMulSpec();  // int8_matmul.cc
+const OpSpec& Int8MatMulSpec();       // int8_matmul.cc
+const OpSpec& CachedAttentionSpec();  // attention.cc
 
 // Runs run(g0, g1) over the column groups [0, groups) in tasks of about `task_work` units of work
 // (`work_per_group` per group): enough tasks to balance the pool, each worth a thread hand-off; a

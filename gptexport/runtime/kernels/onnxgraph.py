@@ -1,5 +1,6 @@
-"""Swap our Int4MatMul in for MatMulNBits, and our Int8MatMul for ONNX Runtime's dynamic int8
-pattern, in a serialized ONNX model, without the onnx package.
+"""Swap our Int4MatMul in for MatMulNBits, our Int8MatMul for ONNX Runtime's dynamic int8 pattern,
+and our CachedAttention for each layer's attention, in a serialized ONNX model, without the onnx
+package.
 
 The runtime may not import onnx (a serving box has only onnxruntime), and ONNX Runtime offers no
 graph editing from Python. Nor can our op simply take MatMulNBits' name: a custom-op domain named
@@ -10,156 +11,33 @@ kinds are touched: ModelProto.graph (7) and .opset_import (8), GraphProto.node (
 its input (1), op_type (4) and domain (7). Every other field, the initializers' weight bytes
 included, is copied as it was read, so the rewrite costs one copy of the file.
 
-Field numbers are those of onnx/onnx.proto (ModelProto, GraphProto, NodeProto, AttributeProto,
-TensorProto); they are part of the format and never change.
+The wire format itself (reading fields, nodes, initializers; writing nodes) is onnxproto.py; each
+layer's attention subgraph is found in attention_pattern.py.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Iterator
+from .attention_pattern import attention_swaps
+from .onnxproto import (
+    DOMAIN,
+    FLOAT,
+    INT8,
+    LEN,
+    Graph,
+    Node,
+    Swap,
+    fields,
+    graph_values,
+    initializer_name,
+    initializers,
+    len_field,
+    our_node,
+    read_node,
+    varint_field,
+)
 
-OP_NAME, DOMAIN = "Int4MatMul", "gptexport"
-FLOAT, INT8 = 1, 3  # TensorProto.DataType
-
-# wire types
-VARINT, FIXED64, LEN, FIXED32 = 0, 1, 2, 5
-
-
-@dataclass
-class Field:
-    number: int
-    wire: int
-    raw: memoryview  # the whole field: tag and value
-    value: memoryview | int  # LEN: the payload; VARINT: the integer; FIXED: the bytes
-
-
-def _varint(buf: memoryview, pos: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        if pos >= len(buf):
-            raise ValueError("truncated varint")
-        byte = buf[pos]
-        pos += 1
-        result |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return result, pos
-        shift += 7
-
-
-def fields(buf: memoryview) -> Iterator[Field]:
-    """The top-level fields of one protobuf message, in order."""
-    pos = 0
-    while pos < len(buf):
-        start = pos
-        tag, pos = _varint(buf, pos)
-        number, wire = tag >> 3, tag & 7
-        if wire == VARINT:
-            value, pos = _varint(buf, pos)
-        elif wire == LEN:
-            size, pos = _varint(buf, pos)
-            if pos + size > len(buf):
-                raise ValueError("truncated field")
-            value, pos = buf[pos:pos + size], pos + size
-        elif wire in (FIXED64, FIXED32):
-            size = 8 if wire == FIXED64 else 4
-            value, pos = buf[pos:pos + size], pos + size
-        else:
-            raise ValueError(f"unsupported wire type {wire}")
-        yield Field(number, wire, buf[start:pos], value)
-
-
-def _encode_varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
-def len_field(number: int, payload: bytes | memoryview) -> bytes:
-    return _encode_varint(number << 3 | LEN) + _encode_varint(len(payload)) + bytes(payload)
-
-
-def varint_field(number: int, value: int) -> bytes:
-    return _encode_varint(number << 3 | VARINT) + _encode_varint(value)
-
-
-@dataclass
-class Node:
-    """What the swap needs to know of a NodeProto."""
-
-    op_type: str = ""
-    domain: str = ""
-    inputs: list[str] = field(default_factory=list)
-    outputs: list[str] = field(default_factory=list)
-    ints: dict[str, int] = field(default_factory=dict)  # its integer attributes
-
-
-def read_node(buf: memoryview) -> Node:
-    node = Node()
-    for f in fields(buf):
-        if f.number == 1 and f.wire == LEN:
-            node.inputs.append(bytes(f.value).decode())
-        elif f.number == 2 and f.wire == LEN:
-            node.outputs.append(bytes(f.value).decode())
-        elif f.number == 4 and f.wire == LEN:
-            node.op_type = bytes(f.value).decode()
-        elif f.number == 7 and f.wire == LEN:
-            node.domain = bytes(f.value).decode()
-        elif f.number == 5 and f.wire == LEN:
-            name, value = _int_attribute(f.value)
-            if name is not None:
-                node.ints[name] = value
-    return node
-
-
-def _int_attribute(buf: memoryview) -> tuple[str | None, int]:
-    name, value = None, None
-    for f in fields(buf):
-        if f.number == 1 and f.wire == LEN:
-            name = bytes(f.value).decode()
-        elif f.number == 3 and f.wire == VARINT:
-            value = f.value - (1 << 64) if f.value >= 1 << 63 else f.value
-    return (name, value) if value is not None else (None, 0)
-
-
-def initializers(graph: memoryview) -> dict[str, tuple[int, tuple[int, ...]]]:
-    """The graph's initializers: name -> (TensorProto data type, dims)."""
-    found = {}
-    for f in fields(graph):
-        if f.number == 5 and f.wire == LEN:  # GraphProto.initializer: TensorProto
-            name, dtype, dims = "", 0, []
-            for t in fields(f.value):
-                if t.number == 8 and t.wire == LEN:
-                    name = bytes(t.value).decode()
-                elif t.number == 2 and t.wire == VARINT:
-                    dtype = t.value
-                elif t.number == 1:  # dims: packed (LEN) or one varint each
-                    dims += _packed_varints(t.value) if t.wire == LEN else [t.value]
-            found[name] = (dtype, tuple(dims))
-    return found
-
-
-def _packed_varints(buf: memoryview) -> list[int]:
-    values, pos = [], 0
-    while pos < len(buf):
-        value, pos = _varint(buf, pos)
-        values.append(value)
-    return values
-
-
-def graph_values(graph: memoryview, number: int) -> set[str]:
-    """Names of the graph's inputs (number 11) or outputs (12): ValueInfoProto, its name is field 1."""
-    names = set()
-    for f in fields(graph):
-        if f.number == number and f.wire == LEN:
-            names |= {bytes(v.value).decode() for v in fields(f.value) if v.number == 1 and v.wire == LEN}
-    return names
+OP_NAME = "Int4MatMul"
+__all__ = ["DOMAIN", "swap_graph", "swap_model"]
 
 
 def swappable(node: Node, inits: dict) -> bool:
@@ -197,41 +75,21 @@ def bias_adds(nodes: list[Node], swap: set[int], inits: dict, outputs: set[str])
     return fused
 
 
-def _node(buf: memoryview, op: str, inputs: list[str], outputs: list[str]) -> bytes:
-    """A NodeProto of our domain: `buf`'s other fields (name, attributes) with these inputs, outputs, op."""
-    out = bytearray()
-    for name in inputs:
-        out += len_field(1, name.encode())
-    for name in outputs:
-        out += len_field(2, name.encode())
-    for f in fields(buf):
-        if f.number not in (1, 2, 4, 7):
-            out += f.raw
-    return bytes(out + len_field(4, op.encode()) + len_field(7, DOMAIN.encode()))
 
-
-def _swapped_node(buf: memoryview, node: Node, add: Node | None) -> bytes:
+def _swappedour_node(buf: memoryview, node: Node, add: Node | None) -> bytes:
     ins = node.inputs + [""] * (6 - len(node.inputs))
     if add is not None:
         ins[5] = add.inputs[1] if add.inputs[0] == node.outputs[0] else add.inputs[0]
     inputs = ins[:3] + ([ins[5]] if ins[5] else [])  # A, B, scales[, bias]
-    return _node(buf, OP_NAME, inputs, add.outputs if add is not None else node.outputs)
+    return our_node(buf, OP_NAME, inputs, add.outputs if add is not None else node.outputs)
 
-
-@dataclass
-class Swap:
-    """One of our nodes in place of `removed` graph nodes, written where node `at` stood."""
-
-    node: bytes  # the NodeProto
-    at: int
-    removed: set[int]
 
 
 def int4_swaps(nodes: list[Node], inits: dict, outputs: set[str], node_bytes: list[memoryview]) -> list[Swap]:
     """Every swappable MatMulNBits as an Int4MatMul, with the bias Add after it."""
     swap = {i for i, node in enumerate(nodes) if swappable(node, inits)}
     fused = bias_adds(nodes, swap, inits, outputs)
-    return [Swap(_swapped_node(node_bytes[i], nodes[i], nodes[fused[i]] if i in fused else None), i,
+    return [Swap(_swappedour_node(node_bytes[i], nodes[i], nodes[fused[i]] if i in fused else None), i,
                  {i} | ({fused[i]} if i in fused else set())) for i in sorted(swap)]
 
 
@@ -242,12 +100,6 @@ def int4_swaps(nodes: list[Node], inits: dict, outputs: set[str], node_bytes: li
 # use and is no graph output, and B, b_scale, b_zp (and bias) are constants of the shapes it takes.
 
 
-def _count(dims: tuple[int, ...]) -> int:
-    count = 1
-    for d in dims:
-        count *= d
-    return count
-
 
 def _other(node: Node, name: str) -> str | None:
     """The other input of a two-input node that takes `name`."""
@@ -256,30 +108,8 @@ def _other(node: Node, name: str) -> str | None:
     return node.inputs[1] if node.inputs[0] == name else node.inputs[0]
 
 
-class _Int8Graph:
-    """The lookups the pattern needs: who makes and who uses each value."""
-
-    def __init__(self, nodes: list[Node], inits: dict, outputs: set[str]):
-        self.nodes, self.inits, self.outputs = nodes, inits, outputs
-        self.uses: dict[str, list[int]] = {}
-        self.producer: dict[str, int] = {}
-        for i, node in enumerate(nodes):
-            for name in node.inputs:
-                self.uses.setdefault(name, []).append(i)
-            for name in node.outputs:
-                self.producer[name] = i
-
-    def only_user(self, name: str, op: str) -> int | None:
-        """The one node using `name`, if it is an `op` of the default domain and `name` no graph output."""
-        users = self.uses.get(name, [])
-        if len(users) != 1 or name in self.outputs:
-            return None
-        node = self.nodes[users[0]]
-        return users[0] if (node.op_type, node.domain) == (op, "") and len(node.outputs) == 1 else None
-
-    def constant(self, name: str | None, dtype: int, counts: tuple[int, ...]) -> bool:
-        info = self.inits.get(name or "")
-        return info is not None and info[0] == dtype and _count(info[1]) in counts
+class _Int8Graph(Graph):
+    """The int8 pattern's matcher on the graph's lookups."""
 
     def match(self, m: int) -> tuple[list[str], list[int]] | None:
         """Int8MatMul's inputs and the pattern's nodes (in order), for the MatMulInteger at `m`."""
@@ -322,23 +152,30 @@ def int8_swaps(nodes: list[Node], inits: dict, outputs: set[str], node_bytes: li
         if found is not None:
             inputs, chain = found
             last = chain[-1]
-            swaps.append(Swap(_node(node_bytes[m], "Int8MatMul", inputs, nodes[last].outputs), last, set(chain)))
+            swaps.append(Swap(our_node(node_bytes[m], "Int8MatMul", inputs, nodes[last].outputs), last, set(chain)))
     return swaps
 
 
 def swap_graph(graph: memoryview, ops: tuple[str, ...] = ("Int4MatMul", "Int8MatMul")) -> tuple[bytes, dict[str, int]]:
     """The GraphProto with the nodes our `ops` compute swapped for them (MatMulNBits for
-    Int4MatMul, the int8 pattern for Int8MatMul), and how many of each."""
+    Int4MatMul, the int8 pattern for Int8MatMul, a layer's attention subgraph for CachedAttention),
+    and how many of each."""
     # an initializer that is also a graph input can be overridden at run time: not a constant
     inputs = graph_values(graph, 11)
     inits = {name: info for name, info in initializers(graph).items() if name not in inputs}
     node_bytes = [f.value for f in fields(graph) if f.number == 1 and f.wire == LEN]
     nodes = [read_node(b) for b in node_bytes]
     outputs = graph_values(graph, 12)
-    swaps = {"Int4MatMul": int4_swaps, "Int8MatMul": int8_swaps}
+    swaps = {"Int4MatMul": int4_swaps, "Int8MatMul": int8_swaps,
+             "CachedAttention": lambda *found: attention_swaps(graph, *found)}
     found = {op: swaps[op](nodes, inits, outputs, node_bytes) for op in ops}
     placed = {s.at: s for found_op in found.values() for s in found_op}
     removed = {i for s in placed.values() for i in s.removed}
+    # initializers only the removed nodes used (the attention's -inf and slice bounds) go with them:
+    # ONNX Runtime would warn of each at every session's creation
+    still_used = {name for i, node in enumerate(nodes) if i not in removed for name in node.inputs}
+    still_used |= {name for s in placed.values() for name in read_node(memoryview(s.node)).inputs} | outputs
+    dropped = {name for i in removed for name in nodes[i].inputs if name in inits and name not in still_used}
     out, index = bytearray(), 0
     for f in fields(graph):
         if f.number == 1 and f.wire == LEN:
@@ -348,8 +185,11 @@ def swap_graph(graph: memoryview, ops: tuple[str, ...] = ("Int4MatMul", "Int8Mat
             elif i not in removed:
                 out += f.raw
             continue
+        if f.number == 5 and f.wire == LEN and dropped and initializer_name(f.value) in dropped:
+            continue
         out += f.raw
     return bytes(out), {op: len(s) for op, s in found.items() if s}
+
 
 
 def swap_model(model: bytes, ops: tuple[str, ...] = ("Int4MatMul", "Int8MatMul")) -> tuple[bytes, dict[str, int]]:

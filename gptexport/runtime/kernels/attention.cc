@@ -1,0 +1,253 @@
+// CachedAttention: the attention of one layer of our exported graph as one op (onnxgraph.py swaps it
+// in for the explicit causal-mask subgraph), reading only the keys each row can see.
+//
+//   y[b, t, h, :] = softmax_j(scale * q[b, h, t, :] . K_j) @ V_j    over the visible keys j:
+//     the past keys j < past_length[b] (of the P slots of k_past/v_past; the slots beyond are
+//     another row's longer history or room to grow), then the new keys 0..t (causal).
+//   q, k_new, v_new: float [B, nh, T, hd]; k_past, v_past: float [B, nh, P, hd]; past_length: int64
+//   [B]; scale: float, one value. y: float [B, T, nh, hd] (the graph's Transpose after the
+//   attention, taken in: the next Reshape joins the heads).
+//
+// What the graph computes instead: scores against all P slots and all T new keys, masked with -inf
+// (Where), concatenated, softmaxed, sliced and multiplied by both value tensors: every step reads
+// and writes (B, nh, T, P + T) scores in ~15 nodes per layer, and a row's attention costs the
+// capacity of the cache (its longest row) whatever its own length. Here a row costs its own length,
+// masked slots are never read (a NaN left in one cannot reach the output), and softmax is exact
+// over the visible keys: exp(s - max) / sum, the masked terms of the graph's softmax being 0.
+// Work is split over (row, head, block of queries) with ONNX Runtime's intra-op pool.
+// Paths: AVX2+FMA (dot products, exp and the value sums 8 lanes at a time) or plain C++.
+
+#include "kernels.h"
+
+#include <immintrin.h>
+
+#include <cmath>
+#include <memory>
+#include <new>
+
+namespace {
+
+using namespace gptexport_kernels;
+
+constexpr int64_t kQueriesPerTask = 16;  // a prefill's queries per task: causal rows grow, so many small tasks
+
+struct Shapes {
+  int64_t B = 0, heads = 0, T = 0, P = 0, hd = 0;
+};
+
+struct Call {
+  Shapes s;
+  const float *q, *k_new, *v_new, *k_past, *v_past;
+  const int64_t* past_length;
+  float scale;
+  float* y;
+};
+
+// ---- one query against its visible keys: scores, softmax, weighted values ----
+
+// The keys (and values) query t of (b, h) sees: `past` rows of the past buffer, then t + 1 new ones.
+struct Keys {
+  const float *k_past, *v_past, *k_new, *v_new;
+  int64_t past, count;
+  const float* key(int64_t j) const { return j < past ? k_past : k_new; }
+};
+
+float DotGeneric(const float* a, const float* b, int64_t n) {
+  float sum = 0.0f;
+  for (int64_t d = 0; d < n; ++d) sum += a[d] * b[d];
+  return sum;
+}
+
+void QueryGeneric(const float* q, const Keys& keys, int64_t hd, float scale, float* scores, float* out) {
+  float top = -INFINITY;
+  for (int64_t j = 0; j < keys.count; ++j) {
+    const float* k = j < keys.past ? keys.k_past + j * hd : keys.k_new + (j - keys.past) * hd;
+    scores[j] = DotGeneric(q, k, hd) * scale;
+    top = std::max(top, scores[j]);
+  }
+  float sum = 0.0f;
+  for (int64_t d = 0; d < hd; ++d) out[d] = 0.0f;
+  for (int64_t j = 0; j < keys.count; ++j) {
+    const float p = std::exp(scores[j] - top);
+    sum += p;
+    const float* v = j < keys.past ? keys.v_past + j * hd : keys.v_new + (j - keys.past) * hd;
+    for (int64_t d = 0; d < hd; ++d) out[d] += p * v[d];
+  }
+  for (int64_t d = 0; d < hd; ++d) out[d] /= sum;
+}
+
+__attribute__((target("avx2,fma"))) inline float HorizontalSum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+__attribute__((target("avx2,fma"))) inline float DotAvx2(const float* a, const float* b, int64_t n) {
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  int64_t d = 0;
+  for (; d + 16 <= n; d += 16) {
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + d + 8), _mm256_loadu_ps(b + d + 8), acc1);
+  }
+  for (; d + 8 <= n; d += 8) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d), acc0);
+  float sum = HorizontalSum(_mm256_add_ps(acc0, acc1));
+  for (; d < n; ++d) sum += a[d] * b[d];
+  return sum;
+}
+
+// e^x for x <= 0 (a score minus the row's largest), 8 at a time: x = n ln2 + r, |r| <= ln2 / 2,
+// e^r by Cephes' degree-6 polynomial (relative error ~1e-7), times 2^n through the exponent bits;
+// below -87 (e^x < 1.2e-38, nothing beside the largest term's 1) it returns 0.
+__attribute__((target("avx2,fma"))) inline __m256 ExpAvx2(__m256 x) {
+  const __m256 too_small = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_LT_OQ);
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(too_small, _mm256_mul_ps(p, _mm256_castsi256_ps(bits)));
+}
+
+__attribute__((target("avx2,fma"))) void QueryAvx2(const float* q, const Keys& keys, int64_t hd, float scale,
+                                                    float* scores, float* out) {
+  float top = -INFINITY;
+  for (int64_t j = 0; j < keys.count; ++j) {
+    const float* k = j < keys.past ? keys.k_past + j * hd : keys.k_new + (j - keys.past) * hd;
+    scores[j] = DotAvx2(q, k, hd) * scale;
+    top = std::max(top, scores[j]);
+  }
+  // the exponentials, 8 at a time, and their sum (the tail after the last whole 8 in scalar)
+  __m256 sums = _mm256_setzero_ps();
+  const __m256 top8 = _mm256_set1_ps(top);
+  int64_t j = 0;
+  for (; j + 8 <= keys.count; j += 8) {
+    const __m256 p = ExpAvx2(_mm256_sub_ps(_mm256_loadu_ps(scores + j), top8));
+    _mm256_storeu_ps(scores + j, p);
+    sums = _mm256_add_ps(sums, p);
+  }
+  float sum = HorizontalSum(sums);
+  for (; j < keys.count; ++j) {
+    scores[j] = std::exp(scores[j] - top);
+    sum += scores[j];
+  }
+  for (int64_t d = 0; d < hd; ++d) out[d] = 0.0f;
+  for (j = 0; j < keys.count; ++j) {
+    const float* v = j < keys.past ? keys.v_past + j * hd : keys.v_new + (j - keys.past) * hd;
+    const __m256 p = _mm256_set1_ps(scores[j]);
+    int64_t d = 0;
+    for (; d + 8 <= hd; d += 8)
+      _mm256_storeu_ps(out + d, _mm256_fmadd_ps(p, _mm256_loadu_ps(v + d), _mm256_loadu_ps(out + d)));
+    for (; d < hd; ++d) out[d] += scores[j] * v[d];
+  }
+  const float inverse = 1.0f / sum;
+  for (int64_t d = 0; d < hd; ++d) out[d] *= inverse;
+}
+
+// ---- one task: a block of queries of one (row, head) ----
+
+void RunTask(const Call& call, int64_t task, float* scores) {
+  const Shapes& s = call.s;
+  const int64_t blocks = (s.T + kQueriesPerTask - 1) / kQueriesPerTask;
+  const int64_t bh = task / blocks, b = bh / s.heads, h = bh % s.heads;
+  const int64_t t0 = (task % blocks) * kQueriesPerTask, t1 = std::min(s.T, t0 + kQueriesPerTask);
+  Keys keys;
+  keys.past = std::min(std::max<int64_t>(call.past_length[b], 0), s.P);
+  keys.k_past = call.k_past + bh * s.P * s.hd;
+  keys.v_past = call.v_past + bh * s.P * s.hd;
+  keys.k_new = call.k_new + bh * s.T * s.hd;
+  keys.v_new = call.v_new + bh * s.T * s.hd;
+  for (int64_t t = t0; t < t1; ++t) {
+    keys.count = keys.past + t + 1;
+    const float* q = call.q + (bh * s.T + t) * s.hd;
+    float* out = call.y + ((b * s.T + t) * s.heads + h) * s.hd;
+    if (g_use_avx2)
+      QueryAvx2(q, keys, s.hd, call.scale, scores, out);
+    else
+      QueryGeneric(q, keys, s.hd, call.scale, scores, out);
+  }
+}
+
+// ---- the ONNX Runtime kernel ----
+
+OrtStatus* Input(OrtKernelContext* context, size_t index, std::vector<int64_t>* shape, const void** data) {
+  const OrtValue* value = nullptr;
+  RETURN_IF_ERROR(g_api->KernelContext_GetInput(context, index, &value));
+  if (value == nullptr) return Error("CachedAttention: input " + std::to_string(index) + " is missing");
+  RETURN_IF_ERROR(TensorShape(value, shape));
+  void* mutable_data = nullptr;
+  RETURN_IF_ERROR(g_api->GetTensorMutableData(const_cast<OrtValue*>(value), &mutable_data));
+  *data = mutable_data;
+  return nullptr;
+}
+
+OrtStatus* Compute(OrtKernelContext* context) {
+  std::vector<int64_t> shape[7];
+  const void* data[7];
+  for (size_t i = 0; i < 7; ++i) RETURN_IF_ERROR(Input(context, i, &shape[i], &data[i]));
+  Call call;
+  Shapes& s = call.s;
+  if (shape[0].size() != 4) return Error("CachedAttention: q must be [B, heads, T, head_dim]");
+  s.B = shape[0][0], s.heads = shape[0][1], s.T = shape[0][2], s.hd = shape[0][3];
+  s.P = shape[3].size() == 4 ? shape[3][2] : -1;
+  const std::vector<int64_t> q_shape = shape[0], past = {s.B, s.heads, s.P, s.hd};
+  if (shape[1] != q_shape || shape[2] != q_shape || shape[3] != past || shape[4] != past ||
+      shape[5] != std::vector<int64_t>{s.B} || Count(shape[6]) != 1)
+    return Error("CachedAttention: k_new, v_new must be shaped as q [B, heads, T, head_dim], k_past and v_past "
+                 "[B, heads, P, head_dim], past_length [B], scale one value");
+  call.q = static_cast<const float*>(data[0]);
+  call.k_new = static_cast<const float*>(data[1]);
+  call.v_new = static_cast<const float*>(data[2]);
+  call.k_past = static_cast<const float*>(data[3]);
+  call.v_past = static_cast<const float*>(data[4]);
+  call.past_length = static_cast<const int64_t*>(data[5]);
+  call.scale = *static_cast<const float*>(data[6]);
+  const std::vector<int64_t> y_shape = {s.B, s.T, s.heads, s.hd};
+  OrtValue* Y = nullptr;
+  RETURN_IF_ERROR(g_api->KernelContext_GetOutput(context, 0, y_shape.data(), y_shape.size(), &Y));
+  if (Count(y_shape) == 0) return nullptr;
+  void* y_data = nullptr;
+  RETURN_IF_ERROR(g_api->GetTensorMutableData(Y, &y_data));
+  call.y = static_cast<float*>(y_data);
+
+  // one score per visible key of a query, at most P + T; each task its own slice of the buffer
+  const int64_t tasks = s.B * s.heads * ((s.T + kQueriesPerTask - 1) / kQueriesPerTask);
+  const int64_t width = s.P + s.T;
+  std::vector<float> scores(static_cast<size_t>(tasks * width));
+  struct Job {
+    const Call* call;
+    float* scores;
+    int64_t width;
+  } job{&call, scores.data(), width};
+  const auto run = [](void* data, size_t task) {
+    const Job& j = *static_cast<const Job*>(data);
+    RunTask(*j.call, static_cast<int64_t>(task), j.scores + static_cast<int64_t>(task) * j.width);
+  };
+  if (tasks == 1) {
+    run(&job, 0);
+    return nullptr;
+  }
+  return g_api->KernelContext_ParallelFor(context, run, static_cast<size_t>(tasks), 0, &job);
+}
+
+const OpSpec kCachedAttention = {
+    "CachedAttention", 7, 7,  // q, k_new, v_new, k_past, v_past, past_length, scale: none optional
+    [](size_t i) { return i == 5 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; },
+    [](const OrtKernelInfo*, void** kernel) -> OrtStatus* {
+      *kernel = nullptr;  // nothing to keep: every input arrives with each call
+      return nullptr;
+    },
+    [](void*, OrtKernelContext* context) { return Compute(context); },
+    [](void*) {},
+};
+
+}  // namespace
+
+const gptexport_kernels::OpSpec& gptexport_kernels::CachedAttentionSpec() { return kCachedAttention; }
