@@ -68,8 +68,8 @@ def convert(ckpt: Path, out_dir: Path, dtype: str, tokenizer: Path | None, force
 @click.option("--tf32", is_flag=True, help="ort-cuda: let fp32 matmuls use TF32 (faster, less exact; off by default).")
 @click.option("--no-cuda-graphs", is_flag=True, help="ort-cuda, tensorrt: run decode steps without CUDA graphs.")
 @click.option("--kernels", type=click.Choice(["off", "auto", "on"]), default="auto", show_default=True,
-              help="onnxruntime: run the int4 and int8 matmuls on gptexport's own CPU kernels (auto: when they "
-                   "build here; on: fail if they cannot).")
+              help="onnxruntime: run the int4 and int8 matmuls and the float32 attention on gptexport's own CPU "
+                   "kernels (auto: when they build here; on: fail if they cannot).")
 @click.option("--verbose", is_flag=True, help="Say on stderr whether the kernels run, and why not.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of streaming text.")
 def generate(model_dir: Path, prompt: str | None, prompt_file: Path | None, prompt_tokens: str | None,
@@ -313,8 +313,8 @@ def quantize(model_dir: Path, out_dir: Path, method: str | None, force: bool, ev
               help="Where scripts/prepare_peers.sh put the peers (peers.json) "
                    "[default: $GPTEXPORT_PEERS or ~/.cache/gptexport-peers].")
 @click.option("--kernels", type=click.Choice(["both", "on", "off"]), default="both", show_default=True,
-              help="int4 and int8 rows: with gptexport's CPU kernels (on), with ONNX Runtime's own ops (off), "
-                   "or both.")
+              help="fp32, int4 and int8 rows: with gptexport's CPU kernels (on), with ONNX Runtime's own ops "
+                   "(off), or both.")
 @click.option("--no-peers", is_flag=True, help="Leave llama.cpp and CTranslate2 out.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of a table.")
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None, help="Write a PNG plot.")
