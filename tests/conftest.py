@@ -53,6 +53,18 @@ def skip_unless_strict(reason: str) -> None:
     pytest.skip(reason)
 
 
+@pytest.fixture(scope="module")
+def library():
+    """gptexport's kernel library (runtime/kernels), built or found built; skipped (failed under
+    GPTEXPORT_TEST_STRICT=1) without a compiler or ONNX Runtime's headers."""
+    from gptexport.runtime.kernels import build
+
+    try:
+        return build.ensure_library()
+    except build.KernelsUnavailable as e:
+        skip_unless_strict(f"the kernel library is unavailable: {e}")
+
+
 def write_tiny_checkpoint(path: Path, seed: int = 0, meta: bool = True, **overrides) -> Path:
     """A randomly initialised GPT saved exactly as nanoGPT's train.py saves it (+ meta.pkl)."""
     import torch

@@ -10,26 +10,18 @@ import math
 import numpy as np
 import onnx
 import pytest
-from conftest import engine_generate, skip_unless_strict
+from conftest import engine_generate
 from onnx import TensorProto, helper, numpy_helper
 
 from gptexport.artifacts.modeldir import load_model_dir
 from gptexport.runtime.backends.kernels import session_model
 from gptexport.runtime.backends.ort import OrtRunner
-from gptexport.runtime.kernels import build, onnxgraph
+from gptexport.runtime.kernels import onnxgraph
 from gptexport.runtime.params import GenerationParams
 from gptexport.runtime.sampling import SamplingParams
 from gptexport.runtime.scheduler import Sequence, run_to_end
 
 INPUTS = ("q", "k_new", "v_new", "k_past", "v_past", "past_length", "scale")
-
-
-@pytest.fixture(scope="module")
-def library():
-    try:
-        return build.ensure_library()
-    except build.KernelsUnavailable as e:
-        skip_unless_strict(f"the kernel library is unavailable: {e}")
 
 
 def attention_session(library):

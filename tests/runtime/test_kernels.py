@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from conftest import assert_error, cli, engine_generate, skip_unless_strict
+from conftest import assert_error, cli, engine_generate
 from onnx import TensorProto, helper, numpy_helper
 
 from gptexport.convert.quantize import quantize
@@ -27,14 +27,6 @@ from gptexport.verify.tolerance import PRESETS
 
 ROWS = (1, 2, 3, 4, 7, 8, 16)
 GPT2_SHAPES = ((768, 768), (768, 2304), (768, 3072), (3072, 768), (768, 50257))  # (K, N)
-
-
-@pytest.fixture(scope="module")
-def library():
-    try:
-        return build.ensure_library()
-    except build.KernelsUnavailable as e:
-        skip_unless_strict(f"the kernel library is unavailable: {e}")
 
 
 def quantize_weights(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
