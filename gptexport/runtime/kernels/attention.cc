@@ -21,6 +21,7 @@
 
 #include <immintrin.h>
 
+#include <atomic>
 #include <cmath>
 #include <memory>
 #include <new>
@@ -217,24 +218,30 @@ OrtStatus* Compute(OrtKernelContext* context) {
   RETURN_IF_ERROR(g_api->GetTensorMutableData(Y, &y_data));
   call.y = static_cast<float*>(y_data);
 
-  // one score per visible key of a query, at most P + T; each task its own slice of the buffer
+  // one score per visible key of a query (at most P + T), in a buffer each pool thread keeps for the
+  // next calls: not tasks x (P + T) floats per call (50 MB for 16 cropped windows of 1024)
   const int64_t tasks = s.B * s.heads * ((s.T + kQueriesPerTask - 1) / kQueriesPerTask);
-  const int64_t width = s.P + s.T;
-  std::vector<float> scores(static_cast<size_t>(tasks * width));
   struct Job {
     const Call* call;
-    float* scores;
-    int64_t width;
-  } job{&call, scores.data(), width};
+    size_t width;
+    std::atomic<bool> out_of_memory{false};
+  } job{&call, static_cast<size_t>(s.P + s.T)};
   const auto run = [](void* data, size_t task) {
-    const Job& j = *static_cast<const Job*>(data);
-    RunTask(*j.call, static_cast<int64_t>(task), j.scores + static_cast<int64_t>(task) * j.width);
+    Job& j = *static_cast<Job*>(data);
+    thread_local std::vector<float> scores;
+    try {
+      if (scores.size() < j.width) scores.resize(j.width);
+    } catch (const std::bad_alloc&) {  // never let it cross into ONNX Runtime's pool
+      j.out_of_memory = true;
+      return;
+    }
+    RunTask(*j.call, static_cast<int64_t>(task), scores.data());
   };
-  if (tasks == 1) {
+  if (tasks == 1)
     run(&job, 0);
-    return nullptr;
-  }
-  return g_api->KernelContext_ParallelFor(context, run, static_cast<size_t>(tasks), 0, &job);
+  else
+    RETURN_IF_ERROR(g_api->KernelContext_ParallelFor(context, run, static_cast<size_t>(tasks), 0, &job));
+  return job.out_of_memory ? Error("CachedAttention: out of memory for the scores") : nullptr;
 }
 
 const OpSpec kCachedAttention = {
