@@ -2,6 +2,7 @@
 
     python scripts/openai_load.py out/shakespeare
     python scripts/openai_load.py GPT2_DIR --prompt-tokens 64 --max-tokens 128 --requests 1
+    python scripts/openai_load.py out/shakespeare --ragged   # prompts of 10 to 400 tokens
 
 Starts `gptexport serve` as a user runs it (a subprocess: tritonserver and the front; one
 instance, --max-batch 16) on a repository of MODEL_DIR, then:
@@ -37,7 +38,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from serve_load import PROMPT, run_threads  # noqa: E402 (scripts/ is the script's own folder on sys.path)
+from serve_load import PROMPT, draw_request, run_threads  # noqa: E402 (scripts/ is the script's own folder on sys.path)
 
 from gptexport.artifacts.modeldir import load_model_dir
 from gptexport.serve.repository import write_repository
@@ -53,8 +54,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def prompt_of(seed: int, prompt_tokens: int, vocab: int) -> str | list[int]:
-    return np.random.default_rng(seed).integers(0, vocab, prompt_tokens).tolist() if prompt_tokens else PROMPT
+def prompt_of(seed: int, args, vocab: int) -> str | list[int]:
+    """The prompt of `seed`: serve_load.py's ragged draw (--ragged: 10 to 400 tokens, log-uniform),
+    --prompt-tokens random ids, or PROMPT's text."""
+    if args.ragged:
+        return list(draw_request("ragged", seed, vocab, args.block_size).prompt_ids)
+    return np.random.default_rng(seed).integers(0, vocab, args.prompt_tokens).tolist() if args.prompt_tokens else PROMPT
 
 
 def native_once(port: int, max_tokens: int, seed: int, prompt) -> dict:
@@ -161,10 +166,10 @@ def summary(results: dict[int, dict], wall: float) -> dict:
 def overhead(args, ports: dict, vocab: int) -> tuple[list[dict], dict[int, dict]]:
     rows, native_texts = [], {}
     clients = {"native": lambda s: native_once(ports["http"], args.max_tokens, s,
-                                               prompt_of(s, args.prompt_tokens, vocab)),
-               "grpc": lambda s: grpc_once(ports["grpc"], args.max_tokens, s, prompt_of(s, args.prompt_tokens, vocab)),
+                                               prompt_of(s, args, vocab)),
+               "grpc": lambda s: grpc_once(ports["grpc"], args.max_tokens, s, prompt_of(s, args, vocab)),
                "openai": lambda s: openai_once(ports["openai"], args.max_tokens, s,
-                                               prompt_of(s, args.prompt_tokens, vocab), {})}
+                                               prompt_of(s, args, vocab), {})}
     for round_ in range(args.rounds):
         for kind, one in clients.items():
             results, wall = run(args.clients, args.requests, one)
@@ -188,7 +193,7 @@ def robustness(args, ports: dict, vocab: int, native_texts: dict[int, dict], log
 
     def one(seed: int) -> dict:
         kind, bad = plan[seed]
-        prompt = prompt_of(seed, args.prompt_tokens, vocab)
+        prompt = prompt_of(seed, args, vocab)
         if kind == "bad":
             return openai_once(ports["openai"], args.max_tokens, seed, prompt, bad[0])
         return openai_once(ports["openai"], args.max_tokens, seed, prompt, {}, 3 if kind == "drop" else None)
@@ -209,14 +214,14 @@ def robustness(args, ports: dict, vocab: int, native_texts: dict[int, dict], log
     cancelled = log.read_text(errors="replace").count("cancelled by the client") - cancels_before
     if cancelled < dropped:
         problems.append(f"{dropped} requests dropped, {cancelled} cancelled in the model")
-    problems += after_load(ports, args.max_tokens, vocab, args.prompt_tokens)
+    problems += after_load(ports, args.max_tokens, vocab, args)
     counts = {k: sum(kind == k for kind, _ in plan.values()) for k in ("good", "bad", "drop")}
     print(f"mixed run: {counts['good']} good, {counts['bad']} malformed, {counts['drop']} dropped "
           f"({cancelled} cancels logged) in {wall:.1f} s: {'OK' if not problems else 'NOT OK'}", file=sys.stderr)
     return problems
 
 
-def after_load(ports: dict, max_tokens: int, vocab: int, prompt_tokens: int) -> list[str]:
+def after_load(ports: dict, max_tokens: int, vocab: int, args) -> list[str]:
     """Nothing left running or waiting, and the server still serves."""
     conn = http.client.HTTPConnection("127.0.0.1", ports["openai"], timeout=30)
     conn.request("GET", "/metrics")
@@ -224,7 +229,7 @@ def after_load(ports: dict, max_tokens: int, vocab: int, prompt_tokens: int) -> 
     conn.close()
     left = [m for m in re.findall(r'gptexport:num_requests_(?:running|waiting)\{[^}]*\} ([0-9.]+)', text)
             if float(m) != 0]
-    again = openai_once(ports["openai"], 4, 7, prompt_of(7, prompt_tokens, vocab), {})
+    again = openai_once(ports["openai"], 4, 7, prompt_of(7, args, vocab), {})
     return ([f"after the run: requests still running or waiting ({left})"] if left else []) + \
         ([] if again["tokens"] == 4 else [f"after the run the server did not serve: {again}"])
 
@@ -250,15 +255,18 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--prompt-tokens", type=int, default=0, help="random prompts of this many tokens (0: PROMPT)")
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--ragged", action="store_true",
+                    help="each request's prompt drawn as serve_load.py's ragged load draws it (10 to 400 tokens)")
     args = ap.parse_args()
-    vocab = load_model_dir(args.model_dir, verify=False).config.vocab_size
+    config = load_model_dir(args.model_dir, verify=False).config
+    vocab, args.block_size = config.vocab_size, config.block_size
     with tempfile.TemporaryDirectory(prefix="openai-load-") as tmp:
         repo = write_repository(args.model_dir, Path(tmp) / "repo", name="m", max_batch=16, max_tokens=4096)
         log = Path(tmp) / "serve.log"
         load_before = os.getloadavg()[0]
         proc, ports = start_serve(repo, log)
         try:
-            native_once(ports["http"], 4, 1, prompt_of(1, args.prompt_tokens, vocab))  # warm-up
+            native_once(ports["http"], 4, 1, prompt_of(1, args, vocab))  # warm-up
             rows, native_texts = overhead(args, ports, vocab)
             problems = robustness(args, ports, vocab, native_texts, log)
         finally:
