@@ -38,7 +38,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-from serve_load import PROMPT, draw_request, run_threads  # noqa: E402 (scripts/ is the script's own folder on sys.path)
+from llama_server import free_port  # noqa: E402 (scripts/ is the script's own folder on sys.path)
+from serve_load import PROMPT, draw_request, run_threads  # noqa: E402
 
 from gptexport.artifacts.modeldir import load_model_dir
 from gptexport.serve.repository import write_repository
@@ -46,12 +47,6 @@ from gptexport.serve.repository import write_repository
 MALFORMED = [({"temperature": -1}, 400, "temperature must be"), ({"model": "nope"}, 404, "does not exist"),
              ({"n": 17}, 400, "less than or equal to 16"), ({"logprobs": 5}, 400, "logprobs 5 is not supported"),
              (None, 400, "the body is not valid JSON")]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def prompt_of(seed: int, args, vocab: int) -> str | list[int]:

@@ -49,8 +49,9 @@ struct Call {
 // The keys (and values) query t of (b, h) sees: `past` rows of the past buffer, then t + 1 new ones.
 struct Keys {
   const float *k_past, *v_past, *k_new, *v_new;
-  int64_t past, count;
-  const float* key(int64_t j) const { return j < past ? k_past : k_new; }
+  int64_t past, count, hd;
+  const float* key(int64_t j) const { return j < past ? k_past + j * hd : k_new + (j - past) * hd; }
+  const float* value(int64_t j) const { return j < past ? v_past + j * hd : v_new + (j - past) * hd; }
 };
 
 float DotGeneric(const float* a, const float* b, int64_t n) {
@@ -62,8 +63,7 @@ float DotGeneric(const float* a, const float* b, int64_t n) {
 void QueryGeneric(const float* q, const Keys& keys, int64_t hd, float scale, float* scores, float* out) {
   float top = -INFINITY;
   for (int64_t j = 0; j < keys.count; ++j) {
-    const float* k = j < keys.past ? keys.k_past + j * hd : keys.k_new + (j - keys.past) * hd;
-    scores[j] = DotGeneric(q, k, hd) * scale;
+    scores[j] = DotGeneric(q, keys.key(j), hd) * scale;
     top = std::max(top, scores[j]);
   }
   float sum = 0.0f;
@@ -71,7 +71,7 @@ void QueryGeneric(const float* q, const Keys& keys, int64_t hd, float scale, flo
   for (int64_t j = 0; j < keys.count; ++j) {
     const float p = std::exp(scores[j] - top);
     sum += p;
-    const float* v = j < keys.past ? keys.v_past + j * hd : keys.v_new + (j - keys.past) * hd;
+    const float* v = keys.value(j);
     for (int64_t d = 0; d < hd; ++d) out[d] += p * v[d];
   }
   for (int64_t d = 0; d < hd; ++d) out[d] /= sum;
@@ -121,8 +121,7 @@ __attribute__((target("avx2,fma"))) void QueryAvx2(const float* q, const Keys& k
                                                     float* scores, float* out) {
   float top = -INFINITY;
   for (int64_t j = 0; j < keys.count; ++j) {
-    const float* k = j < keys.past ? keys.k_past + j * hd : keys.k_new + (j - keys.past) * hd;
-    scores[j] = DotAvx2(q, k, hd) * scale;
+    scores[j] = DotAvx2(q, keys.key(j), hd) * scale;
     top = std::max(top, scores[j]);
   }
   // the exponentials, 8 at a time, and their sum (the tail after the last whole 8 in scalar)
@@ -141,7 +140,7 @@ __attribute__((target("avx2,fma"))) void QueryAvx2(const float* q, const Keys& k
   }
   for (int64_t d = 0; d < hd; ++d) out[d] = 0.0f;
   for (j = 0; j < keys.count; ++j) {
-    const float* v = j < keys.past ? keys.v_past + j * hd : keys.v_new + (j - keys.past) * hd;
+    const float* v = keys.value(j);
     const __m256 p = _mm256_set1_ps(scores[j]);
     int64_t d = 0;
     for (; d + 8 <= hd; d += 8)
@@ -160,6 +159,7 @@ void RunTask(const Call& call, int64_t task, float* scores) {
   const int64_t bh = task / blocks, b = bh / s.heads, h = bh % s.heads;
   const int64_t t0 = (task % blocks) * kQueriesPerTask, t1 = std::min(s.T, t0 + kQueriesPerTask);
   Keys keys;
+  keys.hd = s.hd;
   keys.past = std::min(std::max<int64_t>(call.past_length[b], 0), s.P);
   keys.k_past = call.k_past + bh * s.P * s.hd;
   keys.v_past = call.v_past + bh * s.P * s.hd;

@@ -18,51 +18,10 @@ stay: shared by every layer, they are no longer used and ONNX Runtime drops them
 from __future__ import annotations
 
 import math
-import struct
 
-from .onnxproto import FIXED32, FLOAT, LEN, Graph, Node, Swap, count, fields, our_node, packed_varints
+from .onnxproto import FLOAT, Graph, Node, Swap, our_node, tensors, value_types
 
 PAST_LENGTH = "past_length"  # the graph input of each row's cached positions (config.IOSpec)
-
-
-def graph_input_types(graph: memoryview) -> dict[str, int]:
-    """The graph's inputs: name -> TensorProto data type (ValueInfoProto.type.tensor_type.elem_type)."""
-    types = {}
-    for f in fields(graph):
-        if f.number == 11 and f.wire == LEN:
-            name, elem = "", 0
-            for v in fields(f.value):
-                if v.number == 1 and v.wire == LEN:
-                    name = bytes(v.value).decode()
-                elif v.number == 2 and v.wire == LEN:  # TypeProto
-                    for t in fields(v.value):
-                        if t.number == 1 and t.wire == LEN:  # tensor_type
-                            elem = next((e.value for e in fields(t.value) if e.number == 1), 0)
-            types[name] = elem
-    return types
-
-
-def float_scalars(graph: memoryview) -> dict[str, float]:
-    """The graph's float initializers of one element: name -> value (raw_data or float_data)."""
-    found = {}
-    for f in fields(graph):
-        if f.number != 5 or f.wire != LEN:
-            continue
-        name, dtype, value, dims = "", 0, None, []
-        for t in fields(f.value):
-            if t.number == 8 and t.wire == LEN:
-                name = bytes(t.value).decode()
-            elif t.number == 2:
-                dtype = t.value
-            elif t.number == 1:  # dims: packed (LEN) or one varint each
-                dims += packed_varints(t.value) if t.wire == LEN else [t.value]
-            elif t.number == 9 and t.wire == LEN and len(t.value) == 4:  # raw_data
-                value = struct.unpack("<f", t.value)[0]
-            elif t.number == 4 and (t.wire == FIXED32 or (t.wire == LEN and len(t.value) == 4)):  # float_data
-                value = struct.unpack("<f", t.value)[0]
-        if dtype == FLOAT and value is not None and count(dims) == 1:
-            found[name] = value
-    return found
 
 
 class _Attention:
@@ -78,11 +37,10 @@ class _Attention:
 
     def _made(self, name: str, op: str, user: int) -> tuple[int, Node] | None:
         """The `op` making `name`, whose one use is node `user`."""
-        i = self.g.producer.get(name)
-        if i is None or self.g.only_user(name, self.g.nodes[user].op_type) != user:
+        node = self.g.made_by(name, op)
+        if node is None or len(node.outputs) != 1 or self.g.only_user(name, self.g.nodes[user].op_type) != user:
             return None
-        node = self.g.nodes[i]
-        return (i, node) if (node.op_type, node.domain) == (op, "") and len(node.outputs) == 1 else None
+        return self.g.producer[name], node
 
     def _scores(self, where: int) -> tuple[list[int], str, str, str] | None:
         """Where(cond, -inf, Mul(MatMul(q, Transpose(key)), scale)): (its nodes, q, key, scale)."""
@@ -155,7 +113,8 @@ class _Attention:
 def attention_swaps(graph: memoryview, nodes: list[Node], inits: dict, outputs: set[str],
                     node_bytes: list[memoryview]) -> list[Swap]:
     """Every layer's attention (above) as a CachedAttention, written where its last Transpose stood."""
-    matcher = _Attention(Graph(nodes, inits, outputs), graph_input_types(graph), float_scalars(graph))
+    scalars = {t.name: t.scalar for t in tensors(graph) if t.scalar is not None}
+    matcher = _Attention(Graph(nodes, inits, outputs), value_types(graph, 11), scalars)
     swaps = []
     for s, node in enumerate(nodes):
         found = matcher.match(s) if (node.op_type, node.domain) == ("Softmax", "") else None

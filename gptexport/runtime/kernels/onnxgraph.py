@@ -27,12 +27,12 @@ from .onnxproto import (
     Node,
     Swap,
     fields,
-    graph_values,
     initializer_name,
     initializers,
     len_field,
     our_node,
     read_node,
+    value_types,
     varint_field,
 )
 
@@ -161,11 +161,11 @@ def swap_graph(graph: memoryview, ops: tuple[str, ...] = ("Int4MatMul", "Int8Mat
     Int4MatMul, the int8 pattern for Int8MatMul, a layer's attention subgraph for CachedAttention),
     and how many of each."""
     # an initializer that is also a graph input can be overridden at run time: not a constant
-    inputs = graph_values(graph, 11)
+    inputs = value_types(graph, 11)
     inits = {name: info for name, info in initializers(graph).items() if name not in inputs}
     node_bytes = [f.value for f in fields(graph) if f.number == 1 and f.wire == LEN]
     nodes = [read_node(b) for b in node_bytes]
-    outputs = graph_values(graph, 12)
+    outputs = set(value_types(graph, 12))
     swaps = {"Int4MatMul": int4_swaps, "Int8MatMul": int8_swaps,
              "CachedAttention": lambda *found: attention_swaps(graph, *found)}
     found = {op: swaps[op](nodes, inits, outputs, node_bytes) for op in ops}

@@ -9,6 +9,7 @@ TensorProto, ValueInfoProto); they are part of the format and never change.
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -131,21 +132,42 @@ def _int_attribute(buf: memoryview) -> tuple[str | None, int | None, list[int]]:
     return name, value, values
 
 
+@dataclass
+class Tensor:
+    """What the swaps read of a TensorProto: its name, data type and dims, and the value of a float
+    tensor of one element (raw_data or float_data; None otherwise)."""
+
+    name: str
+    dtype: int
+    dims: tuple[int, ...]
+    scalar: float | None = None
+
+
+def read_tensor(buf: memoryview) -> Tensor:
+    name, dtype, dims, value = "", 0, [], None
+    for t in fields(buf):
+        if t.number == 8 and t.wire == LEN:
+            name = bytes(t.value).decode()
+        elif t.number == 2 and t.wire == VARINT:
+            dtype = t.value
+        elif t.number == 1:  # dims: packed (LEN) or one varint each
+            dims += packed_varints(t.value) if t.wire == LEN else [t.value]
+        elif t.number == 9 and t.wire == LEN and len(t.value) == 4:  # raw_data
+            value = struct.unpack("<f", t.value)[0]
+        elif t.number == 4 and (t.wire == FIXED32 or (t.wire == LEN and len(t.value) == 4)):  # float_data
+            value = struct.unpack("<f", t.value)[0]
+    scalar = value if dtype == FLOAT and count(tuple(dims)) == 1 else None
+    return Tensor(name, dtype, tuple(dims), scalar)
+
+
+def tensors(graph: memoryview) -> list[Tensor]:
+    """The graph's initializers (GraphProto.initializer: TensorProto)."""
+    return [read_tensor(f.value) for f in fields(graph) if f.number == 5 and f.wire == LEN]
+
+
 def initializers(graph: memoryview) -> dict[str, tuple[int, tuple[int, ...]]]:
     """The graph's initializers: name -> (TensorProto data type, dims)."""
-    found = {}
-    for f in fields(graph):
-        if f.number == 5 and f.wire == LEN:  # GraphProto.initializer: TensorProto
-            name, dtype, dims = "", 0, []
-            for t in fields(f.value):
-                if t.number == 8 and t.wire == LEN:
-                    name = bytes(t.value).decode()
-                elif t.number == 2 and t.wire == VARINT:
-                    dtype = t.value
-                elif t.number == 1:  # dims: packed (LEN) or one varint each
-                    dims += packed_varints(t.value) if t.wire == LEN else [t.value]
-            found[name] = (dtype, tuple(dims))
-    return found
+    return {t.name: (t.dtype, t.dims) for t in tensors(graph)}
 
 
 def packed_varints(buf: memoryview) -> list[int]:
@@ -156,13 +178,22 @@ def packed_varints(buf: memoryview) -> list[int]:
     return values
 
 
-def graph_values(graph: memoryview, number: int) -> set[str]:
-    """Names of the graph's inputs (number 11) or outputs (12): ValueInfoProto, its name is field 1."""
-    names = set()
+def value_types(graph: memoryview, number: int) -> dict[str, int]:
+    """The graph's inputs (number 11) or outputs (12): name -> TensorProto data type
+    (ValueInfoProto: name 1, type 2; TypeProto.tensor_type 1; its elem_type 1)."""
+    types = {}
     for f in fields(graph):
         if f.number == number and f.wire == LEN:
-            names |= {bytes(v.value).decode() for v in fields(f.value) if v.number == 1 and v.wire == LEN}
-    return names
+            name, elem = "", 0
+            for v in fields(f.value):
+                if v.number == 1 and v.wire == LEN:
+                    name = bytes(v.value).decode()
+                elif v.number == 2 and v.wire == LEN:
+                    tensor_type = next((t.value for t in fields(v.value) if t.number == 1 and t.wire == LEN), None)
+                    if tensor_type is not None:
+                        elem = next((e.value for e in fields(tensor_type) if e.number == 1), 0)
+            types[name] = elem
+    return types
 
 
 def our_node(buf: memoryview, op: str, inputs: list[str], outputs: list[str]) -> bytes:
