@@ -190,6 +190,95 @@ def test_the_batch_cache_grows_with_the_longest_row(runner):
     full.close()
 
 
+def test_with_our_attention_rows_are_laid_out_once_at_block_size(library, runner):
+    """CachedAttention reads only each row's own length, so the cache takes block_size positions per row
+    at once (host pages are committed only as they are written) and never copies itself to grow: the
+    same logits as a cache that grows, at one address throughout."""
+    from gptexport.runtime.backends.batchcache import BatchCache
+
+    assert runner.live_attention  # the tiny fp32 model runs our attention (kernels auto)
+    fixed = runner.new_batch_cache(3, 1)
+    grown = BatchCache(runner.memory, runner.spec, runner.config, 3, 1, runner._execute, runner._decode, room_step=4)
+    assert fixed.at_block_size and fixed.capacity == runner.config.block_size and grown.capacity == 4
+    block = fixed.block
+    for cache in (fixed, grown):
+        cache.prefill(0, np.array([1, 2]))
+        cache.prefill(1, np.array([3, 4, 5]))
+    for step in range(runner.config.block_size - 4):
+        ids = np.array([step % 7, (step + 3) % 7])
+        np.testing.assert_allclose(np.array(fixed.decode(ids)), np.array(grown.decode(ids)), atol=1e-5)
+    fixed.fit(1)
+    assert fixed.block == block and fixed.capacity == runner.config.block_size and grown.capacity == 16
+    fixed.close()
+    grown.close()
+
+
+class PlanMemory(HostMemory):
+    """The host twin, keeping the copy plans and discarded ranges the batch cache asks for."""
+
+    def __init__(self):
+        super().__init__()
+        self.plans, self.discarded = [], []
+
+    def copy3d(self, dst, src, plan):
+        self.plans.append(plan)
+        super().copy3d(dst, src, plan)
+
+    def discard(self, ptr, nbytes):
+        self.discarded.append((ptr, nbytes))
+        super().discard(ptr, nbytes)
+
+
+def test_rows_move_with_the_positions_they_hold_and_released_rows_give_their_bytes_back(library, tiny_model_dir):
+    r = OrtRunner(load_model_dir(tiny_model_dir), threads=1)
+    r.memory = memory = PlanMemory()
+    with r:
+        cache = r.new_batch_cache(3, 4)
+        nh, hd, head = r.config.n_head, r.config.head_dim, r.config.head_dim * 4
+
+        def row(ptr: int, i: int) -> np.ndarray:  # row i of one past tensor, (n_head, capacity, head_dim)
+            return memory.view(ptr + i * nh * cache.pitch, (nh, cache.capacity, hd), np.float32)
+
+        cache.prefill(2, np.array([1, 2, 3]))
+        cache.prefill(1, np.array([4, 5, 6, 7, 1]))
+        held = {name: row(ptr, 2)[:, :3].copy() for name, ptr in cache.past.items()}
+        memory.plans.clear()
+        cache.move(2, 0)
+        assert [p.width for p in memory.plans] == [3 * head]  # its 3 positions, not the row's 16
+        for name, ptr in cache.past.items():
+            np.testing.assert_array_equal(row(ptr, 0)[:, :3], held[name])
+        memory.plans.clear()
+        cache.swap(0, 1)
+        assert {p.width for p in memory.plans} == {5 * head}  # the longer of the two rows
+        assert cache.lengths.tolist() == [5, 3, 0]
+        cache.release(1)
+        row_bytes = nh * cache.pitch
+        assert memory.discarded == [(cache.block + i * cache.stride + row_bytes, row_bytes)
+                                    for i in range(len(r.spec.past_names))]
+        cache.close()
+
+
+def test_host_memory_gives_whole_pages_back_and_keeps_the_rest():
+    import mmap
+    import sys
+
+    memory = HostMemory()
+    page = mmap.PAGESIZE
+    ptr = memory.allocate(6 * page)
+    data = memory.view(ptr, (6 * page,), np.uint8)
+    data[:] = 7
+    memory.discard(ptr + page // 2, 3 * page)  # whole pages 1 and 2 inside the range, halves of 0 and 3
+    if sys.platform == "linux":
+        aligned = -(-ptr // page) * page - ptr  # where the first whole page starts in the buffer
+        first = aligned + (page if aligned < page // 2 else 0)
+        whole = slice(first, (ptr + page // 2 + 3 * page) // page * page - ptr)
+        assert (data[whole] == 0).all() and whole.stop - whole.start >= page
+        assert (data[:page // 2] == 7).all() and (data[page // 2 + 3 * page:] == 7).all()
+    with pytest.raises(Exception, match="outside a buffer"):
+        memory.discard(ptr, 7 * page)
+    memory.close()
+
+
 def test_an_idle_scheduler_frees_its_cache(runner):
     s = Scheduler(runner, 4)
     short = s.submit(Sequence([1, 2], GenerationParams(3, SamplingParams(0.0), 0)))

@@ -14,11 +14,17 @@ what lets one 3-D copy cross every layer at once). A sequence lives in one row w
   so the past inputs are a prefix of the buffers: a contiguous (n, n_head, capacity, head_dim) tensor
   at the buffers' own addresses.
 - `ensure_capacity(c)` / `fit(c)`: the buffers hold `capacity` positions per row, what the longest
-  row needs now rounded up to ROOM_STEP, not what the longest sequence may reach: attention reads
-  every position of the capacity for every row, masked or not, so a step's cost follows it. Growing
-  (and shrinking once the long rows have left) copies the rows in use into a new allocation. Under
-  CUDA graphs the capacities are 64, 128, ... block_size instead, laid out in an arena whose
-  addresses never move (GraphArena).
+  row needs now rounded up to ROOM_STEP, not what the longest sequence may reach: the graph's
+  attention reads every position of the capacity for every row, masked or not, so a step's cost
+  follows it. Growing (and shrinking once the long rows have left) copies the rows in use into a new
+  allocation. Under CUDA graphs the capacities are 64, 128, ... block_size instead, laid out in an
+  arena whose addresses never move (GraphArena).
+- `at_block_size`: where attention reads only each row's own length (our CachedAttention on the
+  CPU) the capacity costs a step nothing, so every row is laid out at block_size from the start and
+  never copied to grow or shrink (a growth of 16 rows at a few hundred positions copied 0.3-0.5 GB:
+  a 0.4-0.6 s stall of every sequence); host pages are committed only as positions are written and a
+  released row's pages go back (DeviceMemory.discard), so memory follows the lengths that are there.
+- `move` / `swap` copy the positions a row holds, not its whole capacity.
 
 Per decode step of n rows the memory core is asked for n + 3 copies: the token ids and the
 lengths up, one append per row, the logits down; in host memory the ids, lengths and logits are the
@@ -70,9 +76,10 @@ class BatchCache:
     """The KV cache of up to `rows` sequences at their own lengths (see the module docstring)."""
 
     def __init__(self, memory: DeviceMemory, spec: IOSpec, config: GPTConfig, rows: int, capacity: int,
-                 run: Run, run_bucket: RunBucket, graphs: GraphArenas | None = None, room_step: int = ROOM_STEP):
+                 run: Run, run_bucket: RunBucket, graphs: GraphArenas | None = None, room_step: int = ROOM_STEP,
+                 at_block_size: bool = False):
         self.memory, self.spec, self.config, self.rows = memory, spec, config, rows
-        self.room_step = room_step
+        self.room_step, self.at_block_size = room_step, at_block_size and graphs is None
         self.run, self.run_bucket = run, run_bucket
         # decode of n rows at n, or (for CUDA graphs: a few captures serve every n) at
         # graph_bucket(n, rows), in an arena whose addresses outlive this cache
@@ -122,6 +129,8 @@ class BatchCache:
     def fit(self, needed: int) -> None:
         """Shrink to what the rows need now (`needed` positions) once that is a ROOM_STEP or more below
         the capacity: the long rows have left, the short ones need not attend over their room."""
+        if self.at_block_size:
+            return  # laid out once: released rows gave their pages back instead
         capacity = self._rounded(max(needed, 1))
         if capacity + self.room_step <= self.capacity and capacity >= int(self.lengths.max()):
             self._relayout(capacity)
@@ -131,6 +140,8 @@ class BatchCache:
             raise GptExportError(f"internal error: cache capacity {capacity} > block_size {self.config.block_size}")
         if self.arena is not None:
             return graph_capacity(capacity, self.config.block_size)
+        if self.at_block_size:
+            return self.config.block_size
         return rounded_capacity(capacity, self.config.block_size, self.room_step)
 
     def _relayout(self, capacity: int) -> None:
@@ -182,34 +193,41 @@ class BatchCache:
                       src_offset=src_row * nh * spitch, spitch=spitch, sslice=new_stride,
                       width=steps * head, height=nh, depth=len(self.spec.past_names))
 
-    def _row_plan(self, dst_offset: int, dslice: int, src_offset: int, sslice: int) -> Copy3D:
-        """One row of every tensor (n_head rows of `pitch` bytes each) between two layouts."""
-        nh = self.config.n_head
-        return Copy3D(dst_offset, self.pitch, dslice, src_offset, self.pitch, sslice, self.pitch, nh,
+    def _row_plan(self, dst_offset: int, dslice: int, src_offset: int, sslice: int, positions: int) -> Copy3D:
+        """The first `positions` of one row of every tensor (n_head rows of `pitch` bytes apart)
+        between two layouts."""
+        nh, width = self.config.n_head, positions * self.config.head_dim * self.itemsize
+        return Copy3D(dst_offset, self.pitch, dslice, src_offset, self.pitch, sslice, width, nh,
                       len(self.spec.past_names))
 
     def release(self, row: int) -> None:
-        """Row `row` holds nothing from now on (what it held is masked, then overwritten)."""
+        """Row `row` holds nothing from now on (what it held is masked, then overwritten; laid out at
+        block_size, its pages go back)."""
         self.lengths[row] = 0
+        if self.at_block_size:
+            row_bytes = self.config.n_head * self.pitch
+            for i in range(len(self.spec.past_names)):
+                self.memory.discard(self.block + i * self.stride + row * row_bytes, row_bytes)
 
     def move(self, src: int, dst: int) -> None:
         """Row `src`'s cache and length into row `dst` (the scheduler packs its rows)."""
         if src == dst:
             return
         row = self.config.n_head * self.pitch
-        self.memory.copy3d(self.block, self.block, self._row_plan(dst * row, self.stride, src * row, self.stride))
+        self.memory.copy3d(self.block, self.block, self._row_plan(dst * row, self.stride, src * row, self.stride,
+                                                                  int(self.lengths[src])))
         self.lengths[dst], self.lengths[src] = self.lengths[src], 0
 
     def swap(self, a: int, b: int) -> None:
         """Rows `a` and `b` trade places (a prompt done filling joins the decode rows past another)."""
         if a == b:
             return
-        row = self.config.n_head * self.pitch
+        row, held = self.config.n_head * self.pitch, int(self.lengths[[a, b]].max())
         with self.memory.lock:
             aside = self.scratch.get("row", len(self.spec.past_names) * row)
-            self.memory.copy3d(aside, self.block, self._row_plan(0, row, a * row, self.stride))
-            self.memory.copy3d(self.block, self.block, self._row_plan(a * row, self.stride, b * row, self.stride))
-            self.memory.copy3d(self.block, aside, self._row_plan(b * row, self.stride, 0, row))
+            self.memory.copy3d(aside, self.block, self._row_plan(0, row, a * row, self.stride, held))
+            self.memory.copy3d(self.block, self.block, self._row_plan(a * row, self.stride, b * row, self.stride, held))
+            self.memory.copy3d(self.block, aside, self._row_plan(b * row, self.stride, 0, row, held))
             self.memory.synchronize()
         self.lengths[[a, b]] = self.lengths[[b, a]]
 

@@ -41,6 +41,8 @@ from __future__ import annotations
 import bisect
 import contextlib
 import ctypes
+import mmap
+import sys
 import threading
 from abc import ABC, abstractmethod
 
@@ -49,6 +51,13 @@ import numpy as np
 from ...errors import BackendUnavailable, GptExportError
 
 ALIGN = 256  # cudaMalloc returns 256-byte aligned memory; the host twin aligns its buffers the same
+
+# Linux's madvise(2), for HostMemory.discard (elsewhere discarded bytes simply stay as they were)
+PAGE, MADV_DONTNEED = mmap.PAGESIZE, 4
+try:
+    _madvise = ctypes.CDLL(None, use_errno=True).madvise if sys.platform == "linux" else None
+except (OSError, AttributeError):
+    _madvise = None
 
 
 class DeviceMemory(ABC):
@@ -123,6 +132,15 @@ class DeviceMemory(ABC):
     def zero(self, ptr: int, nbytes: int) -> None:
         self._check(ptr, 0, nbytes)
         self._memset0(ptr, nbytes)
+
+    def discard(self, ptr: int, nbytes: int) -> None:
+        """What these bytes hold is not needed any more: afterwards they read as zeros or as they
+        were (host memory gives their whole pages back, committed again when next written)."""
+        self._check(ptr, 0, nbytes)
+        self._discard(ptr, nbytes)
+
+    def _discard(self, ptr: int, nbytes: int) -> None:
+        return None  # device memory stays as it is (and committed)
 
     def upload(self, dst: int, array: np.ndarray) -> None:
         """Copy a C-contiguous host array to the start of buffer `dst` (queued on the stream)."""
@@ -208,6 +226,13 @@ class HostMemory(DeviceMemory):
 
     def _memset0(self, ptr: int, nbytes: int) -> None:
         ctypes.memset(ptr, 0, nbytes)
+
+    def _discard(self, ptr: int, nbytes: int) -> None:
+        # the whole pages inside the range back to the OS (they read as zeros after): a cache row's
+        # pages then cost nothing until a later sequence writes them
+        start, end = -(-ptr // PAGE) * PAGE, (ptr + nbytes) // PAGE * PAGE
+        if end > start and _madvise is not None:
+            _madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_DONTNEED)
 
     def _upload(self, dst: int, src: int, nbytes: int) -> None:
         ctypes.memmove(dst, src, nbytes)

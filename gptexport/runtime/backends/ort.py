@@ -76,6 +76,8 @@ class OrtRunner(Runner):
         self.memory: DeviceMemory | None = HostMemory() if provider == "cpu" else None
         self.graph_arenas: GraphArenas | None = None  # the batch caches' buckets under CUDA graphs
         self._plain = None  # run options of every run that must not be captured
+        # every layer's attention is our CachedAttention, which reads only each row's own length
+        self.live_attention = False
 
     # ---- loading ----
 
@@ -100,6 +102,7 @@ class OrtRunner(Runner):
             raise
         self.ort, self.session, self.memory, self.cuda_graphs = loaded.ort, loaded.session, memory, loaded.cuda_graphs
         self.graph_arenas = GraphArenas() if self.cuda_graphs else None
+        self.live_attention = loaded.ops.get("CachedAttention", 0) == self.config.n_layer
         self._plain = run_options(self.ort, -1) if self.cuda_graphs else None
 
     def deactivate(self) -> None:
@@ -115,10 +118,12 @@ class OrtRunner(Runner):
     def new_batch_cache(self, rows: int, capacity: int) -> BatchCache:
         """The scheduler's cache in this runner's memory core, run through the pointer binding (the
         CPU provider's too); with CUDA graphs decode runs at power-of-two buckets of rows, in an
-        arena this runner keeps, so each bucket's graph is captured once (buckets.GraphArena)."""
+        arena this runner keeps, so each bucket's graph is captured once (buckets.GraphArena). With
+        our attention on the host, rows are laid out at block_size once (batchcache.py)."""
         self.activate()
         return BatchCache(self.memory, self.spec, self.config, rows, capacity, self._execute, self._decode,
-                          graphs=self.graph_arenas)
+                          graphs=self.graph_arenas,
+                          at_block_size=self.live_attention and isinstance(self.memory, HostMemory))
 
 
     def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

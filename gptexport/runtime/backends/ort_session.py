@@ -18,7 +18,7 @@ import re
 import sys
 import tempfile
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ...artifacts.modeldir import ModelDir
 from ...errors import BackendUnavailable, GptExportError, ModelDirError, first_line
@@ -104,11 +104,13 @@ def run_options(ort, graph_id: int | None):
 
 def create_session(ort, model_dir: ModelDir, provider: str, threads: int | None, options: dict,
                    kernels: str = "auto"):
-    """An InferenceSession whose first provider is the one asked for; BackendUnavailable otherwise,
-    GraphCaptureRefused where ONNX Runtime will not capture this model in CUDA graphs.
+    """An InferenceSession whose first provider is the one asked for, and how many nodes of each of
+    our ops its graph holds; BackendUnavailable otherwise, GraphCaptureRefused where ONNX Runtime will
+    not capture this model in CUDA graphs.
 
-    On the CPU provider, `kernels` (off|auto|on) swaps our Int4MatMul in for MatMulNBits in the
-    graph the session loads (backends/kernels.py); the model directory is left as it is."""
+    On the CPU provider, `kernels` (off|auto|on) swaps our ops in for MatMulNBits, the int8 patterns
+    and the attention in the graph the session loads (backends/kernels.py); the model directory is
+    left as it is."""
     wanted = PROVIDERS[provider]
     model = session_model(model_dir.onnx_path, kernels if wanted == "CPUExecutionProvider" else "off")
     providers = [(wanted, options)]
@@ -136,7 +138,7 @@ def create_session(ort, model_dir: ModelDir, provider: str, threads: int | None,
     got = session.get_providers()[0]
     if got != wanted:
         raise BackendUnavailable(not_started(ort, wanted, got, log.text, None))
-    return session
+    return session, model.ops
 
 
 class GraphCaptureRefused(GptExportError):
@@ -176,12 +178,13 @@ def _is_provider_failure(error: Exception, log: str, wanted: str) -> bool:
 
 @dataclass
 class LoadedSession:
-    """What a SessionLoader built: the session, the onnxruntime module, and whether decode steps may
-    be captured in CUDA graphs (False where asked for but refused)."""
+    """What a SessionLoader built: the session, the onnxruntime module, whether decode steps may
+    be captured in CUDA graphs (False where asked for but refused), and our ops in its graph."""
 
     ort: object
     session: object
     cuda_graphs: bool
+    ops: dict[str, int] = field(default_factory=dict)  # e.g. {"CachedAttention": 12}
 
 
 @dataclass
@@ -207,15 +210,15 @@ class SessionLoader:
                                      f"available: {', '.join(available)}")
         opts = provider_options(self.provider, self.model_dir, stream, self.tf32, self.cuda_graphs)
         try:
-            return LoadedSession(ort, create_session(ort, self.model_dir, self.provider, self.threads, opts,
-                                                     self.kernels), self.cuda_graphs)
+            session, ops = create_session(ort, self.model_dir, self.provider, self.threads, opts, self.kernels)
+            return LoadedSession(ort, session, self.cuda_graphs, ops)
         except GraphCaptureRefused as e:
             if not self.cuda_graphs:
                 raise
             notice(f"ONNX Runtime cannot use CUDA graphs for this model ({e}); decode runs with plain launches")
             opts = {**opts, "enable_cuda_graph": "0"}
-            return LoadedSession(ort, create_session(ort, self.model_dir, self.provider, self.threads, opts,
-                                                     self.kernels), False)
+            session, ops = create_session(ort, self.model_dir, self.provider, self.threads, opts, self.kernels)
+            return LoadedSession(ort, session, False, ops)
 
 
 def not_started(ort, wanted: str, got: str | None, log: str, error: Exception | None) -> str:
