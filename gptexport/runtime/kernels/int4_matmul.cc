@@ -218,9 +218,45 @@ void Repack(const uint8_t* B, const float* scales, Int4Weights* w) {
 
 // ---- activation quantization ----
 
+// One whole block of 32 as the loop below computes it (the same float operations: the largest |a|,
+// 127 / it, a * that rounded to nearest even), 8 lanes at a time: at batch 8 the plain loop cost
+// ~18 us per matmul call, ~1 ms of a GPT-2 forward. Returns amax; q and *sum as the loop's.
+__attribute__((target("avx2"))) float QuantizeBlockAvx2(const float* a, int8_t* q, int32_t* sum) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  __m256 v[4], top = _mm256_setzero_ps();
+  for (int i = 0; i < 4; ++i) {
+    v[i] = _mm256_loadu_ps(a + 8 * i);
+    top = _mm256_max_ps(_mm256_andnot_ps(sign, v[i]), top);  // a NaN loses, as in std::max(amax, |a|)
+  }
+  __m128 t = _mm_max_ps(_mm256_castps256_ps128(top), _mm256_extractf128_ps(top, 1));
+  t = _mm_max_ps(t, _mm_movehl_ps(t, t));
+  const float amax = _mm_cvtss_f32(_mm_max_ss(t, _mm_movehdup_ps(t)));
+  const __m256 inv = _mm256_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+  __m256i n[4];
+  for (int i = 0; i < 4; ++i)
+    n[i] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[i], inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  const __m256i sums = _mm256_add_epi32(_mm256_add_epi32(n[0], n[1]), _mm256_add_epi32(n[2], n[3]));
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(sums), _mm256_extracti128_si256(sums, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(1, 0, 3, 2)));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(2, 3, 0, 1)));
+  *sum = _mm_cvtsi128_si32(s);
+  // |values| <= 127: the packs never saturate; they interleave 4-value groups per 128-bit lane,
+  // which the permutation puts back in order
+  const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(n[0], n[1]), _mm256_packs_epi32(n[2], n[3]));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(q),
+                      _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+  return amax;
+}
+
 void QuantizeRow(const float* a, int64_t K, int64_t blocks, int8_t* q, float* scale, int32_t* offset) {
   for (int64_t b = 0; b < blocks; ++b) {
     const int64_t k0 = b * kBlock, k1 = std::min<int64_t>(K, k0 + kBlock);
+    if (g_use_avx2 && k1 - k0 == kBlock) {
+      int32_t sum = 0;
+      scale[b] = QuantizeBlockAvx2(a + k0, q + k0, &sum) / 127.0f;
+      offset[b] = 8 * sum;
+      continue;
+    }
     float amax = 0.0f;
     for (int64_t k = k0; k < k1; ++k) amax = std::max(amax, std::fabs(a[k]));
     const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
