@@ -284,8 +284,8 @@ class Scheduler:
 
     def _filled(self, seq: Sequence) -> None:
         """A sequence whose prompt is in its row (and has sampled from it), or that failed: into the
-        decode rows (row len(rows), traded with the prompt there if one fills it), to the cropped
-        windows, or out."""
+        decode rows (row len(rows); a prompt filling there moves to a free row, or trades places with
+        it), to the cropped windows, or out."""
         if seq.finish is not None or len(seq.context) > self.config.block_size:
             self.cache.release(seq.row)
             if seq.finish is None:
@@ -294,11 +294,18 @@ class Scheduler:
             return
         target = len(self.rows)
         other = next((s for s in self.filling if s.row == target), None)
-        if other is not None:
+        if other is not None:  # a prompt still filling holds the row: it moves to a free row, if any
+            held = {seq.row, *(s.row for s in self.filling)}
+            free = next((r for r in range(target + 1, self.max_batch) if r not in held), None)
+            if free is not None:
+                self.cache.move(target, free)
+                other.row = free
+        if other is not None and other.row == target:  # no free row: the two trade places (three copies)
             self.cache.swap(seq.row, target)
             other.row = seq.row
-        else:
+        elif seq.row != target:
             self.cache.move(seq.row, target)
+            self.cache.release(seq.row)  # (what it held is at target now)
         seq.row = -1  # a decode row: its index in self.rows
         self.rows.append(seq)
 

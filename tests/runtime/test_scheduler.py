@@ -249,13 +249,43 @@ def test_rows_move_with_the_positions_they_hold_and_released_rows_give_their_byt
             np.testing.assert_array_equal(row(ptr, 0)[:, :3], held[name])
         memory.plans.clear()
         cache.swap(0, 1)
-        assert {p.width for p in memory.plans} == {5 * head}  # the longer of the two rows
+        assert [p.width for p in memory.plans] == [3 * head, 5 * head, 3 * head]  # each row's own positions
         assert cache.lengths.tolist() == [5, 3, 0]
         cache.release(1)
         row_bytes = nh * cache.pitch
         assert memory.discarded == [(cache.block + i * cache.stride + row_bytes, row_bytes)
                                     for i in range(len(r.spec.past_names))]
         cache.close()
+
+
+@pytest.mark.parametrize("max_batch, trades", [(4, False), (3, True)])
+def test_a_prompt_done_filling_takes_its_decode_row_from_one_still_filling(runner, max_batch, trades):
+    """A, admitted while two rows decode, is still filling when one of them leaves; B, admitted next,
+    takes the lower row. When A is whole its decode row is B's: B moves to a free row (two copies in
+    all), or with none free the two trade places. Everyone's tokens are their own either way."""
+    greedy = SamplingParams(0.0)
+    s = Scheduler(runner, max_batch, prefill_chunk=2)
+    d0 = s.submit(Sequence([1], GenerationParams(12, greedy, 0)))
+    d1 = s.submit(Sequence([2], GenerationParams(3, greedy, 0)))
+    s.step()
+    a = s.submit(Sequence([3, 4, 5, 6, 7, 1, 2, 3], GenerationParams(6, greedy, 0)))
+    while d1.finish is None:
+        s.step()
+    assert a.row == 2 and len(s.rows) == 1
+    b = s.submit(Sequence([5, 6], GenerationParams(6, greedy, 0)))
+    s.step()
+    assert b.row == 1 and a in s.filling
+    calls = []
+    s.cache.swap = lambda x, y, swap=s.cache.swap: calls.append(("swap", x, y)) or swap(x, y)
+    s.cache.move = lambda x, y, move=s.cache.move: calls.append(("move", x, y)) or move(x, y)
+    while a in s.filling:
+        s.step()
+    assert calls[:2] == ([("swap", 2, 1)] if trades else [("move", 1, 3), ("move", 2, 1)])
+    assert b.row == (2 if trades else 3)
+    s.run()
+    for seq in (d0, d1, a, b):
+        assert seq.finish == "length"
+        assert seq.tokens == alone(runner, seq.prompt_ids, seq.params)[0]
 
 
 def test_host_memory_gives_whole_pages_back_and_keeps_the_rest():

@@ -222,12 +222,12 @@ class BatchCache:
         """Rows `a` and `b` trade places (a prompt done filling joins the decode rows past another)."""
         if a == b:
             return
-        row, held = self.config.n_head * self.pitch, int(self.lengths[[a, b]].max())
+        row, held_a, held_b = self.config.n_head * self.pitch, int(self.lengths[a]), int(self.lengths[b])
         with self.memory.lock:
             aside = self.scratch.get("row", len(self.spec.past_names) * row)
-            self.memory.copy3d(aside, self.block, self._row_plan(0, row, a * row, self.stride, held))
-            self.memory.copy3d(self.block, self.block, self._row_plan(a * row, self.stride, b * row, self.stride, held))
-            self.memory.copy3d(self.block, aside, self._row_plan(b * row, self.stride, 0, row, held))
+            self.memory.copy3d(aside, self.block, self._row_plan(0, row, a * row, self.stride, held_a))
+            self.memory.copy3d(self.block, self.block, self._row_plan(a * row, self.stride, b * row, self.stride, held_b))
+            self.memory.copy3d(self.block, aside, self._row_plan(b * row, self.stride, 0, row, held_a))
             self.memory.synchronize()
         self.lengths[[a, b]] = self.lengths[[b, a]]
 
