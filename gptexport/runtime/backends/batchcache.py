@@ -225,9 +225,10 @@ class BatchCache:
         row, held_a, held_b = self.config.n_head * self.pitch, int(self.lengths[a]), int(self.lengths[b])
         with self.memory.lock:
             aside = self.scratch.get("row", len(self.spec.past_names) * row)
-            self.memory.copy3d(aside, self.block, self._row_plan(0, row, a * row, self.stride, held_a))
-            self.memory.copy3d(self.block, self.block, self._row_plan(a * row, self.stride, b * row, self.stride, held_b))
-            self.memory.copy3d(self.block, aside, self._row_plan(b * row, self.stride, 0, row, held_a))
+            m, block, stride = self.memory, self.block, self.stride
+            m.copy3d(aside, block, self._row_plan(0, row, a * row, stride, held_a))
+            m.copy3d(block, block, self._row_plan(a * row, stride, b * row, stride, held_b))
+            m.copy3d(block, aside, self._row_plan(b * row, stride, 0, row, held_a))
             self.memory.synchronize()
         self.lengths[[a, b]] = self.lengths[[b, a]]
 
