@@ -15,7 +15,8 @@
 // masked slots are never read (a NaN left in one cannot reach the output), and softmax is exact
 // over the visible keys: exp(s - max) / sum, the masked terms of the graph's softmax being 0.
 // Work is split over (row, head, block of queries) with ONNX Runtime's intra-op pool.
-// Paths: AVX2+FMA (dot products, exp and the value sums 8 lanes at a time) or plain C++.
+// Paths: AVX2+FMA (dot products, exp and the value sums 8 lanes at a time; for head sizes of 8 to 64
+// in steps of 8, the query and its sums held in registers) or plain C++.
 
 #include "kernels.h"
 
@@ -36,12 +37,17 @@ struct Shapes {
   int64_t B = 0, heads = 0, T = 0, P = 0, hd = 0;
 };
 
+struct Keys;
+// one query against its keys, for one head size (QueryAvx2Fixed), or none
+using QueryFn = void (*)(const float* q, const Keys& keys, float scale, float* scores, float* out);
+
 struct Call {
   Shapes s;
   const float *q, *k_new, *v_new, *k_past, *v_past;
   const int64_t* past_length;
   float scale;
   float* y;
+  QueryFn fixed = nullptr;
 };
 
 // ---- one query against its visible keys: scores, softmax, weighted values ----
@@ -83,6 +89,12 @@ __attribute__((target("avx2,fma"))) inline float HorizontalSum(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
+__attribute__((target("avx2,fma"))) inline float HorizontalMax(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+
 __attribute__((target("avx2,fma"))) inline float DotAvx2(const float* a, const float* b, int64_t n) {
   __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
   int64_t d = 0;
@@ -117,6 +129,24 @@ __attribute__((target("avx2,fma"))) inline __m256 ExpAvx2(__m256 x) {
   return _mm256_andnot_ps(too_small, _mm256_mul_ps(p, _mm256_castsi256_ps(bits)));
 }
 
+// scores[0..count) <- e^(score - top), 8 at a time (the tail after the last whole 8 in scalar); their sum
+__attribute__((target("avx2,fma"))) float ExpInPlace(float* scores, int64_t count, float top) {
+  __m256 sums = _mm256_setzero_ps();
+  const __m256 top8 = _mm256_set1_ps(top);
+  int64_t j = 0;
+  for (; j + 8 <= count; j += 8) {
+    const __m256 p = ExpAvx2(_mm256_sub_ps(_mm256_loadu_ps(scores + j), top8));
+    _mm256_storeu_ps(scores + j, p);
+    sums = _mm256_add_ps(sums, p);
+  }
+  float sum = HorizontalSum(sums);
+  for (; j < count; ++j) {
+    scores[j] = std::exp(scores[j] - top);
+    sum += scores[j];
+  }
+  return sum;
+}
+
 __attribute__((target("avx2,fma"))) void QueryAvx2(const float* q, const Keys& keys, int64_t hd, float scale,
                                                     float* scores, float* out) {
   float top = -INFINITY;
@@ -124,22 +154,9 @@ __attribute__((target("avx2,fma"))) void QueryAvx2(const float* q, const Keys& k
     scores[j] = DotAvx2(q, keys.key(j), hd) * scale;
     top = std::max(top, scores[j]);
   }
-  // the exponentials, 8 at a time, and their sum (the tail after the last whole 8 in scalar)
-  __m256 sums = _mm256_setzero_ps();
-  const __m256 top8 = _mm256_set1_ps(top);
-  int64_t j = 0;
-  for (; j + 8 <= keys.count; j += 8) {
-    const __m256 p = ExpAvx2(_mm256_sub_ps(_mm256_loadu_ps(scores + j), top8));
-    _mm256_storeu_ps(scores + j, p);
-    sums = _mm256_add_ps(sums, p);
-  }
-  float sum = HorizontalSum(sums);
-  for (; j < keys.count; ++j) {
-    scores[j] = std::exp(scores[j] - top);
-    sum += scores[j];
-  }
+  const float sum = ExpInPlace(scores, keys.count, top);
   for (int64_t d = 0; d < hd; ++d) out[d] = 0.0f;
-  for (j = 0; j < keys.count; ++j) {
+  for (int64_t j = 0; j < keys.count; ++j) {
     const float* v = keys.value(j);
     const __m256 p = _mm256_set1_ps(scores[j]);
     int64_t d = 0;
@@ -149,6 +166,61 @@ __attribute__((target("avx2,fma"))) void QueryAvx2(const float* q, const Keys& k
   }
   const float inverse = 1.0f / sum;
   for (int64_t d = 0; d < hd; ++d) out[d] *= inverse;
+}
+
+// The same for a head size of 8V (V <= 8: GPT-2's 64 is V = 8): the query and the output sums stay
+// in registers (the loop above keeps `out` in memory: a load and a store per 8 lanes per key, and
+// its dot product ends each key in a chain of horizontal adds); the dot products of 8 keys end
+// together, as one vector of 8 scores. Same visible keys, same exponentials.
+template <int V>
+__attribute__((target("avx2,fma"))) void QueryAvx2Fixed(const float* q, const Keys& keys, float scale, float* scores,
+                                                         float* out) {
+  __m256 qv[V];
+  for (int i = 0; i < V; ++i) qv[i] = _mm256_mul_ps(_mm256_loadu_ps(q + 8 * i), _mm256_set1_ps(scale));
+  __m256 top8 = _mm256_set1_ps(-INFINITY);
+  int64_t j = 0;
+  for (; j + 8 <= keys.count; j += 8) {
+    __m256 dot[8];
+    for (int k = 0; k < 8; ++k) {
+      const float* key = keys.key(j + k);
+      __m256 a = _mm256_mul_ps(qv[0], _mm256_loadu_ps(key));
+      for (int i = 1; i < V; ++i) a = _mm256_fmadd_ps(qv[i], _mm256_loadu_ps(key + 8 * i), a);
+      dot[k] = a;
+    }
+    // 8 vectors of 8 partial sums -> the 8 sums, lane k = key j + k
+    const __m256 h01 = _mm256_hadd_ps(dot[0], dot[1]), h23 = _mm256_hadd_ps(dot[2], dot[3]);
+    const __m256 h45 = _mm256_hadd_ps(dot[4], dot[5]), h67 = _mm256_hadd_ps(dot[6], dot[7]);
+    const __m256 h0123 = _mm256_hadd_ps(h01, h23), h4567 = _mm256_hadd_ps(h45, h67);
+    const __m256 sums = _mm256_add_ps(_mm256_permute2f128_ps(h0123, h4567, 0x20), _mm256_permute2f128_ps(h0123, h4567, 0x31));
+    _mm256_storeu_ps(scores + j, sums);
+    top8 = _mm256_max_ps(top8, sums);
+  }
+  float top = HorizontalMax(top8);
+  for (; j < keys.count; ++j) {
+    const float* key = keys.key(j);
+    __m256 a = _mm256_mul_ps(qv[0], _mm256_loadu_ps(key));
+    for (int i = 1; i < V; ++i) a = _mm256_fmadd_ps(qv[i], _mm256_loadu_ps(key + 8 * i), a);
+    scores[j] = HorizontalSum(a);
+    top = std::max(top, scores[j]);
+  }
+  const float sum = ExpInPlace(scores, keys.count, top);
+  __m256 acc[V];
+  for (int i = 0; i < V; ++i) acc[i] = _mm256_setzero_ps();
+  for (j = 0; j < keys.count; ++j) {
+    const float* v = keys.value(j);
+    const __m256 p = _mm256_set1_ps(scores[j]);
+    for (int i = 0; i < V; ++i) acc[i] = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + 8 * i), acc[i]);
+  }
+  const __m256 inverse = _mm256_set1_ps(1.0f / sum);
+  for (int i = 0; i < V; ++i) _mm256_storeu_ps(out + 8 * i, _mm256_mul_ps(acc[i], inverse));
+}
+
+QueryFn FixedQuery(int64_t hd) {
+  if (hd % 8 != 0 || hd > 64) return nullptr;
+  static const QueryFn by_vectors[9] = {nullptr,           QueryAvx2Fixed<1>, QueryAvx2Fixed<2>,
+                                        QueryAvx2Fixed<3>, QueryAvx2Fixed<4>, QueryAvx2Fixed<5>,
+                                        QueryAvx2Fixed<6>, QueryAvx2Fixed<7>, QueryAvx2Fixed<8>};
+  return by_vectors[hd / 8];
 }
 
 // ---- one task: a block of queries of one (row, head) ----
@@ -169,7 +241,9 @@ void RunTask(const Call& call, int64_t task, float* scores) {
     keys.count = keys.past + t + 1;
     const float* q = call.q + (bh * s.T + t) * s.hd;
     float* out = call.y + ((b * s.T + t) * s.heads + h) * s.hd;
-    if (g_use_avx2)
+    if (call.fixed != nullptr)
+      call.fixed(q, keys, call.scale, scores, out);
+    else if (g_use_avx2)
       QueryAvx2(q, keys, s.hd, call.scale, scores, out);
     else
       QueryGeneric(q, keys, s.hd, call.scale, scores, out);
@@ -210,6 +284,7 @@ OrtStatus* Compute(OrtKernelContext* context) {
   call.v_past = static_cast<const float*>(data[4]);
   call.past_length = static_cast<const int64_t*>(data[5]);
   call.scale = *static_cast<const float*>(data[6]);
+  call.fixed = g_use_avx2 ? FixedQuery(s.hd) : nullptr;
   const std::vector<int64_t> y_shape = {s.B, s.T, s.heads, s.hd};
   OrtValue* Y = nullptr;
   RETURN_IF_ERROR(g_api->KernelContext_GetOutput(context, 0, y_shape.data(), y_shape.size(), &Y));
