@@ -26,7 +26,8 @@ One step:
    keys and values no row keeps.
 4. decode: one forward over rows 0..n-1, the sequences whose context still fits; each samples.
 Rows stay packed: a sequence leaving the decode rows (finished, cropped) has its row taken by the
-last one (one copy), and the cache shrinks to the rows still there. No Triton, no threads here: the
+last one (one copy), and the cache shrinks to the rows still there (a cache laid out at block_size,
+batchcache.py, gives the row's pages back instead). No Triton, no threads here: the
 server drives `step` from a thread of its own.
 """
 

@@ -8,6 +8,8 @@ logits make the choice a near-tie, and it is reported, never silent.
 
 from __future__ import annotations
 
+import re
+import sys
 import threading
 import warnings
 
@@ -306,6 +308,24 @@ def test_host_memory_gives_whole_pages_back_and_keeps_the_rest():
         assert (data[:page // 2] == 7).all() and (data[page // 2 + 3 * page:] == 7).all()
     with pytest.raises(Exception, match="outside a buffer"):
         memory.discard(ptr, 7 * page)
+    memory.close()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
+def test_a_cache_laid_out_at_block_size_asks_for_base_pages():
+    """numpy asks for huge pages on large arrays; a cache laid out at block_size must not get them (a
+    write would commit 2 MB around it: a GPT-2 row whole at its first position)."""
+    memory = HostMemory()
+    ptr = memory.allocate_zeroed(16 << 20, small_pages=True)
+    inside = ptr + (4 << 20)
+    flags = None
+    with open("/proc/self/smaps") as f:
+        mappings = re.split(r"\n(?=[0-9a-f]+-[0-9a-f]+ )", f.read())
+    for block in mappings:
+        start, end = (int(x, 16) for x in block.split()[0].split("-"))
+        if start <= inside < end:
+            flags = re.search(r"VmFlags:(.*)", block).group(1).split()
+    assert flags is not None and "nh" in flags
     memory.close()
 
 

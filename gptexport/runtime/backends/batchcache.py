@@ -118,7 +118,7 @@ class BatchCache:
         else:
             # zeroed: a NaN in a masked slot still poisons the output (0 * NaN = NaN in probs @ v_past);
             # on the host twin calloc's lazy zero pages cost nothing until a position is written
-            block = self.memory.allocate_zeroed(size)
+            block = self.memory.allocate_zeroed(size, small_pages=self.at_block_size)
         return block, {name: block + i * self.stride for i, name in enumerate(self.spec.past_names)}
 
     def ensure_capacity(self, capacity: int) -> None:

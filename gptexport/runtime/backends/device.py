@@ -52,12 +52,19 @@ from ...errors import BackendUnavailable, GptExportError
 
 ALIGN = 256  # cudaMalloc returns 256-byte aligned memory; the host twin aligns its buffers the same
 
-# Linux's madvise(2), for HostMemory.discard (elsewhere discarded bytes simply stay as they were)
-PAGE, MADV_DONTNEED = mmap.PAGESIZE, 4
+# Linux's madvise(2), for HostMemory (elsewhere discarded bytes stay as they were, pages as they are)
+PAGE, MADV_DONTNEED, MADV_NOHUGEPAGE = mmap.PAGESIZE, 4, 15
 try:
     _madvise = ctypes.CDLL(None, use_errno=True).madvise if sys.platform == "linux" else None
 except (OSError, AttributeError):
     _madvise = None
+
+
+def _advise(ptr: int, nbytes: int, advice: int) -> None:
+    """madvise the whole pages inside [ptr, ptr + nbytes); advice only: a refusal changes nothing we rely on."""
+    start, end = -(-ptr // PAGE) * PAGE, (ptr + nbytes) // PAGE * PAGE
+    if end > start and _madvise is not None:
+        _madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), advice)
 
 
 class DeviceMemory(ABC):
@@ -118,9 +125,16 @@ class DeviceMemory(ABC):
             bisect.insort(self._bases, ptr)
         return ptr
 
-    def allocate_zeroed(self, nbytes: int) -> int:
-        """An allocation filled with zeros (on CUDA, by the time queued work reads it)."""
-        return self._record(self._malloc_zeroed(max(int(nbytes), 1)), nbytes)
+    def allocate_zeroed(self, nbytes: int, small_pages: bool = False) -> int:
+        """An allocation filled with zeros (on CUDA, by the time queued work reads it). `small_pages`:
+        host memory committed a base page at a time as it is written (see HostMemory)."""
+        ptr = self._record(self._malloc_zeroed(max(int(nbytes), 1)), nbytes)
+        if small_pages:
+            self._small_pages(ptr, nbytes)
+        return ptr
+
+    def _small_pages(self, ptr: int, nbytes: int) -> None:
+        return None  # device memory is committed whole
 
     def free(self, ptr: int) -> None:
         """Free an allocation: `ptr` must be what allocate() returned."""
@@ -230,9 +244,13 @@ class HostMemory(DeviceMemory):
     def _discard(self, ptr: int, nbytes: int) -> None:
         # the whole pages inside the range back to the OS (they read as zeros after): a cache row's
         # pages then cost nothing until a later sequence writes them
-        start, end = -(-ptr // PAGE) * PAGE, (ptr + nbytes) // PAGE * PAGE
-        if end > start and _madvise is not None:
-            _madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_DONTNEED)
+        _advise(ptr, nbytes, MADV_DONTNEED)
+
+    def _small_pages(self, ptr: int, nbytes: int) -> None:
+        # numpy asks for transparent huge pages on large arrays: a write anywhere in 2 MB would
+        # commit all of it, a cache row at block_size whole (GPT-2: 72 MB a row, its first position
+        # written); base pages commit 4 KB at a time, what the row holds
+        _advise(ptr, nbytes, MADV_NOHUGEPAGE)
 
     def _upload(self, dst: int, src: int, nbytes: int) -> None:
         ctypes.memmove(dst, src, nbytes)
