@@ -288,6 +288,8 @@ class Scheduler:
         decode rows (row len(rows); a prompt filling there moves to a free row, or trades places with
         it), to the cropped windows, or out."""
         if seq.finish is not None or len(seq.context) > self.config.block_size:
+            if seq.finish == "error":
+                self.cache.scrub(seq.row)
             self.cache.release(seq.row)
             if seq.finish is None:
                 self.cropping.append(seq)
@@ -361,7 +363,11 @@ class Scheduler:
                 i += 1
                 continue
             last = len(self.rows) - 1
+            if seq.finish == "error":  # what it wrote may be NaN: not for the row's next sequence
+                self.cache.scrub(i)
             self.cache.move(last, i)
+            if last != i and self.rows[last].finish == "error":
+                self.cache.scrub(last)  # a failed one moved: its old row keeps a copy
             self.cache.release(last)  # (moved, or the row that left was the last)
             self.rows[i] = self.rows[last]
             self.rows.pop()

@@ -370,6 +370,39 @@ def test_one_sequence_failing_leaves_the_others_alone(tiny_model_dir, runner):
             assert_same_as_alone(runner, prompt, params, seq.tokens)
 
 
+class PoisonedCacheRunner(PoisonedRunner):
+    """As PoisonedRunner, and the poisoned rows' new keys and values are NaN too (an overflow in the
+    forward): what a failed sequence leaves in its cache row."""
+
+    def infer(self, feeds):
+        out = super().infer(feeds)
+        bad = feeds["input_ids"][:, -1] == self.POISON
+        for name in self.spec.new_names:
+            out[name][bad] = np.nan
+        return out
+
+
+def test_a_failed_sequence_leaves_no_nan_in_the_row_another_takes(tiny_model_dir):
+    """On the exported mask graph (kernels off) every slot of a row is multiplied by its probability,
+    0 past the row's length: a NaN left there by a failed sequence would fail the next one in the row.
+    `bad` fails with NaN keys and values at its 8th position; `tail` (shorter) moves into its row."""
+    from gptexport.runtime.sequence import Probe
+
+    inner = OrtRunner(load_model_dir(tiny_model_dir), threads=1, kernels="off")
+    with inner:
+        r = PoisonedCacheRunner(inner)
+        s = Scheduler(r, 3)
+        head = s.submit(Sequence([1, 2], GenerationParams(12, SamplingParams(0.0), 0)))
+        bad = s.submit(Sequence([3, 4, 5, 6, 1, 2, 3], GenerationParams(6, SamplingParams(0.0), 0),
+                                probe=Probe(forced=[PoisonedRunner.POISON] * 6)))
+        tail = s.submit(Sequence([5], GenerationParams(10, SamplingParams(0.0), 0)))
+        s.run()
+        assert bad.finish == "error" and "NaN" in str(bad.error)
+        for seq in (head, tail):
+            assert seq.finish == "length", seq.error
+            assert seq.tokens == alone(inner, seq.prompt_ids, seq.params)[0]
+
+
 def test_max_batch_one_runs_them_one_after_another(runner):
     s = Scheduler(runner, 1)
     a = s.submit(Sequence([1], GenerationParams(5, SamplingParams(0.0), 0)))

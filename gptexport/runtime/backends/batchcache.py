@@ -209,6 +209,15 @@ class BatchCache:
             for i in range(len(self.spec.past_names)):
                 self.memory.discard(self.block + i * self.stride + row * row_bytes, row_bytes)
 
+    def scrub(self, row: int) -> None:
+        """Zero row `row` in every tensor: a failed sequence's keys and values may be NaN or inf, and
+        the graph's masked attention multiplies the slots past a row's length by 0 (0 * NaN = NaN),
+        so what it left must not stay for the next sequence in the row (copies move only the
+        positions a row holds). Only after a failure: it writes the row's whole capacity."""
+        row_bytes = self.config.n_head * self.pitch
+        for i in range(len(self.spec.past_names)):
+            self.memory.zero(self.block + i * self.stride + row * row_bytes, row_bytes)
+
     def move(self, src: int, dst: int) -> None:
         """Row `src`'s cache and length into row `dst` (the scheduler packs its rows)."""
         if src == dst:
