@@ -200,23 +200,27 @@ class BatchCache:
         return Copy3D(dst_offset, self.pitch, dslice, src_offset, self.pitch, sslice, width, nh,
                       len(self.spec.past_names))
 
+    def _row_ranges(self, row: int) -> list[tuple[int, int]]:
+        """(address, bytes) of row `row` in each past tensor: n_head rows of `pitch` bytes, contiguous."""
+        row_bytes = self.config.n_head * self.pitch
+        return [(self.block + i * self.stride + row * row_bytes, row_bytes)
+                for i in range(len(self.spec.past_names))]
+
     def release(self, row: int) -> None:
         """Row `row` holds nothing from now on (what it held is masked, then overwritten; laid out at
         block_size, its pages go back)."""
         self.lengths[row] = 0
         if self.at_block_size:
-            row_bytes = self.config.n_head * self.pitch
-            for i in range(len(self.spec.past_names)):
-                self.memory.discard(self.block + i * self.stride + row * row_bytes, row_bytes)
+            for ptr, size in self._row_ranges(row):
+                self.memory.discard(ptr, size)
 
     def scrub(self, row: int) -> None:
         """Zero row `row` in every tensor: a failed sequence's keys and values may be NaN or inf, and
         the graph's masked attention multiplies the slots past a row's length by 0 (0 * NaN = NaN),
         so what it left must not stay for the next sequence in the row (copies move only the
         positions a row holds). Only after a failure: it writes the row's whole capacity."""
-        row_bytes = self.config.n_head * self.pitch
-        for i in range(len(self.spec.past_names)):
-            self.memory.zero(self.block + i * self.stride + row * row_bytes, row_bytes)
+        for ptr, size in self._row_ranges(row):
+            self.memory.zero(ptr, size)
 
     def move(self, src: int, dst: int) -> None:
         """Row `src`'s cache and length into row `dst` (the scheduler packs its rows)."""
