@@ -225,9 +225,13 @@ class Scheduler:
             if len(seq.prompt_ids) > block:
                 (seq.notice or to_stderr)(crop_notice(len(seq.prompt_ids), block))
             seq.context, seq.filled = seq.prompt_ids[-block:], 0
-            taken = {s.row for s in self.filling if s is not seq and s.row >= 0}
-            seq.row = next(r for r in range(len(self.rows), self.max_batch) if r not in taken)
+            seq.row = self._free_row(len(self.rows))  # admission left one: fewer than max_batch run
             self._cache(len(seq.context))
+
+    def _free_row(self, first: int, *holding: Sequence) -> int | None:
+        """The lowest row from `first` on that no prompt being filled (nor one of `holding`) holds."""
+        held = {s.row for s in (*self.filling, *holding)}
+        return next((r for r in range(first, self.max_batch) if r not in held), None)
 
     def _fill(self) -> None:
         """The next chunks of the waiting prompts, prefill_chunk tokens in all, first come first
@@ -298,8 +302,7 @@ class Scheduler:
         target = len(self.rows)
         other = next((s for s in self.filling if s.row == target), None)
         if other is not None:  # a prompt still filling holds the row: it moves to a free row, if any
-            held = {seq.row, *(s.row for s in self.filling)}
-            free = next((r for r in range(target + 1, self.max_batch) if r not in held), None)
+            free = self._free_row(target + 1, seq)
             if free is not None:
                 self.cache.move(target, free)
                 other.row = free
@@ -356,6 +359,9 @@ class Scheduler:
         """Keep the decode rows packed at 0..n-1: the last row fills each row that leaves; once rows
         have left, the cache shrinks to what the rows still there need."""
         self.cropping = [s for s in self.cropping if s.finish is None]
+        for row, seq in enumerate(self.rows):
+            if seq.finish == "error":  # what it wrote may be NaN: not for the next sequence in its row
+                self.cache.scrub(row)
         i, left = 0, False
         while i < len(self.rows):
             seq = self.rows[i]
@@ -363,11 +369,7 @@ class Scheduler:
                 i += 1
                 continue
             last = len(self.rows) - 1
-            if seq.finish == "error":  # what it wrote may be NaN: not for the row's next sequence
-                self.cache.scrub(i)
             self.cache.move(last, i)
-            if last != i and self.rows[last].finish == "error":
-                self.cache.scrub(last)  # a failed one moved: its old row keeps a copy
             self.cache.release(last)  # (moved, or the row that left was the last)
             self.rows[i] = self.rows[last]
             self.rows.pop()
