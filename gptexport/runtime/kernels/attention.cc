@@ -172,6 +172,14 @@ __attribute__((target("avx2,fma"))) void QueryAvx2(const float* q, const Keys& k
 // in registers (the loop above keeps `out` in memory: a load and a store per 8 lanes per key, and
 // its dot product ends each key in a chain of horizontal adds); the dot products of 8 keys end
 // together, as one vector of 8 scores. Same visible keys, same exponentials.
+// q . key in 8 lanes of partial sums, for a head size of 8V
+template <int V>
+__attribute__((target("avx2,fma"))) inline __m256 PartialDot(const __m256 (&qv)[V], const float* key) {
+  __m256 a = _mm256_mul_ps(qv[0], _mm256_loadu_ps(key));
+  for (int i = 1; i < V; ++i) a = _mm256_fmadd_ps(qv[i], _mm256_loadu_ps(key + 8 * i), a);
+  return a;
+}
+
 template <int V>
 __attribute__((target("avx2,fma"))) void QueryAvx2Fixed(const float* q, const Keys& keys, float scale, float* scores,
                                                          float* out) {
@@ -181,12 +189,7 @@ __attribute__((target("avx2,fma"))) void QueryAvx2Fixed(const float* q, const Ke
   int64_t j = 0;
   for (; j + 8 <= keys.count; j += 8) {
     __m256 dot[8];
-    for (int k = 0; k < 8; ++k) {
-      const float* key = keys.key(j + k);
-      __m256 a = _mm256_mul_ps(qv[0], _mm256_loadu_ps(key));
-      for (int i = 1; i < V; ++i) a = _mm256_fmadd_ps(qv[i], _mm256_loadu_ps(key + 8 * i), a);
-      dot[k] = a;
-    }
+    for (int k = 0; k < 8; ++k) dot[k] = PartialDot<V>(qv, keys.key(j + k));
     // 8 vectors of 8 partial sums -> the 8 sums, lane k = key j + k
     const __m256 h01 = _mm256_hadd_ps(dot[0], dot[1]), h23 = _mm256_hadd_ps(dot[2], dot[3]);
     const __m256 h45 = _mm256_hadd_ps(dot[4], dot[5]), h67 = _mm256_hadd_ps(dot[6], dot[7]);
@@ -197,10 +200,7 @@ __attribute__((target("avx2,fma"))) void QueryAvx2Fixed(const float* q, const Ke
   }
   float top = HorizontalMax(top8);
   for (; j < keys.count; ++j) {
-    const float* key = keys.key(j);
-    __m256 a = _mm256_mul_ps(qv[0], _mm256_loadu_ps(key));
-    for (int i = 1; i < V; ++i) a = _mm256_fmadd_ps(qv[i], _mm256_loadu_ps(key + 8 * i), a);
-    scores[j] = HorizontalSum(a);
+    scores[j] = HorizontalSum(PartialDot<V>(qv, keys.key(j)));
     top = std::max(top, scores[j]);
   }
   const float sum = ExpInPlace(scores, keys.count, top);
