@@ -83,6 +83,11 @@ class LoopCache:
             self.binding.bind_ortvalue_input(name, self.values[name])
         for name in outputs:
             self.binding.bind_ortvalue_output(name, self.values[name])
+        # today's graph (our attention) has presents besides new_*: bound to the past's own arrays, so
+        # that ONNX Runtime does not allocate and fill a copy of the whole past for them every step
+        # (the op then writes the new position into the arrays, which the loop's append writes again)
+        for past, present in r.presents.items():
+            self.binding.bind_ortvalue_output(present, self.values[past])
 
     def decode(self, tokens: np.ndarray) -> np.ndarray:
         if self.reserve(self.length + 1) or self.binding is None:

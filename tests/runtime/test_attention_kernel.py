@@ -24,13 +24,14 @@ from gptexport.runtime.scheduler import Sequence, run_to_end
 INPUTS = ("q", "k_new", "v_new", "k_past", "v_past", "past_length", "scale")
 
 
-def attention_session(library):
+def attention_session(library, outputs=("y",)):
     import onnxruntime as ort
 
     types = {"past_length": TensorProto.INT64}
-    node = helper.make_node("CachedAttention", list(INPUTS), ["y"], domain=onnxgraph.DOMAIN)
+    node = helper.make_node("CachedAttention", list(INPUTS), list(outputs), domain=onnxgraph.DOMAIN)
     inputs = [helper.make_tensor_value_info(n, types.get(n, TensorProto.FLOAT), None) for n in INPUTS]
-    graph = helper.make_graph([node], "g", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    graph = helper.make_graph([node], "g", inputs, [helper.make_tensor_value_info(n, TensorProto.FLOAT, None)
+                                                    for n in outputs])
     opsets = [helper.make_opsetid("", 18), helper.make_opsetid(onnxgraph.DOMAIN, 1)]
     model = helper.make_model(graph, opset_imports=opsets)
     model.ir_version = 9
@@ -79,6 +80,46 @@ def test_cached_attention_matches_attention_over_the_visible_keys(library, monke
         np.testing.assert_allclose(got, reference(**feeds), atol=2e-6, rtol=1e-5, err_msg=f"{(B, T, P, lengths, D)}")
 
 
+def with_new_keys(past, new, lengths):
+    """The past with each row's new keys at its length .. length + T - 1, those that fit."""
+    out = past.copy()
+    for b, L in enumerate(lengths):
+        fit = max(0, min(new.shape[2], past.shape[2] - L))
+        out[b, :, L:L + fit] = new[b, :, :fit]
+    return out
+
+
+def test_cached_attention_writes_its_new_keys_into_the_presents_or_the_past_itself(library):
+    """Presents allocated by ONNX Runtime are the past with the new keys written in; bound to the
+    past's own buffers (how the batch cache binds them), only the new positions are written, and the
+    output is the attention over the past as it was."""
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(2)
+    session = attention_session(library, ("y", "k_present", "v_present"))
+    for B, T, P, lengths, D in CASES:
+        new = [rng.standard_normal((B, 3, T, D)).astype(np.float32) for _ in range(3)]
+        past = [rng.standard_normal((B, 3, P, D)).astype(np.float32) for _ in range(2)]
+        feeds = dict(zip(INPUTS, [*new, *past, np.array(lengths, np.int64), np.array(1 / math.sqrt(D), np.float32)]))
+        want_y, case = reference(**feeds), f"{(B, T, P, lengths, D)}"
+        y, k_present, v_present = session.run(None, feeds)
+        np.testing.assert_allclose(y, want_y, atol=2e-6, rtol=1e-5, err_msg=case)
+        np.testing.assert_array_equal(k_present, with_new_keys(past[0], new[1], lengths), err_msg=case)
+        np.testing.assert_array_equal(v_present, with_new_keys(past[1], new[2], lengths), err_msg=case)
+
+        shared = [a.copy() for a in past]
+        binding = session.io_binding()
+        for name, array in {**feeds, "k_past": shared[0], "v_past": shared[1]}.items():
+            binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array))
+        y_shared = np.zeros_like(want_y, np.float32)
+        for name, array in (("y", y_shared), ("k_present", shared[0]), ("v_present", shared[1])):
+            binding.bind_output(name, "cpu", 0, np.float32, array.shape, array.ctypes.data)
+        session.run_with_iobinding(binding)
+        np.testing.assert_array_equal(y_shared, y, err_msg=case)
+        np.testing.assert_array_equal(shared[0], k_present, err_msg=case)
+        np.testing.assert_array_equal(shared[1], v_present, err_msg=case)
+
+
 def test_cached_attention_says_which_shapes_it_takes(library):
     session = attention_session(library)
     a = np.zeros((1, 2, 3, 4), np.float32)
@@ -106,7 +147,15 @@ def test_swap_takes_each_layers_attention_and_its_initializers(tiny_model_dir):
                                  "past_length", n.input[6]] for i, n in enumerate(ours))
     used = {name for n in after.graph.node for name in n.input}
     assert {i.name for i in after.graph.initializer} <= used  # none left for ONNX Runtime to warn of
-    assert after.graph.output == before.graph.output and after.graph.input == before.graph.input
+    assert after.graph.input == before.graph.input
+    # the graph gains each layer's presents, typed and shaped as its pasts, made by its CachedAttention
+    pasts = {i.name: i for i in before.graph.input if i.name.startswith("past_")}
+    gained = after.graph.output[len(before.graph.output):]
+    assert after.graph.output[:len(before.graph.output)] == before.graph.output and len(gained) == 2 * n_layer
+    for info in gained:
+        past = pasts[info.name.replace("present_", "past_", 1)]
+        assert info.type == past.type
+    assert all(list(n.output[1:]) == [f"present_key.{i}", f"present_value.{i}"] for i, n in enumerate(ours))
 
 
 def test_swap_leaves_an_attention_it_would_not_compute_the_same(tiny_model_dir):

@@ -149,21 +149,25 @@ class CountingMemory(HostMemory):
 
 
 @pytest.mark.parametrize("rows", [1, 3, 5])
-def test_a_decode_step_of_n_rows_makes_n_copies_in_host_memory(tiny_model_dir, rows):
-    """One append per row (every layer at once); in host memory the token ids and lengths are written
-    into the bound buffers and the logits read where the graph wrote them (a device adds 3 copies:
-    ids and lengths up, logits down)."""
-    r = OrtRunner(load_model_dir(tiny_model_dir), threads=1)
+@pytest.mark.parametrize("kernels", ["off", "on"])
+def test_a_decode_step_of_n_rows_makes_n_copies_in_host_memory(tiny_model_dir, rows, kernels):
+    """One append per row (every layer at once), none where our attention appends in the forward
+    itself; in host memory the token ids and lengths are written into the bound buffers and the
+    logits read where the graph wrote them (a device adds 3 copies: ids and lengths up, logits down).
+    A prompt's prefill copies nothing either with our attention."""
+    r = OrtRunner(load_model_dir(tiny_model_dir), threads=1, kernels=kernels)
     r.memory = memory = CountingMemory()
+    appends = rows if kernels == "off" else 0
     with r:
         cache = r.new_batch_cache(rows, 12)
         for row in range(rows):
             cache.prefill(row, np.arange(row + 2))
+        assert memory.calls["copy3d"] == appends
         cache.decode(np.arange(rows))  # the bucket's first step also allocates and uploads its positions
         before = dict(memory.calls)
         cache.decode(np.arange(rows))
         made = {k: memory.calls[k] - before[k] for k in memory.calls}
-        assert made == {"upload": 0, "download": 0, "copy3d": rows}
+        assert made == {"upload": 0, "download": 0, "copy3d": appends}
         assert cache.lengths[:rows].tolist() == [row + 4 for row in range(rows)]
         assert cache.capacity == 16  # 12 asked for, rounded up to ROOM_STEP 64, at most block_size 16
         assert cache.bytes_per_row == 2 * 2 * 2 * 16 * 16 * 4  # (k, v) x layers x heads x capacity x head_dim x fp32

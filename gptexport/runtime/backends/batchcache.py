@@ -24,11 +24,15 @@ what lets one 3-D copy cross every layer at once). A sequence lives in one row w
   never copied to grow or shrink (a growth of 16 rows at a few hundred positions copied 0.3-0.5 GB:
   a 0.4-0.6 s stall of every sequence); host pages are committed only as positions are written and a
   released row's pages go back (DeviceMemory.discard), so memory follows the lengths that are there.
+- `forward_appends`: where the forward itself writes its new keys and values into the rows (our
+  CachedAttention's presents, bound to the past's own buffers: ort.py), no append copy follows
+  it; such a prefill binds the rows' whole capacity as their past, for the op to write into.
 - `move` / `swap` copy the positions a row holds, not its whole capacity.
 
 Per decode step of n rows the memory core is asked for n + 3 copies: the token ids and the
 lengths up, one append per row, the logits down; in host memory the ids, lengths and logits are the
-bound buffers themselves, n (tests/runtime/test_scheduler.py counts them on the host twin).
+bound buffers themselves, n, and none where the forward appends (tests/runtime/test_scheduler.py
+counts them on the host twin).
 
 Its decode steps run at fixed addresses per bucket (buckets.py), under CUDA graphs in an arena
 the runner keeps across caches (buckets.GraphArena).
@@ -77,9 +81,12 @@ class BatchCache:
 
     def __init__(self, memory: DeviceMemory, spec: IOSpec, config: GPTConfig, rows: int, capacity: int,
                  run: Run, run_bucket: RunBucket, graphs: GraphArenas | None = None, room_step: int = ROOM_STEP,
-                 at_block_size: bool = False):
+                 at_block_size: bool = False, forward_appends: bool = False):
         self.memory, self.spec, self.config, self.rows = memory, spec, config, rows
         self.room_step, self.at_block_size = room_step, at_block_size and graphs is None
+        # the forward writes each row's new keys and values at its length itself (decode runs at n
+        # rows then: an idle row of a larger bucket would write at position 0 of a row in use)
+        self.forward_appends = forward_appends and graphs is None
         self.run, self.run_bucket = run, run_bucket
         # decode of n rows at n, or (for CUDA graphs: a few captures serve every n) at
         # graph_bucket(n, rows), in an arena whose addresses outlive this cache
@@ -276,7 +283,8 @@ class BatchCache:
         n, T = ids.shape
         L = T if all_positions else 1  # logit positions
         m, spec, nh = self.memory, self.spec, self.config.n_head
-        P = self.capacity if starts.any() else 0  # an empty past attends over nothing
+        # an empty past attends over nothing; where the forward appends, it writes into the rows
+        P = self.capacity if starts.any() or (self.forward_appends and row is not None) else 0
         positions = np.arange(T - L, T, dtype=np.int64)
         host = {"input_ids": ids, "past_length": starts, "logit_positions": positions}
         ins, outs = step_shapes(spec, n, T, P, L), output_shapes(spec, n, T, L)
@@ -294,7 +302,7 @@ class BatchCache:
                               for i, n in enumerate(spec.past_names)})
             addresses["logits"] = self.scratch.get("logits", nbytes(outs["logits"], np.float32))
             self.run(None, ins, outs, addresses)
-            for r in range(n if row is not None else 0):
+            for r in range(n if row is not None and not self.forward_appends else 0):
                 m.copy3d(self.block, new, self._append_plan(row + r, int(starts[r]), r, T, new_stride))
             m.download(logits, addresses["logits"])
             m.synchronize()
@@ -334,7 +342,7 @@ class BatchCache:
                 m.upload(d.addresses["past_length"], bucket.step_lengths)
             self.run_bucket(bucket)
             first_new = d.addresses[self.spec.new_names[0]]
-            for r in range(n):
+            for r in range(0 if self.forward_appends else n):
                 m.copy3d(self.block, first_new, self._append_plan(r, int(lengths[r]), r, 1, bucket.new_stride))
             if not host:
                 m.download(d.logits, d.addresses["logits"])

@@ -37,6 +37,7 @@ import numpy as np
 from ...artifacts.modeldir import ModelDir
 from ...config import numpy_dtype
 from ...errors import BackendUnavailable, GptExportError, UsageError
+from ..kernels.attention_pattern import present_name
 from .base import Runner, notice
 from .batchcache import BatchCache
 from .buckets import GraphArenas
@@ -78,6 +79,9 @@ class OrtRunner(Runner):
         self._plain = None  # run options of every run that must not be captured
         # every layer's attention is our CachedAttention, which reads only each row's own length
         self.live_attention = False
+        # past input -> the present output our CachedAttention appends its new keys to: bound to the
+        # past's own buffer in every run, so the forward appends to the cache in place
+        self.presents: dict[str, str] = {}
 
     # ---- loading ----
 
@@ -103,6 +107,8 @@ class OrtRunner(Runner):
         self.ort, self.session, self.memory, self.cuda_graphs = loaded.ort, loaded.session, memory, loaded.cuda_graphs
         self.graph_arenas = GraphArenas() if self.cuda_graphs else None
         self.live_attention = loaded.ops.get("CachedAttention", 0) == self.config.n_layer
+        outputs = {o.name for o in self.session.get_outputs()}
+        self.presents = {p: present_name(p) for p in self.spec.past_names if present_name(p) in outputs}
         self._plain = run_options(self.ort, -1) if self.cuda_graphs else None
 
     def deactivate(self) -> None:
@@ -121,9 +127,10 @@ class OrtRunner(Runner):
         arena this runner keeps, so each bucket's graph is captured once (buckets.GraphArena). With
         our attention on the host, rows are laid out at block_size once (batchcache.py)."""
         self.activate()
+        on_host = isinstance(self.memory, HostMemory)
         return BatchCache(self.memory, self.spec, self.config, rows, capacity, self._execute, self._decode,
-                          graphs=self.graph_arenas,
-                          at_block_size=self.live_attention and isinstance(self.memory, HostMemory))
+                          graphs=self.graph_arenas, at_block_size=self.live_attention and on_host,
+                          forward_appends=len(self.presents) == len(self.spec.past_names) and on_host)
 
 
     def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -144,6 +151,8 @@ class OrtRunner(Runner):
                 # ONNX Runtime reads and writes whatever the shape spans: it must lie in the buffer
                 self.memory.check_tensor(addresses[t.name], shapes[t.name], numpy_dtype(t.dtype))
                 bind(t.name, device, 0, ELEMENT_TYPES[t.dtype], shapes[t.name], addresses[t.name])
+        for past, present in self.presents.items():  # the past's own buffer: the op writes the new positions
+            binding.bind_output(present, device, 0, ELEMENT_TYPES[self.spec.cache_dtype], ins[past], addresses[past])
         return binding
 
     def _execute(self, bucket, ins: dict, outs: dict, addresses: dict) -> None:

@@ -7,6 +7,11 @@
 //   q, k_new, v_new: float [B, nh, T, hd]; k_past, v_past: float [B, nh, P, hd]; past_length: int64
 //   [B]; scale: float, one value. y: float [B, T, nh, hd] (the graph's Transpose after the
 //   attention, taken in: the next Reshape joins the heads).
+//   Optional k_present, v_present: float [B, nh, P, hd], the past with each row's new keys (values)
+//   written at positions past_length[b] .. past_length[b] + T - 1 (those that fit in P). Bound to
+//   the past's own buffer (ONNX Runtime's GroupQueryAttention does the same, its
+//   past_present_share_buffer), only the new positions are written: the cache is appended to in
+//   place, by the thread that has just read that row and head, instead of by a copy after the run.
 //
 // What the graph computes instead: scores against all P slots and all T new keys, masked with -inf
 // (Where), concatenated, softmaxed, sliced and multiplied by both value tensors: every step reads
@@ -24,6 +29,7 @@
 
 #include <atomic>
 #include <cmath>
+#include <cstring>
 #include <memory>
 #include <new>
 
@@ -47,6 +53,7 @@ struct Call {
   const int64_t* past_length;
   float scale;
   float* y;
+  float *k_present = nullptr, *v_present = nullptr;  // where the new keys and values go, if anywhere
   QueryFn fixed = nullptr;
 };
 
@@ -237,6 +244,12 @@ void RunTask(const Call& call, int64_t task, float* scores) {
   keys.v_past = call.v_past + bh * s.P * s.hd;
   keys.k_new = call.k_new + bh * s.T * s.hd;
   keys.v_new = call.v_new + bh * s.T * s.hd;
+  if (call.k_present != nullptr) {  // this block's new keys and values into the present, where they fit
+    for (int64_t t = t0; t < std::min(t1, s.P - keys.past); ++t) {
+      std::memcpy(call.k_present + (bh * s.P + keys.past + t) * s.hd, keys.k_new + t * s.hd, s.hd * sizeof(float));
+      std::memcpy(call.v_present + (bh * s.P + keys.past + t) * s.hd, keys.v_new + t * s.hd, s.hd * sizeof(float));
+    }
+  }
   for (int64_t t = t0; t < t1; ++t) {
     keys.count = keys.past + t + 1;
     const float* q = call.q + (bh * s.T + t) * s.hd;
@@ -288,6 +301,27 @@ OrtStatus* Compute(OrtKernelContext* context) {
   const std::vector<int64_t> y_shape = {s.B, s.T, s.heads, s.hd};
   OrtValue* Y = nullptr;
   RETURN_IF_ERROR(g_api->KernelContext_GetOutput(context, 0, y_shape.data(), y_shape.size(), &Y));
+  size_t outputs = 0;
+  RETURN_IF_ERROR(g_api->KernelContext_GetOutputCount(context, &outputs));
+  if (outputs == 3 && Count(past) > 0) {
+    float* present[2] = {nullptr, nullptr};
+    for (size_t i = 0; i < 2; ++i) {
+      OrtValue* value = nullptr;
+      RETURN_IF_ERROR(g_api->KernelContext_GetOutput(context, 1 + i, past.data(), past.size(), &value));
+      void* out = nullptr;
+      RETURN_IF_ERROR(g_api->GetTensorMutableData(value, &out));
+      present[i] = static_cast<float*>(out);
+      const float* from = i == 0 ? call.k_past : call.v_past;
+      // bound elsewhere than the past (ONNX Runtime's own allocation): the past first, then the new
+      if (present[i] != from) std::memcpy(present[i], from, Count(past) * sizeof(float));
+    }
+    call.k_present = present[0], call.v_present = present[1];
+  } else if (outputs == 3) {  // no room: empty presents (every new key falls outside P)
+    for (size_t i = 1; i < 3; ++i) {
+      OrtValue* value = nullptr;
+      RETURN_IF_ERROR(g_api->KernelContext_GetOutput(context, i, past.data(), past.size(), &value));
+    }
+  }
   if (Count(y_shape) == 0) return nullptr;
   void* y_data = nullptr;
   RETURN_IF_ERROR(g_api->GetTensorMutableData(Y, &y_data));
@@ -328,6 +362,7 @@ const OpSpec kCachedAttention = {
     },
     [](void*, OrtKernelContext* context) { return Compute(context); },
     [](void*) {},
+    3, 1,  // y[, k_present, v_present]
 };
 
 }  // namespace

@@ -9,19 +9,28 @@ key/value and past_length graph inputs; the two masks computed once for all laye
                                                -> Slice [P:] -> MatMul(., new_value)  -> Add -> Transpose(0,2,1,3)
 
 becomes CachedAttention(q, new_key, new_value, past_key, past_value, past_length, scale), whose output
-is the last Transpose's. Each of the 16 nodes must have its one use in the pattern (else nothing is
-swapped), the fill must be -inf, the masks must be those of `attention_masks` (past slots below
-past_length; new keys by Trilu(upper=0)), and the cache float32 (the op's type). The mask nodes
-stay: shared by every layer, they are no longer used and ONNX Runtime drops them.
+is the last Transpose's, with two more outputs the graph gains: the layer's presents (`present_name`,
+typed and shaped as the past), which a runner binds to the past's own buffers so that the op appends
+the new keys and values to the cache itself (attention.cc). Each of the 16 nodes must have its one
+use in the pattern (else nothing is swapped), the fill must be -inf, the masks must be those of
+`attention_masks` (past slots below past_length; new keys by Trilu(upper=0)), and the cache float32
+(the op's type). The mask nodes stay: shared by every layer, they are no longer used and ONNX
+Runtime drops them.
 """
 
 from __future__ import annotations
 
 import math
 
-from .onnxproto import FLOAT, Graph, Node, Swap, our_node, tensors, value_types
+from .onnxproto import FLOAT, Graph, Node, Swap, our_node, renamed, tensors, value_infos, value_types
 
 PAST_LENGTH = "past_length"  # the graph input of each row's cached positions (config.IOSpec)
+
+
+def present_name(past: str) -> str:
+    """The graph output CachedAttention writes past input `past` with its new keys into:
+    past_key.0 -> present_key.0."""
+    return "present" + past[len("past"):]
 
 
 class _Attention:
@@ -115,10 +124,14 @@ def attention_swaps(graph: memoryview, nodes: list[Node], inits: dict, outputs: 
     """Every layer's attention (above) as a CachedAttention, written where its last Transpose stood."""
     scalars = {t.name: t.scalar for t in tensors(graph) if t.scalar is not None}
     matcher = _Attention(Graph(nodes, inits, outputs), value_types(graph, 11), scalars)
+    past_infos = value_infos(graph, 11)
     swaps = []
     for s, node in enumerate(nodes):
         found = matcher.match(s) if (node.op_type, node.domain) == ("Softmax", "") else None
         if found is not None:
             inputs, chain, out = found
-            swaps.append(Swap(our_node(memoryview(b""), "CachedAttention", inputs, out), chain[-1], set(chain)))
+            pasts = inputs[3:5]
+            node_bytes = our_node(memoryview(b""), "CachedAttention", inputs, out + [present_name(p) for p in pasts])
+            swaps.append(Swap(node_bytes, chain[-1], set(chain),
+                              tuple(renamed(past_infos[p], present_name(p)) for p in pasts)))
     return swaps

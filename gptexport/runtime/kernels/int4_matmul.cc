@@ -89,9 +89,11 @@ struct OpTable : OrtCustomOp {
     GetInputCharacteristic = [](const OrtCustomOp* op, size_t i) {
       return i >= Of(op).required ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
     };
-    GetOutputTypeCount = [](const OrtCustomOp*) -> size_t { return 1; };
+    GetOutputTypeCount = [](const OrtCustomOp* op) { return Of(op).outputs; };
     GetOutputType = [](const OrtCustomOp*, size_t) { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; };
-    GetOutputCharacteristic = [](const OrtCustomOp*, size_t) { return INPUT_OUTPUT_REQUIRED; };
+    GetOutputCharacteristic = [](const OrtCustomOp* op, size_t i) {
+      return i >= Of(op).required_outputs ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+    };
     GetInputMemoryType = [](const OrtCustomOp*, size_t) { return OrtMemTypeDefault; };
     CreateKernelV2 = [](const OrtCustomOp* op, const OrtApi*, const OrtKernelInfo* info, void** out) -> OrtStatusPtr {
       try {  // the repacked weights' allocation

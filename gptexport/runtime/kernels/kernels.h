@@ -31,7 +31,7 @@ OrtStatus* ConstantInput(const OrtKernelInfo* info, size_t index, const char* op
                          const OrtValue** out);
 
 // What differs between our ops' C tables; int4_matmul.cc's OpTable does the rest (the CPU provider,
-// one float output, exceptions stopped at the C boundary).
+// float outputs, exceptions stopped at the C boundary).
 struct OpSpec {
   const char* name;
   size_t inputs;
@@ -40,6 +40,8 @@ struct OpSpec {
   OrtStatus* (*create)(const OrtKernelInfo* info, void** kernel);  // may throw std::bad_alloc
   OrtStatus* (*compute)(void* kernel, OrtKernelContext* context);   // may throw std::bad_alloc
   void (*destroy)(void* kernel);
+  size_t outputs = 1;           // all float
+  size_t required_outputs = 1;  // outputs 0..required_outputs-1 must be taken, the rest are optional
 };
 
 const OpSpec& Int8MatMulSpec();       // int8_matmul.cc

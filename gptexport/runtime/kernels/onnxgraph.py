@@ -7,8 +7,9 @@ graph editing from Python. Nor can our op simply take MatMulNBits' name: a custo
 com.microsoft would collide with ONNX Runtime's own schemas, and it would take every MatMulNBits,
 those our kernel cannot run (zero points, other block sizes, fp16) included. So the swap edits the
 protobuf itself: a model is a sequence of tagged fields (protobuf's wire format), and only three
-kinds are touched: ModelProto.graph (7) and .opset_import (8), GraphProto.node (1), and in a node
-its input (1), op_type (4) and domain (7). Every other field, the initializers' weight bytes
+kinds are touched: ModelProto.graph (7) and .opset_import (8), GraphProto.node (1) and .output (12,
+CachedAttention's presents are added), and in a node its input (1), output (2), op_type (4) and
+domain (7). Every other field, the initializers' weight bytes
 included, is copied as it was read, so the rewrite costs one copy of the file.
 
 The wire format itself (reading fields, nodes, initializers; writing nodes) is onnxproto.py; each
@@ -188,6 +189,9 @@ def swap_graph(graph: memoryview, ops: tuple[str, ...] = ("Int4MatMul", "Int8Mat
         if f.number == 5 and f.wire == LEN and dropped and initializer_name(f.value) in dropped:
             continue
         out += f.raw
+    for s in placed.values():
+        for info in s.graph_outputs:
+            out += len_field(12, info)
     return bytes(out), {op: len(s) for op, s in found.items() if s}
 
 

@@ -196,6 +196,21 @@ def value_types(graph: memoryview, number: int) -> dict[str, int]:
     return types
 
 
+def value_infos(graph: memoryview, number: int) -> dict[str, memoryview]:
+    """The graph's inputs (number 11) or outputs (12) as ValueInfoProto payloads, by name."""
+    infos = {}
+    for f in fields(graph):
+        if f.number == number and f.wire == LEN:
+            name = next((bytes(v.value).decode() for v in fields(f.value) if v.number == 1 and v.wire == LEN), "")
+            infos[name] = f.value
+    return infos
+
+
+def renamed(value_info: memoryview, name: str) -> bytes:
+    """A ValueInfoProto: `value_info`'s type and shape (field 2) under another name."""
+    return len_field(1, name.encode()) + b"".join(bytes(f.raw) for f in fields(value_info) if f.number == 2)
+
+
 def our_node(buf: memoryview, op: str, inputs: list[str], outputs: list[str]) -> bytes:
     """A NodeProto of our domain: `buf`'s other fields (name, attributes) with these inputs, outputs, op."""
     out = bytearray()
@@ -216,6 +231,7 @@ class Swap:
     node: bytes  # the NodeProto
     at: int
     removed: set[int]
+    graph_outputs: tuple[bytes, ...] = ()  # ValueInfoProtos of outputs of `node` the graph gains
 
 
 def count(dims: tuple[int, ...]) -> int:
