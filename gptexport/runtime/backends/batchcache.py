@@ -341,9 +341,10 @@ class BatchCache:
                 m.upload(d.addresses["input_ids"], bucket.step_ids)
                 m.upload(d.addresses["past_length"], bucket.step_lengths)
             self.run_bucket(bucket)
-            first_new = d.addresses[self.spec.new_names[0]]
-            for r in range(0 if self.forward_appends else n):
-                m.copy3d(self.block, first_new, self._append_plan(r, int(lengths[r]), r, 1, bucket.new_stride))
+            if not self.forward_appends:
+                first_new = d.addresses[self.spec.new_names[0]]
+                for r in range(n):
+                    m.copy3d(self.block, first_new, self._append_plan(r, int(lengths[r]), r, 1, bucket.new_stride))
             if not host:
                 m.download(d.logits, d.addresses["logits"])
             m.synchronize()  # the step's host inputs stay untouched until here
