@@ -88,6 +88,10 @@ class LoopCache:
         # (the op then writes the new position into the arrays, which the loop's append writes again)
         for past, present in r.presents.items():
             self.binding.bind_ortvalue_output(present, self.values[past])
+        if r.flat:  # and its positions input (a one-token step's: the lengths) and segments (none)
+            for name, array in (("position_ids", self.lengths.reshape(B, 1)), ("segments", np.zeros((0, 2), np.int64))):
+                self.values[name] = r.ort.OrtValue.ortvalue_from_numpy(array)
+                self.binding.bind_ortvalue_input(name, self.values[name])
 
     def decode(self, tokens: np.ndarray) -> np.ndarray:
         if self.reserve(self.length + 1) or self.binding is None:

@@ -120,6 +120,51 @@ def test_cached_attention_writes_its_new_keys_into_the_presents_or_the_past_itse
         np.testing.assert_array_equal(shared[1], v_present, err_msg=case)
 
 
+def test_a_flat_batch_is_each_segment_attending_over_its_own_row(library):
+    """Segments (row, tokens): the tokens of several rows in one batch-1 call, each segment against
+    its own row's past at its own length, its new keys written there; other rows untouched."""
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(3)
+    inputs = (*INPUTS, "segments")
+    types = {"past_length": TensorProto.INT64, "segments": TensorProto.INT64}
+    node = helper.make_node("CachedAttention", list(inputs), ["y", "k_present", "v_present"], domain=onnxgraph.DOMAIN)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info(n, types.get(n, TensorProto.FLOAT), None)
+                                            for n in inputs],
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, None)
+                               for n in ("y", "k_present", "v_present")])
+    opsets = [helper.make_opsetid("", 18), helper.make_opsetid(onnxgraph.DOMAIN, 1)]
+    model = helper.make_model(graph, opset_imports=opsets)
+    model.ir_version = 9
+    options = ort.SessionOptions()
+    options.register_custom_ops_library(str(library))
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    R, H, P, D = 5, 3, 40, 16
+    lengths = np.array([7, 0, 12, 3, 30], np.int64)
+    segments = np.array([[2, 1], [0, 1], [3, 17], [1, 4]], np.int64)  # two decode rows, two chunks; row 4 idle
+    T = int(segments[:, 1].sum())
+    new = [rng.standard_normal((1, H, T, D)).astype(np.float32) for _ in range(3)]
+    past = [rng.standard_normal((R, H, P, D)).astype(np.float32) for _ in range(2)]
+    scale = np.array(0.25, np.float32)
+    feeds = dict(zip(inputs, [*new, *past, lengths, scale, segments]))
+    y, k_present, v_present = session.run(None, feeds)
+    want_k, want_v, offset = past[0].copy(), past[1].copy(), 0
+    for row, count in segments.tolist():
+        part = [a[:, :, offset:offset + count] for a in new]
+        want = reference(*part, past[0][row:row + 1], past[1][row:row + 1], lengths[row:row + 1], float(scale))
+        np.testing.assert_allclose(y[:, offset:offset + count], want, atol=2e-6, rtol=1e-5, err_msg=f"row {row}")
+        L = int(lengths[row])
+        want_k[row, :, L:L + count], want_v[row, :, L:L + count] = part[1][0], part[2][0]
+        offset += count
+    np.testing.assert_array_equal(k_present, want_k)
+    np.testing.assert_array_equal(v_present, want_v)
+    # a row twice, tokens that do not add up, a row past the cache's
+    for bad in ([[2, 1], [2, 1], [3, 17], [1, 4]], [[2, 1], [0, 1], [3, 16], [1, 4]],
+                [[5, 1], [0, 1], [3, 17], [1, 4]]):
+        with pytest.raises(Exception, match="CachedAttention: (segment|the segments)"):
+            session.run(None, {**feeds, "segments": np.array(bad, np.int64)})
+
+
 def test_cached_attention_says_which_shapes_it_takes(library):
     session = attention_session(library)
     a = np.zeros((1, 2, 3, 4), np.float32)
@@ -144,10 +189,15 @@ def test_swap_takes_each_layers_attention_and_its_initializers(tiny_model_dir):
     for op, per_layer in {"Softmax": 1, "Where": 2, "Slice": 2}.items():
         assert ops(before).count(op) == per_layer * n_layer and op not in ops(after)
     assert all(list(n.input) == [n.input[0], f"new_key.{i}", f"new_value.{i}", f"past_key.{i}", f"past_value.{i}",
-                                 "past_length", n.input[6]] for i, n in enumerate(ours))
+                                 "past_length", n.input[6], "segments"] for i, n in enumerate(ours))
     used = {name for n in after.graph.node for name in n.input}
     assert {i.name for i in after.graph.initializer} <= used  # none left for ONNX Runtime to warn of
-    assert after.graph.input == before.graph.input
+    # the graph gains the flat batch's inputs: the position embedding reads position_ids, and every
+    # CachedAttention takes segments
+    assert after.graph.input[:len(before.graph.input)] == before.graph.input
+    assert [i.name for i in after.graph.input[len(before.graph.input):]] == ["position_ids", "segments"]
+    wpe = next(n for n in after.graph.node if n.op_type == "Gather" and "wpe" in n.input[0])
+    assert list(wpe.input)[1] == "position_ids" and all(n.input[7] == "segments" for n in ours)
     # the graph gains each layer's presents, typed and shaped as its pasts, made by its CachedAttention
     pasts = {i.name: i for i in before.graph.input if i.name.startswith("past_")}
     gained = after.graph.output[len(before.graph.output):]

@@ -27,6 +27,9 @@ what lets one 3-D copy cross every layer at once). A sequence lives in one row w
 - `forward_appends`: where the forward itself writes its new keys and values into the rows (our
   CachedAttention's presents, bound to the past's own buffers: ort.py), no append copy follows
   it; such a prefill binds the rows' whole capacity as their past, for the op to write into.
+- `mixed(decode_ids, chunks)`: where the graph also takes a flat batch (`flat`), the decode rows'
+  tokens and prompts' chunks in one forward of batch 1, every row at its own length (the
+  scheduler's mixed step: a step that prefills is one forward, not a chunk's and a decode's).
 - `move` / `swap` copy the positions a row holds, not its whole capacity.
 
 Per decode step of n rows the memory core is asked for n + 3 copies: the token ids and the
@@ -47,6 +50,7 @@ import numpy as np
 from ...config import GPTConfig, IOSpec, numpy_dtype
 from ...errors import GptExportError
 from ...profiles import output_shapes, step_shapes
+from ..kernels.attention_pattern import POSITION_IDS, SEGMENTS
 from .buckets import (
     Bucket,
     Copy3D,
@@ -70,6 +74,12 @@ RunBucket = Callable[["Bucket"], None]
 ROOM_STEP = 64
 
 
+def positions(starts: np.ndarray, T: int) -> np.ndarray:
+    """(n, T) positions of T new tokens in each of n rows after `starts` (n,): the graph's own
+    past_length + 0..T-1, for a graph that takes them as `position_ids`."""
+    return np.asarray(starts, np.int64)[:, None] + np.arange(T, dtype=np.int64)
+
+
 def rounded_capacity(positions: int, block_size: int, room_step: int = ROOM_STEP) -> int:
     """The capacity a cache without CUDA graphs lays out for `positions`: rounded up to room_step, at
     most block_size (what the scheduler's cache limit counts, too)."""
@@ -81,12 +91,15 @@ class BatchCache:
 
     def __init__(self, memory: DeviceMemory, spec: IOSpec, config: GPTConfig, rows: int, capacity: int,
                  run: Run, run_bucket: RunBucket, graphs: GraphArenas | None = None, room_step: int = ROOM_STEP,
-                 at_block_size: bool = False, forward_appends: bool = False):
+                 at_block_size: bool = False, forward_appends: bool = False, flat: bool = False):
         self.memory, self.spec, self.config, self.rows = memory, spec, config, rows
         self.room_step, self.at_block_size = room_step, at_block_size and graphs is None
         # the forward writes each row's new keys and values at its length itself (decode runs at n
         # rows then: an idle row of a larger bucket would write at position 0 of a row in use)
         self.forward_appends = forward_appends and graphs is None
+        # the graph takes a flat batch (attention_pattern.py): with the forward appending, decode rows
+        # and prompt chunks share one forward (`mixed`)
+        self.mixes = flat and self.forward_appends
         self.run, self.run_bucket = run, run_bucket
         # decode of n rows at n, or (for CUDA graphs: a few captures serve every n) at
         # graph_bucket(n, rows), in an arena whose addresses outlive this cache
@@ -282,31 +295,67 @@ class BatchCache:
         row..row+n-1 (row None: dropped)."""
         n, T = ids.shape
         L = T if all_positions else 1  # logit positions
-        m, spec, nh = self.memory, self.spec, self.config.n_head
         # an empty past attends over nothing; where the forward appends, it writes into the rows
         P = self.capacity if starts.any() or (self.forward_appends and row is not None) else 0
-        positions = np.arange(T - L, T, dtype=np.int64)
-        host = {"input_ids": ids, "past_length": starts, "logit_positions": positions}
-        ins, outs = step_shapes(spec, n, T, P, L), output_shapes(spec, n, T, L)
+        # (the positions, for a graph that takes them: runners bind the inputs their graph has)
+        host = {"input_ids": ids, "past_length": starts, "logit_positions": np.arange(T - L, T, dtype=np.int64),
+                POSITION_IDS: positions(starts, T)}
+        ins, outs = step_shapes(self.spec, n, T, P, L), output_shapes(self.spec, n, T, L)
+        ins[POSITION_IDS] = (n, T)
+        appends = [] if row is None or self.forward_appends else [(row + r, int(starts[r]), r) for r in range(n)]
+        logits = self._run_forward(host, ins, outs, row or 0, T, appends)
+        return logits if all_positions else logits[:, 0]
+
+    def mixed(self, decode_ids: np.ndarray, chunks: list[tuple[int, list[int]]]) -> np.ndarray:
+        """One forward of batch 1 over a flat batch (attention_pattern.py): one token for each of decode
+        rows 0..n-1 (`decode_ids` (n,)) and, for each (row, ids) of `chunks`, a prompt's next tokens
+        after what its row holds, every row at its own length; (n + len(chunks), V) logits: each decode
+        row's, then each chunk's last position's (valid until the next forward)."""
+        n = len(decode_ids)
+        rows = np.array([*range(n), *(r for r, _ in chunks)], np.int64)
+        counts = np.array([1] * n + [len(ids) for _, ids in chunks], np.int64)
+        starts = self.lengths[rows]
+        if (not self.mixes or len(set(rows.tolist())) != len(rows) or (starts[:n] < 1).any() or counts.min() < 1
+                or int((starts + counts).max()) > self.config.block_size or int(rows.max()) >= self.rows):
+            raise GptExportError(f"internal error: a mixed forward of rows {rows.tolist()} at {starts.tolist()} "
+                                 f"taking {counts.tolist()} tokens, block_size {self.config.block_size}")
+        self.ensure_capacity(int((starts + counts).max()))
+        ids = np.concatenate([np.asarray(decode_ids, np.int64), *(np.asarray(i, np.int64) for _, i in chunks)])[None]
+        N, S = ids.shape[1], len(rows)
+        at = np.concatenate([np.arange(s, s + c, dtype=np.int64) for s, c in zip(starts, counts)])[None]
+        host = {"input_ids": ids, "past_length": self.lengths.copy(), "logit_positions": np.cumsum(counts) - 1,
+                POSITION_IDS: at, SEGMENTS: np.stack([rows, counts], axis=1)}
+        ins = step_shapes(self.spec, self.rows, N, self.capacity, S)  # every row's past, its length
+        ins.update({"input_ids": (1, N), POSITION_IDS: (1, N), SEGMENTS: (S, 2)})
+        logits = self._run_forward(host, ins, output_shapes(self.spec, 1, N, S), 0, N, [])
+        self.lengths[rows] += counts
+        return logits[0]
+
+    def _run_forward(self, host: dict, ins: dict, outs: dict, past_row: int, T: int,
+                     appends: list[tuple[int, int, int]]) -> np.ndarray:
+        """Run the graph on `host`'s inputs (uploaded), the past from row `past_row` on, new keys and
+        values of T positions per row into scratch, then each (row, position, new row) of `appends`
+        copied into the cache; the logits, downloaded."""
+        m, spec, nh = self.memory, self.spec, self.config.n_head
         pitch = T * self.config.head_dim * self.itemsize
-        new_stride = tensor_stride(n * nh * pitch, pitch)
+        new_stride = tensor_stride(outs[spec.new_names[0]][0] * nh * pitch, pitch)
         logits = np.empty(outs["logits"], np.float32)
         with m.lock:
             addresses = {name: self.scratch.get(name, a.nbytes) for name, a in host.items()}
             for name, array in host.items():
-                m.upload(addresses[name], array)
-            # rows row..row+n-1 of the past (with an empty past any valid address will do)
-            addresses.update({name: a + (row or 0) * nh * self.pitch for name, a in self.past.items()})
+                m.upload(addresses[name], np.ascontiguousarray(array))
+            # rows past_row.. of the past (with an empty past any valid address will do)
+            addresses.update({name: a + past_row * nh * self.pitch for name, a in self.past.items()})
             new = self.scratch.get("new", len(spec.past_names) * new_stride)
             addresses.update({n.replace("past_", "new_", 1): new + i * new_stride
                               for i, n in enumerate(spec.past_names)})
             addresses["logits"] = self.scratch.get("logits", nbytes(outs["logits"], np.float32))
             self.run(None, ins, outs, addresses)
-            for r in range(n if row is not None and not self.forward_appends else 0):
-                m.copy3d(self.block, new, self._append_plan(row + r, int(starts[r]), r, T, new_stride))
+            for row, position, src in appends:
+                m.copy3d(self.block, new, self._append_plan(row, position, src, T, new_stride))
             m.download(logits, addresses["logits"])
             m.synchronize()
-        return logits if all_positions else logits[:, 0]
+        return logits
 
     def _bucket(self, size: int) -> Bucket:
         if self.arena is not None:

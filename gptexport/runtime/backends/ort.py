@@ -37,9 +37,9 @@ import numpy as np
 from ...artifacts.modeldir import ModelDir
 from ...config import numpy_dtype
 from ...errors import BackendUnavailable, GptExportError, UsageError
-from ..kernels.attention_pattern import present_name
+from ..kernels.attention_pattern import POSITION_IDS, SEGMENTS, present_name
 from .base import Runner, notice
-from .batchcache import BatchCache
+from .batchcache import BatchCache, positions
 from .buckets import GraphArenas
 from .device import DeviceMemory, HostMemory, open_memory
 from .ort_session import ELEMENT_TYPES, ORT_TRT_MAX_BATCH, PROVIDERS, SessionLoader, first_line, run_options
@@ -82,6 +82,9 @@ class OrtRunner(Runner):
         # past input -> the present output our CachedAttention appends its new keys to: bound to the
         # past's own buffer in every run, so the forward appends to the cache in place
         self.presents: dict[str, str] = {}
+        # the graph takes a flat batch (attention_pattern.py): positions from `position_ids`, and
+        # `segments` of rows in one forward of batch 1 (BatchCache.mixed)
+        self.flat = False
 
     # ---- loading ----
 
@@ -109,6 +112,7 @@ class OrtRunner(Runner):
         self.live_attention = loaded.ops.get("CachedAttention", 0) == self.config.n_layer
         outputs = {o.name for o in self.session.get_outputs()}
         self.presents = {p: present_name(p) for p in self.spec.past_names if present_name(p) in outputs}
+        self.flat = POSITION_IDS in {i.name for i in self.session.get_inputs()}
         self._plain = run_options(self.ort, -1) if self.cuda_graphs else None
 
     def deactivate(self) -> None:
@@ -130,11 +134,15 @@ class OrtRunner(Runner):
         on_host = isinstance(self.memory, HostMemory)
         return BatchCache(self.memory, self.spec, self.config, rows, capacity, self._execute, self._decode,
                           graphs=self.graph_arenas, at_block_size=self.live_attention and on_host,
-                          forward_appends=len(self.presents) == len(self.spec.past_names) and on_host)
+                          forward_appends=len(self.presents) == len(self.spec.past_names) and on_host,
+                          flat=self.flat)
 
 
     def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         self.activate()
+        if self.flat:  # row b's tokens at past_length[b] + 0..T-1, every row a segment of its own
+            feeds = {POSITION_IDS: positions(feeds["past_length"], feeds["input_ids"].shape[1]),
+                     SEGMENTS: np.zeros((0, 2), np.int64), **feeds}
         try:
             with self.memory.lock:  # on CUDA: never while another thread's step is being captured
                 outputs = self.session.run(self.spec.output_names, feeds, self._plain)
@@ -153,6 +161,17 @@ class OrtRunner(Runner):
                 bind(t.name, device, 0, ELEMENT_TYPES[t.dtype], shapes[t.name], addresses[t.name])
         for past, present in self.presents.items():  # the past's own buffer: the op writes the new positions
             binding.bind_output(present, device, 0, ELEMENT_TYPES[self.spec.cache_dtype], ins[past], addresses[past])
+        if self.flat:
+            B, T = ins["input_ids"]
+            if POSITION_IDS not in addresses and T != 1:
+                raise GptExportError(f"internal error: a forward of {T} tokens a row without their positions")
+            # a one-token step's positions are its rows' lengths: past_length's own buffer, as (B, 1)
+            flat = {POSITION_IDS: (addresses.get(POSITION_IDS, addresses["past_length"]), (B, T)),
+                    # none given: every row is a segment of its own (any address holds 0 bytes)
+                    SEGMENTS: (addresses.get(SEGMENTS, addresses["past_length"]), ins.get(SEGMENTS, (0, 2)))}
+            for name, (address, shape) in flat.items():
+                self.memory.check_tensor(address, shape, np.int64)
+                binding.bind_input(name, device, 0, ELEMENT_TYPES["int64"], shape, address)
         return binding
 
     def _execute(self, bucket, ins: dict, outs: dict, addresses: dict) -> None:

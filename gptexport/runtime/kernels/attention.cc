@@ -12,6 +12,11 @@
 //   the past's own buffer (ONNX Runtime's GroupQueryAttention does the same, its
 //   past_present_share_buffer), only the new positions are written: the cache is appended to in
 //   place, by the thread that has just read that row and head, instead of by a copy after the run.
+//   Optional segments: int64 [S, 2], (cache row, tokens) each: a flat batch. q, k_new, v_new are
+//   then [1, nh, T, hd], T the segments' tokens in order, each segment the next tokens of its own
+//   cache row (rows of k_past/v_past [R, nh, P, hd], past_length [R]; no row twice), so one
+//   forward carries the decode tokens of some rows and prompt chunks of others (the scheduler's
+//   mixed step). Without segments (or with none), segment b is row b's T tokens.
 //
 // What the graph computes instead: scores against all P slots and all T new keys, masked with -inf
 // (Where), concatenated, softmaxed, sliced and multiplied by both value tensors: every step reads
@@ -32,6 +37,7 @@
 #include <cstring>
 #include <memory>
 #include <new>
+#include <vector>
 
 namespace {
 
@@ -40,7 +46,16 @@ using namespace gptexport_kernels;
 constexpr int64_t kQueriesPerTask = 16;  // a prefill's queries per task: causal rows grow, so many small tasks
 
 struct Shapes {
-  int64_t B = 0, heads = 0, T = 0, P = 0, hd = 0;
+  int64_t B = 0, heads = 0, T = 0, P = 0, hd = 0;  // B: q's batch
+};
+
+// A run of queries of one cache row: q's batch `qb`, its tokens offset .. offset + count - 1.
+struct Segment {
+  int64_t qb, offset, count, row;
+};
+
+struct Task {  // a block of queries t0..t1-1 of one segment and head
+  int64_t segment, head, t0, t1;
 };
 
 struct Keys;
@@ -55,6 +70,8 @@ struct Call {
   float* y;
   float *k_present = nullptr, *v_present = nullptr;  // where the new keys and values go, if anywhere
   QueryFn fixed = nullptr;
+  std::vector<Segment> segments;
+  std::vector<Task> tasks;
 };
 
 // ---- one query against its visible keys: scores, softmax, weighted values ----
@@ -232,28 +249,29 @@ QueryFn FixedQuery(int64_t hd) {
 
 // ---- one task: a block of queries of one (row, head) ----
 
-void RunTask(const Call& call, int64_t task, float* scores) {
+void RunTask(const Call& call, const Task& task, float* scores) {
   const Shapes& s = call.s;
-  const int64_t blocks = (s.T + kQueriesPerTask - 1) / kQueriesPerTask;
-  const int64_t bh = task / blocks, b = bh / s.heads, h = bh % s.heads;
-  const int64_t t0 = (task % blocks) * kQueriesPerTask, t1 = std::min(s.T, t0 + kQueriesPerTask);
+  const Segment& seg = call.segments[task.segment];
+  const int64_t h = task.head;
+  const int64_t qh = (seg.qb * s.heads + h) * s.T + seg.offset;  // the segment's first query of head h
+  const int64_t ph = (seg.row * s.heads + h) * s.P;              // its row's first past position of head h
   Keys keys;
   keys.hd = s.hd;
-  keys.past = std::min(std::max<int64_t>(call.past_length[b], 0), s.P);
-  keys.k_past = call.k_past + bh * s.P * s.hd;
-  keys.v_past = call.v_past + bh * s.P * s.hd;
-  keys.k_new = call.k_new + bh * s.T * s.hd;
-  keys.v_new = call.v_new + bh * s.T * s.hd;
+  keys.past = std::min(std::max<int64_t>(call.past_length[seg.row], 0), s.P);
+  keys.k_past = call.k_past + ph * s.hd;
+  keys.v_past = call.v_past + ph * s.hd;
+  keys.k_new = call.k_new + qh * s.hd;
+  keys.v_new = call.v_new + qh * s.hd;
   if (call.k_present != nullptr) {  // this block's new keys and values into the present, where they fit
-    for (int64_t t = t0; t < std::min(t1, s.P - keys.past); ++t) {
-      std::memcpy(call.k_present + (bh * s.P + keys.past + t) * s.hd, keys.k_new + t * s.hd, s.hd * sizeof(float));
-      std::memcpy(call.v_present + (bh * s.P + keys.past + t) * s.hd, keys.v_new + t * s.hd, s.hd * sizeof(float));
+    for (int64_t t = task.t0; t < std::min(task.t1, s.P - keys.past); ++t) {
+      std::memcpy(call.k_present + (ph + keys.past + t) * s.hd, keys.k_new + t * s.hd, s.hd * sizeof(float));
+      std::memcpy(call.v_present + (ph + keys.past + t) * s.hd, keys.v_new + t * s.hd, s.hd * sizeof(float));
     }
   }
-  for (int64_t t = t0; t < t1; ++t) {
+  for (int64_t t = task.t0; t < task.t1; ++t) {
     keys.count = keys.past + t + 1;
-    const float* q = call.q + (bh * s.T + t) * s.hd;
-    float* out = call.y + ((b * s.T + t) * s.heads + h) * s.hd;
+    const float* q = call.q + (qh + t) * s.hd;
+    float* out = call.y + ((seg.qb * s.T + seg.offset + t) * s.heads + h) * s.hd;
     if (call.fixed != nullptr)
       call.fixed(q, keys, call.scale, scores, out);
     else if (g_use_avx2)
@@ -276,20 +294,59 @@ OrtStatus* Input(OrtKernelContext* context, size_t index, std::vector<int64_t>* 
   return nullptr;
 }
 
+// The segments of a call: given (flat batch), or row b's T tokens for each b. Checked: rows in
+// range and distinct (a row's new positions are written while its own queries read its past),
+// tokens adding up to T.
+OrtStatus* Segments(OrtKernelContext* context, int64_t rows, Call* call) {
+  const Shapes& s = call->s;
+  size_t inputs = 0;
+  RETURN_IF_ERROR(g_api->KernelContext_GetInputCount(context, &inputs));
+  const OrtValue* value = nullptr;
+  if (inputs > 7) RETURN_IF_ERROR(g_api->KernelContext_GetInput(context, 7, &value));
+  std::vector<int64_t> shape;
+  if (value != nullptr) RETURN_IF_ERROR(TensorShape(value, &shape));
+  if (value == nullptr || Count(shape) == 0) {
+    if (rows != s.B) return Error("CachedAttention: k_past and v_past must have q's batch without segments");
+    for (int64_t b = 0; b < s.B; ++b) call->segments.push_back({b, 0, s.T, b});
+    return nullptr;
+  }
+  if (shape.size() != 2 || shape[1] != 2 || s.B != 1)
+    return Error("CachedAttention: segments must be [S, 2] (row, tokens), with q of batch 1");
+  void* data = nullptr;
+  RETURN_IF_ERROR(g_api->GetTensorMutableData(const_cast<OrtValue*>(value), &data));
+  const int64_t* pairs = static_cast<const int64_t*>(data);
+  std::vector<bool> seen(static_cast<size_t>(rows), false);
+  int64_t offset = 0;
+  for (int64_t i = 0; i < shape[0]; ++i) {
+    const int64_t row = pairs[2 * i], count = pairs[2 * i + 1];
+    if (row < 0 || row >= rows || seen[row] || count < 1 || count > s.T - offset)
+      return Error("CachedAttention: segment " + std::to_string(i) + " (row " + std::to_string(row) + ", " +
+                   std::to_string(count) + " tokens) is outside the rows, a row twice, or past q's tokens");
+    seen[row] = true;
+    call->segments.push_back({0, offset, count, row});
+    offset += count;
+  }
+  if (offset != s.T) return Error("CachedAttention: the segments' tokens do not add up to q's");
+  return nullptr;
+}
+
 OrtStatus* Compute(OrtKernelContext* context) {
   std::vector<int64_t> shape[7];
   const void* data[7];
   for (size_t i = 0; i < 7; ++i) RETURN_IF_ERROR(Input(context, i, &shape[i], &data[i]));
   Call call;
   Shapes& s = call.s;
-  if (shape[0].size() != 4) return Error("CachedAttention: q must be [B, heads, T, head_dim]");
+  if (shape[0].size() != 4 || shape[3].size() != 4)
+    return Error("CachedAttention: q must be [B, heads, T, head_dim], k_past [rows, heads, P, head_dim]");
   s.B = shape[0][0], s.heads = shape[0][1], s.T = shape[0][2], s.hd = shape[0][3];
-  s.P = shape[3].size() == 4 ? shape[3][2] : -1;
-  const std::vector<int64_t> q_shape = shape[0], past = {s.B, s.heads, s.P, s.hd};
+  s.P = shape[3][2];
+  const int64_t rows = shape[3][0];
+  const std::vector<int64_t> q_shape = shape[0], past = {rows, s.heads, s.P, s.hd};
   if (shape[1] != q_shape || shape[2] != q_shape || shape[3] != past || shape[4] != past ||
-      shape[5] != std::vector<int64_t>{s.B} || Count(shape[6]) != 1)
+      shape[5] != std::vector<int64_t>{rows} || Count(shape[6]) != 1)
     return Error("CachedAttention: k_new, v_new must be shaped as q [B, heads, T, head_dim], k_past and v_past "
-                 "[B, heads, P, head_dim], past_length [B], scale one value");
+                 "[rows, heads, P, head_dim], past_length [rows], scale one value");
+  RETURN_IF_ERROR(Segments(context, rows, &call));
   call.q = static_cast<const float*>(data[0]);
   call.k_new = static_cast<const float*>(data[1]);
   call.v_new = static_cast<const float*>(data[2]);
@@ -327,14 +384,22 @@ OrtStatus* Compute(OrtKernelContext* context) {
   RETURN_IF_ERROR(g_api->GetTensorMutableData(Y, &y_data));
   call.y = static_cast<float*>(y_data);
 
-  // one score per visible key of a query (at most P + T), in a buffer each pool thread keeps for the
-  // next calls: not tasks x (P + T) floats per call (50 MB for 16 cropped windows of 1024)
-  const int64_t tasks = s.B * s.heads * ((s.T + kQueriesPerTask - 1) / kQueriesPerTask);
+  // each segment's queries in blocks, for every head; one score per visible key of a query (at most
+  // P + the longest segment), in a buffer each pool thread keeps for the next calls: not
+  // tasks x (P + T) floats per call (50 MB for 16 cropped windows of 1024)
+  int64_t longest = 0;
+  for (size_t i = 0; i < call.segments.size(); ++i) {
+    const Segment& seg = call.segments[i];
+    longest = std::max(longest, seg.count);
+    for (int64_t h = 0; h < s.heads; ++h)
+      for (int64_t t0 = 0; t0 < seg.count; t0 += kQueriesPerTask)
+        call.tasks.push_back({static_cast<int64_t>(i), h, t0, std::min(seg.count, t0 + kQueriesPerTask)});
+  }
   struct Job {
     const Call* call;
     size_t width;
     std::atomic<bool> out_of_memory{false};
-  } job{&call, static_cast<size_t>(s.P + s.T)};
+  } job{&call, static_cast<size_t>(s.P + longest)};
   const auto run = [](void* data, size_t task) {
     Job& j = *static_cast<Job*>(data);
     thread_local std::vector<float> scores;
@@ -344,18 +409,18 @@ OrtStatus* Compute(OrtKernelContext* context) {
       j.out_of_memory = true;
       return;
     }
-    RunTask(*j.call, static_cast<int64_t>(task), scores.data());
+    RunTask(*j.call, j.call->tasks[task], scores.data());
   };
-  if (tasks == 1)
+  if (call.tasks.size() == 1)
     run(&job, 0);
-  else
-    RETURN_IF_ERROR(g_api->KernelContext_ParallelFor(context, run, static_cast<size_t>(tasks), 0, &job));
+  else if (!call.tasks.empty())
+    RETURN_IF_ERROR(g_api->KernelContext_ParallelFor(context, run, call.tasks.size(), 0, &job));
   return job.out_of_memory ? Error("CachedAttention: out of memory for the scores") : nullptr;
 }
 
 const OpSpec kCachedAttention = {
-    "CachedAttention", 7, 7,  // q, k_new, v_new, k_past, v_past, past_length, scale: none optional
-    [](size_t i) { return i == 5 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; },
+    "CachedAttention", 8, 7,  // q, k_new, v_new, k_past, v_past, past_length, scale[, segments]
+    [](size_t i) { return i == 5 || i == 7 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; },
     [](const OrtKernelInfo*, void** kernel) -> OrtStatus* {
       *kernel = nullptr;  // nothing to keep: every input arrives with each call
       return nullptr;

@@ -11,7 +11,14 @@ key/value and past_length graph inputs; the two masks computed once for all laye
 becomes CachedAttention(q, new_key, new_value, past_key, past_value, past_length, scale), whose output
 is the last Transpose's, with two more outputs the graph gains: the layer's presents (`present_name`,
 typed and shaped as the past), which a runner binds to the past's own buffers so that the op appends
-the new keys and values to the cache itself (attention.cc). Each of the 16 nodes must have its one
+the new keys and values to the cache itself (attention.cc).
+
+Where the positions are found too (Gather(wpe, Add(Unsqueeze(past_length), Range)), as forward_cached
+exports them), the graph also takes a flat batch: its position embedding reads a new input,
+`position_ids` [batch, sequence], in place of past_length + 0..T-1, and each CachedAttention a new
+input, `segments` [S, 2] (given empty, [0, 2], every row is its own segment), so
+one forward of batch 1 carries the tokens of several rows at their own positions: the decode tokens
+of the running rows and a prompt's chunk (the scheduler's mixed step). Each of the 16 nodes must have its one
 use in the pattern (else nothing is swapped), the fill must be -inf, the masks must be those of
 `attention_masks` (past slots below past_length; new keys by Trilu(upper=0)), and the cache float32
 (the op's type). The mask nodes stay: shared by every layer, they are no longer used and ONNX
@@ -22,9 +29,23 @@ from __future__ import annotations
 
 import math
 
-from .onnxproto import FLOAT, Graph, Node, Swap, our_node, renamed, tensors, value_infos, value_types
+from .onnxproto import (
+    FLOAT,
+    Graph,
+    Node,
+    Swap,
+    int64_input,
+    our_node,
+    read_node,
+    renamed,
+    tensors,
+    value_infos,
+    value_types,
+    with_inputs,
+)
 
 PAST_LENGTH = "past_length"  # the graph input of each row's cached positions (config.IOSpec)
+POSITION_IDS, SEGMENTS = "position_ids", "segments"  # the inputs of a flat batch (above)
 
 
 def present_name(past: str) -> str:
@@ -124,14 +145,53 @@ def attention_swaps(graph: memoryview, nodes: list[Node], inits: dict, outputs: 
     """Every layer's attention (above) as a CachedAttention, written where its last Transpose stood."""
     scalars = {t.name: t.scalar for t in tensors(graph) if t.scalar is not None}
     matcher = _Attention(Graph(nodes, inits, outputs), value_types(graph, 11), scalars)
-    past_infos = value_infos(graph, 11)
+    infos = value_infos(graph, 11)
     swaps = []
     for s, node in enumerate(nodes):
         found = matcher.match(s) if (node.op_type, node.domain) == ("Softmax", "") else None
         if found is not None:
             inputs, chain, out = found
             pasts = inputs[3:5]
-            node_bytes = our_node(memoryview(b""), "CachedAttention", inputs, out + [present_name(p) for p in pasts])
-            swaps.append(Swap(node_bytes, chain[-1], set(chain),
-                              tuple(renamed(past_infos[p], present_name(p)) for p in pasts)))
+            node = our_node(memoryview(b""), "CachedAttention", inputs, out + [present_name(p) for p in pasts])
+            swaps.append(Swap(node, chain[-1], set(chain), tuple(renamed(infos[p], present_name(p)) for p in pasts)))
+    positions = _positions(matcher.g) if swaps and "input_ids" in infos else None
+    batch = _batch_shapes(matcher.g, {PAST_LENGTH, *(n for n in infos if n.startswith("past_"))})
+    if positions is not None and batch is not None:
+        at, gather = positions
+        # the graph's batch size (its reshapes') from input_ids: a flat batch has rows of past, one of tokens
+        swaps += [Swap(with_inputs(node_bytes[i], ["input_ids"]), i, {i}) for i in batch]
+        for swap in swaps[:len(swaps) - len(batch)]:
+            ours = read_node(memoryview(swap.node))
+            swap.node = our_node(memoryview(b""), "CachedAttention", ours.inputs + [SEGMENTS], ours.outputs)
+        swaps.append(Swap(with_inputs(node_bytes[at], [gather.inputs[0], POSITION_IDS]), at, {at},
+                          graph_inputs=(renamed(infos["input_ids"], POSITION_IDS),
+                                        int64_input(SEGMENTS, ("segments", 2)))))
     return swaps
+
+
+def _batch_shapes(g: Graph, rows: set[str]) -> list[int] | None:
+    """The Shape nodes reading the batch size (dim 0, alone) off past_length or a past, where
+    torch.export took it from; None if one of them reads anything else (its meaning unknown here)."""
+    found = []
+    for i, node in enumerate(g.nodes):
+        if (node.op_type, node.domain) == ("Shape", "") and node.inputs and node.inputs[0] in rows:
+            if node.ints.get("start", 0) != 0 or node.ints.get("end") != 1:
+                if node.inputs[0] == PAST_LENGTH or node.ints.get("start", 0) < 2 or "end" not in node.ints:
+                    return None  # (a past's P, dims 2..3, is read by the attention masks: never the batch)
+                continue
+            found.append(i)
+    return found
+
+
+def _positions(g: Graph) -> tuple[int, Node] | None:
+    """The position embedding's Gather(wpe, Add(Unsqueeze(past_length), Range(0, T, 1))): (its index, it)."""
+    for i, node in enumerate(g.nodes):
+        if (node.op_type, node.domain) != ("Gather", "") or len(node.inputs) != 2 or node.inputs[0] not in g.inits:
+            continue
+        add = g.made_by(node.inputs[1], "Add")
+        if add is None or len(add.inputs) != 2:
+            continue
+        made = [g.made_by(name, op) for name, op in zip(add.inputs, ("Unsqueeze", "Range"))]
+        if made[0] is not None and made[1] is not None and made[0].inputs[0] == PAST_LENGTH:
+            return i, node
+    return None

@@ -190,9 +190,10 @@ def swap_graph(graph: memoryview, ops: tuple[str, ...] = ("Int4MatMul", "Int8Mat
             continue
         out += f.raw
     for s in placed.values():
-        for info in s.graph_outputs:
-            out += len_field(12, info)
-    return bytes(out), {op: len(s) for op, s in found.items() if s}
+        out += b"".join([*(len_field(12, i) for i in s.graph_outputs), *(len_field(11, i) for i in s.graph_inputs)])
+    # (the attention's swaps include the position embedding's Gather, rewired: not one of ours)
+    ours = {op: sum(read_node(memoryview(s.node)).op_type == op for s in found_op) for op, found_op in found.items()}
+    return bytes(out), {op: n for op, n in ours.items() if n}
 
 
 

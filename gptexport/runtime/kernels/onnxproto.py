@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 DOMAIN = "gptexport"  # our ops' domain
-FLOAT, INT8 = 1, 3  # TensorProto.DataType
+FLOAT, INT8, INT64 = 1, 3, 7  # TensorProto.DataType
 
 # wire types
 VARINT, FIXED64, LEN, FIXED32 = 0, 1, 2, 5
@@ -211,6 +211,12 @@ def renamed(value_info: memoryview, name: str) -> bytes:
     return len_field(1, name.encode()) + b"".join(bytes(f.raw) for f in fields(value_info) if f.number == 2)
 
 
+def with_inputs(buf: memoryview, inputs: list[str]) -> bytes:
+    """The NodeProto `buf` with other inputs (everything else as it was)."""
+    return b"".join([*(len_field(1, name.encode()) for name in inputs), *(bytes(f.raw) for f in fields(buf)
+                                                                        if f.number != 1)])
+
+
 def our_node(buf: memoryview, op: str, inputs: list[str], outputs: list[str]) -> bytes:
     """A NodeProto of our domain: `buf`'s other fields (name, attributes) with these inputs, outputs, op."""
     out = bytearray()
@@ -224,6 +230,13 @@ def our_node(buf: memoryview, op: str, inputs: list[str], outputs: list[str]) ->
     return bytes(out + len_field(4, op.encode()) + len_field(7, DOMAIN.encode()))
 
 
+def int64_input(name: str, dims: tuple[int | str, ...]) -> bytes:
+    """A ValueInfoProto of an int64 tensor; a dim is a value (int) or a name (str, dim_param)."""
+    shape = b"".join(len_field(1, varint_field(1, d) if isinstance(d, int) else len_field(2, d.encode()))
+                     for d in dims)
+    return len_field(1, name.encode()) + len_field(2, len_field(1, varint_field(1, INT64) + len_field(2, shape)))
+
+
 @dataclass
 class Swap:
     """One of our nodes in place of `removed` graph nodes, written where node `at` stood."""
@@ -232,6 +245,7 @@ class Swap:
     at: int
     removed: set[int]
     graph_outputs: tuple[bytes, ...] = ()  # ValueInfoProtos of outputs of `node` the graph gains
+    graph_inputs: tuple[bytes, ...] = ()  # ValueInfoProtos of inputs the graph gains
 
 
 def count(dims: tuple[int, ...]) -> int:
