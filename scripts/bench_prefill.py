@@ -10,7 +10,8 @@ every token made: no end id; temperature 0.8, top-k 200, a seed each); the same 
 setting. One scheduler per
 setting (--chunks: prompt tokens prefilled per step; 0: every prompt whole in the step that admits
 it, the engine before issue 23; N:fixed, chunks of N with a cache that never shrinks when its long
-rows leave, to weigh the copy a shrink costs against the attention it saves), max_batch 16, on one
+rows leave, to weigh the copy a shrink costs against the attention it saves; N:separate, chunks of
+N in forwards of their own beside the decode's, where the engine would run both as one), max_batch 16, on one
 runner, settings interleaved round by round.
 Reports, per clients and setting, medians over rounds of: output tokens/s (all tokens / wall time),
 time to first token p50/p99 (submit to first token) and inter-token gap p50/p99, plus the largest
@@ -53,9 +54,9 @@ def pct(values: list[float], q: float) -> float:
 
 def run_load(runner, clients: list[list], setting: str, max_batch: int = 16) -> dict:
     """Every client's requests through one scheduler, closed loop; the load's figures."""
-    chunk, _, fixed = setting.partition(":")
-    s = Scheduler(runner, max_batch, prefill_chunk=int(chunk) or None)
-    if fixed:
+    chunk, _, how = setting.partition(":")
+    s = Scheduler(runner, max_batch, prefill_chunk=int(chunk) or None, mix=how != "separate")
+    if how == "fixed":
         s._cache = lambda positions, make=s._cache: fixed_cache(make(positions))
     ttft, gaps, tokens, most = [], [], 0, 0
     stamps: dict[int, list[float]] = {}

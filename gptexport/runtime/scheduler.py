@@ -25,6 +25,10 @@ One step:
    does (every position shifts): all such windows (block_size tokens each) in one forward whose
    keys and values no row keeps.
 4. decode: one forward over rows 0..n-1, the sequences whose context still fits; each samples.
+Where the graph takes a flat batch (our attention on the CPU: BatchCache.mixed), a step with both
+prompts to fill and rows to decode runs 2 and 4 as ONE forward of batch 1: the decode rows' tokens
+and the prompts' chunks side by side, each at its own row's length; a prompt whole in it samples its
+first token and decodes from the next step on (the mixed step).
 Rows stay packed: a sequence leaving the decode rows (finished, cropped) has its row taken by the
 last one (one copy), and the cache shrinks to the rows still there (a cache laid out at block_size,
 batchcache.py, gives the row's pages back instead). No Triton, no threads here: the
@@ -87,10 +91,12 @@ class Scheduler:
 
     `prefill_chunk`: prompt tokens prefilled per step (None: every prompt whole in the step that admits
     it); `max_cache_mb`: the KV cache bytes the admitted sequences may hold at their longest (None: no
-    limit but max_batch); a sequence that would pass it waits, one that alone passes it is refused."""
+    limit but max_batch); a sequence that would pass it waits, one that alone passes it is refused;
+    `mix`: a step that fills and decodes runs them as one forward where the graph takes a flat batch
+    (BatchCache.mixed; False: a chunk's forward, then the decode's, as on other graphs)."""
 
     def __init__(self, runner: Runner, max_batch: int = 16, prefill_chunk: int | None = PREFILL_CHUNK,
-                 max_cache_mb: float | None = None):
+                 max_cache_mb: float | None = None, mix: bool = True):
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise ParameterError("max_batch", f"must be an integer >= 1, got {max_batch}")
         limit = getattr(runner, "max_batch", None)
@@ -104,6 +110,7 @@ class Scheduler:
         self.config = runner.config
         # a chunk after a past needs a graph (or TensorRT profile) that takes one: else prompts go whole
         self.prefill_chunk = prefill_chunk if runner.chunked_prefill else None
+        self.mix = mix  # fill and decode in one forward where the graph takes a flat batch (the mixed step)
         self.max_cache_bytes = None if max_cache_mb is None else int(max_cache_mb * 2**20)
         c = self.config
         self.position_bytes = len(runner.spec.past_names) * c.n_head * c.head_dim * runner.cache_dtype().itemsize
@@ -203,12 +210,17 @@ class Scheduler:
         """Admit, fill, crop, decode: every running sequence samples one token (one whose prompt
         has just filled, two)."""
         self._admit()
-        if self.filling:
-            self._fill()
-        if self.cropping:
-            self._crop()
-        if self.rows:
-            self._decode()
+        if self.filling and self.rows and self.mix and self.cache.mixes and not any(map(self._every, self.filling)):
+            if self.cropping:
+                self._crop()
+            self._mixed()  # fill and decode in one forward
+        else:
+            if self.filling:
+                self._fill()
+            if self.cropping:
+                self._crop()
+            if self.rows:
+                self._decode()
         if not self.busy:
             self.close()  # an idle scheduler holds no cache: the next sequences size it afresh
 
@@ -237,6 +249,26 @@ class Scheduler:
         """The next chunks of the waiting prompts, prefill_chunk tokens in all, first come first
         served; chunks of one length in consecutive rows share a forward. A prompt that is whole
         samples its first token and joins the decode rows."""
+        work = self._chunks()
+        whole_now: list[Sequence] = []
+        while work:
+            seq, take = work[0]
+            every = self._every(seq)
+            k = 1
+            while k < len(work) and work[k][1] == take and work[k][0].row == seq.row + k and not every:
+                k += 1
+            whole_now += self._fill_chunks([s for s, _ in work[:k]], take, every)
+            work = work[k:]
+        self._fill_done(whole_now)
+
+    @staticmethod
+    def _every(seq: Sequence) -> bool:
+        """Whether a prompt wants every position's logits (parity, the perplexity): one forward, whole."""
+        return seq.probe is not None and seq.probe.all_positions
+
+    def _chunks(self) -> list[tuple[Sequence, int]]:
+        """(sequence, tokens to take) of the prompts filling this step: prefill_chunk tokens in all,
+        first come first served (while no sequence decodes, the oldest prompt whole)."""
         for seq in self.filling:
             if seq.filled and seq.finish is None and seq.cancelled():  # between chunks: stop paying for it
                 seq.retire("cancelled")
@@ -244,27 +276,45 @@ class Scheduler:
         oldest = next((s for s in self.filling if s.finish is None), None)
         if not self.rows and oldest is not None:  # no one decodes, no one to keep waiting: the oldest goes whole
             budget = max(budget, len(oldest.context) - oldest.filled)
-        work: list[tuple[Sequence, int, bool]] = []  # (sequence, tokens to take, every position's logits)
+        work: list[tuple[Sequence, int]] = []
         for seq in self.filling:
             if budget <= 0:
                 break
             if seq.finish is not None:
                 continue
-            every = seq.probe is not None and seq.probe.all_positions  # every position's logits: one forward
-            take = len(seq.context) - seq.filled if every else min(len(seq.context) - seq.filled, budget)
-            work.append((seq, take, every))
+            left = len(seq.context) - seq.filled
+            take = left if self._every(seq) else min(left, budget)
+            work.append((seq, take))
             budget -= take
-        whole_now: list[Sequence] = []
-        while work:
-            seq, take, every = work[0]
-            k = 1
-            while k < len(work) and work[k][1:] == (take, every) and work[k][0].row == seq.row + k and not every:
-                k += 1
-            whole_now += self._fill_chunks([s for s, _, _ in work[:k]], take, every)
-            work = work[k:]
+        return work
+
+    def _fill_done(self, whole_now: list[Sequence]) -> None:
+        """The prompts now whole (or ended) leave the filling ones for the decode rows (or out)."""
         for seq in [s for s in self.filling if s.finish is not None or s in whole_now]:
             self.filling.remove(seq)  # the others (done too, or not) keep their rows meanwhile
             self._filled(seq)
+
+    def _mixed(self) -> None:
+        """The decode rows' next tokens and the prompts' next chunks in ONE forward (a flat batch:
+        BatchCache.mixed), so a step that prefills costs the running sequences one forward, not two."""
+        work = self._chunks()
+        n = len(self.rows)
+        try:
+            logits = self.cache.mixed(np.array([s.last for s in self.rows], np.int64),
+                                      [(s.row, s.context[s.filled:s.filled + take]) for s, take in work])
+        except GptExportError as e:  # the forward itself failed: every sequence in it fails
+            for seq in [*self.rows, *(s for s, _ in work)]:
+                seq.retire("error", e)
+            self._pack()
+            self._fill_done([])
+            return
+        for seq, take in work:
+            seq.filled += take
+        whole = [i for i, (s, _) in enumerate(work) if s.filled == len(s.context)]
+        if whole:
+            self._accept([work[i][0] for i in whole], logits[[n + i for i in whole]])
+        self._decoded(logits[:n])
+        self._fill_done([work[i][0] for i in whole])
 
     def _fill_chunks(self, seqs: list[Sequence], take: int, all_positions: bool) -> list[Sequence]:
         """`take` more tokens of each of `seqs` (consecutive rows), in one forward; those now whole."""
@@ -340,7 +390,6 @@ class Scheduler:
         self.cropping = [s for s in self.cropping if s.finish is None]
 
     def _decode(self) -> None:
-        n = len(self.rows)
         try:
             logits = self.cache.decode(np.array([s.last for s in self.rows], np.int64))
         except GptExportError as e:  # the forward itself failed: every sequence in it fails
@@ -348,9 +397,14 @@ class Scheduler:
                 seq.retire("error", e)
             self._pack()
             return
+        self._decoded(logits)
+
+    def _decoded(self, logits: np.ndarray) -> None:
+        """The decode rows sample from their (n, V) logits; those past block_size go to the cropped
+        windows; the rows are packed."""
         self.steps += 1
         self._accept(self.rows, logits)
-        for seq in self.rows[:n]:
+        for seq in self.rows:
             if seq.finish is None and len(seq.context) > self.config.block_size:
                 self.cropping.append(seq)  # leaves the decode rows: from now on it recomputes its window
         self._pack()

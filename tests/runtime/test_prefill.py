@@ -44,10 +44,33 @@ def test_a_long_prompt_fills_in_chunks_while_the_others_decode(runner):
         s.step()
         counts.append((len(running.tokens) - before, arriving.filled))
     assert counts == [(1, 4), (1, 8), (1, 12), (1, 14)]
-    assert len(arriving.tokens) == 2  # its first token as it filled, its second in that step's decode
+    # its first token as it filled; with separate forwards, its second in that step's decode (with
+    # the mixed step the decode was the same forward: it decodes from the next step on)
+    assert len(arriving.tokens) == (1 if s.cache.mixes else 2)
     s.run()
     assert_same_as_alone(runner, [1, 2], GenerationParams(12, GREEDY, 0), running.tokens)
     assert_same_as_alone(runner, long_prompt, GenerationParams(2, GREEDY, 0), arriving.tokens)
+
+
+def test_a_step_that_fills_and_decodes_is_one_forward(runner, monkeypatch):
+    """With our attention the graph takes a flat batch: the running sequence's token and the next
+    chunk of a prompt go through one forward per step (not a chunk's and a decode's), each row at
+    its own length, and every sequence keeps its lone tokens."""
+    s = Scheduler(runner, 3, prefill_chunk=4)
+    running = [s.submit(Sequence([1, 2], GenerationParams(12, GREEDY, 0))),
+               s.submit(Sequence([5], GenerationParams(12, GREEDY, 0)))]
+    s.step()
+    assert s.cache.mixes
+    forwards = []
+    real_run = runner._run
+    monkeypatch.setattr(runner, "_run", lambda *a: (forwards.append(1), real_run(*a)))
+    arriving = s.submit(Sequence(list(range(3, 17)), GenerationParams(3, GREEDY, 0)))
+    for _ in range(4):
+        s.step()
+    assert len(forwards) == 4 and arriving.filled == 14 and [len(r.tokens) for r in running] == [6, 6]
+    s.run()
+    for seq in (*running, arriving):
+        assert_same_as_alone(runner, seq.prompt_ids, seq.params, seq.tokens)
 
 
 def test_first_tokens_come_in_arrival_order_in_a_burst(runner):

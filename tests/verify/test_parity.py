@@ -109,23 +109,25 @@ def test_passes_on_a_good_export(tiny_ckpt, tiny_model_dir):
 
 
 class CorruptingRunner(OrtRunner):
-    """Adds noise to row 0's newest cache position at the first decode step of two rows or more:
-    a broken row write, as a wrong copy plan or row move would make it. Only the batched check runs
-    several rows at once."""
+    """Adds noise to row 0's newest cache position at the first decode step of two rows or more (a
+    decode's, or a mixed step's: BatchCache.mixed): a broken row write, as a wrong copy plan or row
+    move would make it. Only the batched check runs several rows at once."""
 
     def new_batch_cache(self, rows: int, capacity: int):
         cache = super().new_batch_cache(rows, capacity)
-        decode, c, done = cache.decode, self.config, []
+        c, done = self.config, []
 
-        def corrupting(ids):
-            logits = decode(ids)
-            if len(ids) >= 2 and not done:
-                done.append(True)
-                for name in self.spec.past_names:
-                    shape = (rows, c.n_head, cache.capacity, c.head_dim)
-                    cache.memory.view(cache.past[name], shape, np.float32)[0, :, cache.lengths[0] - 1] += 1.0
-            return logits
-        cache.decode = corrupting
+        def corrupting(forward):
+            def run(ids, *chunks):
+                logits = forward(ids, *chunks)
+                if len(ids) >= 2 and not done:
+                    done.append(True)
+                    for name in self.spec.past_names:
+                        shape = (rows, c.n_head, cache.capacity, c.head_dim)
+                        cache.memory.view(cache.past[name], shape, np.float32)[0, :, cache.lengths[0] - 1] += 1.0
+                return logits
+            return run
+        cache.decode, cache.mixed = corrupting(cache.decode), corrupting(cache.mixed)
         return cache
 
 
