@@ -11,7 +11,8 @@ setting. One scheduler per
 setting (--chunks: prompt tokens prefilled per step; 0: every prompt whole in the step that admits
 it, the engine before issue 23; N:fixed, chunks of N with a cache that never shrinks when its long
 rows leave, to weigh the copy a shrink costs against the attention it saves; N:separate, chunks of
-N in forwards of their own beside the decode's, where the engine would run both as one), max_batch 16, on one
+N in forwards of their own beside the decode's, where the engine would run both as one; N:stepM, a
+mixed step of M tokens in all (Scheduler's step_tokens), prompts at most N of them), max_batch 16, on one
 runner, settings interleaved round by round.
 Reports, per clients and setting, medians over rounds of: output tokens/s (all tokens / wall time),
 time to first token p50/p99 (submit to first token) and inter-token gap p50/p99, plus the largest
@@ -55,7 +56,8 @@ def pct(values: list[float], q: float) -> float:
 def run_load(runner, clients: list[list], setting: str, max_batch: int = 16) -> dict:
     """Every client's requests through one scheduler, closed loop; the load's figures."""
     chunk, _, how = setting.partition(":")
-    s = Scheduler(runner, max_batch, prefill_chunk=int(chunk) or None, mix=how != "separate")
+    step = {"step_tokens": int(how[len("step"):])} if how.startswith("step") else {}
+    s = Scheduler(runner, max_batch, prefill_chunk=int(chunk) or None, mix=how != "separate", **step)
     if how == "fixed":
         s._cache = lambda positions, make=s._cache: fixed_cache(make(positions))
     ttft, gaps, tokens, most = [], [], 0, 0

@@ -84,6 +84,10 @@ def run_to_end(runner: Runner, sequences: list[Sequence], max_batch: int | None 
 # prompt tokens prefilled per step, shared first come first served by the prompts waiting (decode
 # steps of the running sequences go on in between): docs/serving.md "Prefill" for the measurement
 PREFILL_CHUNK = 128
+# tokens of a mixed step in all: the decode rows' and the prompts' (at least a quarter of it goes to
+# prompts), so its forward, each running sequence's gap between two tokens, stays bounded whatever
+# the number of rows; docs/serving.md "The mixed step" for the measurement
+STEP_TOKENS = 64
 
 
 class Scheduler:
@@ -93,10 +97,11 @@ class Scheduler:
     it); `max_cache_mb`: the KV cache bytes the admitted sequences may hold at their longest (None: no
     limit but max_batch); a sequence that would pass it waits, one that alone passes it is refused;
     `mix`: a step that fills and decodes runs them as one forward where the graph takes a flat batch
-    (BatchCache.mixed; False: a chunk's forward, then the decode's, as on other graphs)."""
+    (BatchCache.mixed; False: a chunk's forward, then the decode's, as on other graphs), of
+    `step_tokens` tokens in all (decode rows first; prompts at most prefill_chunk, at least a quarter)."""
 
     def __init__(self, runner: Runner, max_batch: int = 16, prefill_chunk: int | None = PREFILL_CHUNK,
-                 max_cache_mb: float | None = None, mix: bool = True):
+                 max_cache_mb: float | None = None, mix: bool = True, step_tokens: int = STEP_TOKENS):
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise ParameterError("max_batch", f"must be an integer >= 1, got {max_batch}")
         limit = getattr(runner, "max_batch", None)
@@ -104,13 +109,15 @@ class Scheduler:
             raise ParameterError("max_batch", f"is {max_batch}, more than {runner.name} takes ({limit})")
         if prefill_chunk is not None and (not isinstance(prefill_chunk, int) or prefill_chunk < 1):
             raise ParameterError("prefill_chunk", f"must be an integer >= 1 or None, got {prefill_chunk}")
+        if isinstance(step_tokens, bool) or not isinstance(step_tokens, int) or step_tokens < 4:
+            raise ParameterError("step_tokens", f"must be an integer >= 4, got {step_tokens}")
         if max_cache_mb is not None and not max_cache_mb > 0:
             raise ParameterError("max_cache_mb", f"must be > 0, got {max_cache_mb}")
         self.runner, self.max_batch = runner, max_batch
         self.config = runner.config
         # a chunk after a past needs a graph (or TensorRT profile) that takes one: else prompts go whole
         self.prefill_chunk = prefill_chunk if runner.chunked_prefill else None
-        self.mix = mix  # fill and decode in one forward where the graph takes a flat batch (the mixed step)
+        self.mix, self.step_tokens = mix, step_tokens  # fill and decode as one forward (the mixed step)
         self.max_cache_bytes = None if max_cache_mb is None else int(max_cache_mb * 2**20)
         c = self.config
         self.position_bytes = len(runner.spec.past_names) * c.n_head * c.head_dim * runner.cache_dtype().itemsize
@@ -266,13 +273,13 @@ class Scheduler:
         """Whether a prompt wants every position's logits (parity, the perplexity): one forward, whole."""
         return seq.probe is not None and seq.probe.all_positions
 
-    def _chunks(self) -> list[tuple[Sequence, int]]:
-        """(sequence, tokens to take) of the prompts filling this step: prefill_chunk tokens in all,
-        first come first served (while no sequence decodes, the oldest prompt whole)."""
+    def _chunks(self, most: int = sys.maxsize) -> list[tuple[Sequence, int]]:
+        """(sequence, tokens to take) of the prompts filling this step: prefill_chunk tokens in all (or
+        `most`, if fewer), first come first served (while no sequence decodes, the oldest prompt whole)."""
         for seq in self.filling:
             if seq.filled and seq.finish is None and seq.cancelled():  # between chunks: stop paying for it
                 seq.retire("cancelled")
-        budget = self.prefill_chunk or sys.maxsize
+        budget = min(self.prefill_chunk or sys.maxsize, most)
         oldest = next((s for s in self.filling if s.finish is None), None)
         if not self.rows and oldest is not None:  # no one decodes, no one to keep waiting: the oldest goes whole
             budget = max(budget, len(oldest.context) - oldest.filled)
@@ -297,8 +304,8 @@ class Scheduler:
     def _mixed(self) -> None:
         """The decode rows' next tokens and the prompts' next chunks in ONE forward (a flat batch:
         BatchCache.mixed), so a step that prefills costs the running sequences one forward, not two."""
-        work = self._chunks()
         n = len(self.rows)
+        work = self._chunks(max(self.step_tokens - n, self.step_tokens // 4))
         try:
             logits = self.cache.mixed(np.array([s.last for s in self.rows], np.int64),
                                       [(s.row, s.context[s.filled:s.filled + take]) for s, take in work])
