@@ -215,7 +215,7 @@ class Scheduler:
 
     def step(self) -> None:
         """Admit, fill, crop, decode: every running sequence samples one token (one whose prompt
-        has just filled, two)."""
+        has just filled, two, unless the fill and the decode were one forward: the mixed step)."""
         self._admit()
         if self.filling and self.rows and self.mix and self.cache.mixes and not any(map(self._every, self.filling)):
             if self.cropping:
@@ -262,7 +262,8 @@ class Scheduler:
             seq, take = work[0]
             every = self._every(seq)
             k = 1
-            while k < len(work) and work[k][1] == take and work[k][0].row == seq.row + k and not every:
+            while (k < len(work) and work[k][1] == take and work[k][0].row == seq.row + k and not every
+                   and not self._every(work[k][0])):
                 k += 1
             whole_now += self._fill_chunks([s for s, _ in work[:k]], take, every)
             work = work[k:]
