@@ -358,7 +358,8 @@ def bench(model_dir: Path, ckpt: Path | None, backends: tuple[str, ...], cuda_gr
               help="A Jinja2 chat template (Hugging Face's form) for /v1/chat/completions, "
                    "or a shipped one: shakespeare.")
 @click.option("--prefill-chunk", type=click.IntRange(min=1), default=PREFILL_CHUNK, show_default=True,
-              help="Prompt tokens prefilled per step, beside the running sequences' next tokens.")
+              help="Prompt tokens prefilled per step, beside the running sequences' next tokens "
+                   "(at most: with our CPU attention a step holds 64 tokens in all).")
 @click.option("--max-cache-mb", type=click.FloatRange(min=0, min_open=True), default=None,
               help="KV cache the running sequences of an instance may hold; more wait "
                    "[default: on the CPU a quarter of the machine's memory, shared by the instances].")
