@@ -314,7 +314,7 @@ class BatchCache:
         n = len(decode_ids)
         rows = np.array([*range(n), *(r for r, _ in chunks)], np.int64)
         counts = np.array([1] * n + [len(ids) for _, ids in chunks], np.int64)
-        starts = self.lengths[rows]
+        starts = self.lengths[np.minimum(rows, self.rows - 1)]  # (a row past the cache is refused below)
         if (not self.mixes or len(set(rows.tolist())) != len(rows) or (starts[:n] < 1).any() or counts.min() < 1
                 or int((starts + counts).max()) > self.config.block_size or int(rows.max()) >= self.rows):
             raise GptExportError(f"internal error: a mixed forward of rows {rows.tolist()} at {starts.tolist()} "
@@ -343,7 +343,7 @@ class BatchCache:
         with m.lock:
             addresses = {name: self.scratch.get(name, a.nbytes) for name, a in host.items()}
             for name, array in host.items():
-                m.upload(addresses[name], np.ascontiguousarray(array))
+                m.upload(addresses[name], array)
             # rows past_row.. of the past (with an empty past any valid address will do)
             addresses.update({name: a + past_row * nh * self.pitch for name, a in self.past.items()})
             new = self.scratch.get("new", len(spec.past_names) * new_stride)

@@ -360,24 +360,17 @@ OrtStatus* Compute(OrtKernelContext* context) {
   RETURN_IF_ERROR(g_api->KernelContext_GetOutput(context, 0, y_shape.data(), y_shape.size(), &Y));
   size_t outputs = 0;
   RETURN_IF_ERROR(g_api->KernelContext_GetOutputCount(context, &outputs));
-  if (outputs == 3 && Count(past) > 0) {
-    float* present[2] = {nullptr, nullptr};
-    for (size_t i = 0; i < 2; ++i) {
-      OrtValue* value = nullptr;
-      RETURN_IF_ERROR(g_api->KernelContext_GetOutput(context, 1 + i, past.data(), past.size(), &value));
-      void* out = nullptr;
-      RETURN_IF_ERROR(g_api->GetTensorMutableData(value, &out));
-      present[i] = static_cast<float*>(out);
-      const float* from = i == 0 ? call.k_past : call.v_past;
-      // bound elsewhere than the past (ONNX Runtime's own allocation): the past first, then the new
-      if (present[i] != from) std::memcpy(present[i], from, Count(past) * sizeof(float));
-    }
-    call.k_present = present[0], call.v_present = present[1];
-  } else if (outputs == 3) {  // no room: empty presents (every new key falls outside P)
-    for (size_t i = 1; i < 3; ++i) {
-      OrtValue* value = nullptr;
-      RETURN_IF_ERROR(g_api->KernelContext_GetOutput(context, i, past.data(), past.size(), &value));
-    }
+  for (size_t i = 0; outputs == 3 && i < 2; ++i) {
+    OrtValue* value = nullptr;
+    RETURN_IF_ERROR(g_api->KernelContext_GetOutput(context, 1 + i, past.data(), past.size(), &value));
+    if (Count(past) == 0) continue;  // no room: an empty present (every new key falls outside P)
+    void* out = nullptr;
+    RETURN_IF_ERROR(g_api->GetTensorMutableData(value, &out));
+    float* present = static_cast<float*>(out);
+    const float* from = i == 0 ? call.k_past : call.v_past;
+    // bound elsewhere than the past (ONNX Runtime's own allocation): the past first, then the new
+    if (present != from) std::memcpy(present, from, Count(past) * sizeof(float));
+    (i == 0 ? call.k_present : call.v_present) = present;
   }
   if (Count(y_shape) == 0) return nullptr;
   void* y_data = nullptr;

@@ -36,7 +36,6 @@ from .onnxproto import (
     Swap,
     int64_input,
     our_node,
-    read_node,
     renamed,
     tensors,
     value_infos,
@@ -146,23 +145,23 @@ def attention_swaps(graph: memoryview, nodes: list[Node], inits: dict, outputs: 
     scalars = {t.name: t.scalar for t in tensors(graph) if t.scalar is not None}
     matcher = _Attention(Graph(nodes, inits, outputs), value_types(graph, 11), scalars)
     infos = value_infos(graph, 11)
+    # a flat batch needs the positions and every read of the batch size found (else: none)
+    positions = _positions(matcher.g) if "input_ids" in infos else None
+    batch = _batch_shapes(matcher.g, {PAST_LENGTH, *(n for n in infos if n.startswith("past_"))}) if positions else None
+    flat = batch is not None
     swaps = []
     for s, node in enumerate(nodes):
         found = matcher.match(s) if (node.op_type, node.domain) == ("Softmax", "") else None
         if found is not None:
             inputs, chain, out = found
             pasts = inputs[3:5]
-            node = our_node(memoryview(b""), "CachedAttention", inputs, out + [present_name(p) for p in pasts])
+            node = our_node(memoryview(b""), "CachedAttention", inputs + [SEGMENTS] * flat,
+                            out + [present_name(p) for p in pasts])
             swaps.append(Swap(node, chain[-1], set(chain), tuple(renamed(infos[p], present_name(p)) for p in pasts)))
-    positions = _positions(matcher.g) if swaps and "input_ids" in infos else None
-    batch = _batch_shapes(matcher.g, {PAST_LENGTH, *(n for n in infos if n.startswith("past_"))})
-    if positions is not None and batch is not None:
+    if swaps and flat:
         at, gather = positions
         # the graph's batch size (its reshapes') from input_ids: a flat batch has rows of past, one of tokens
         swaps += [Swap(with_inputs(node_bytes[i], ["input_ids"]), i, {i}) for i in batch]
-        for swap in swaps[:len(swaps) - len(batch)]:
-            ours = read_node(memoryview(swap.node))
-            swap.node = our_node(memoryview(b""), "CachedAttention", ours.inputs + [SEGMENTS], ours.outputs)
         swaps.append(Swap(with_inputs(node_bytes[at], [gather.inputs[0], POSITION_IDS]), at, {at},
                           graph_inputs=(renamed(infos["input_ids"], POSITION_IDS),
                                         int64_input(SEGMENTS, ("segments", 2)))))

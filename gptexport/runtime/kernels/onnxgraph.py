@@ -7,9 +7,9 @@ graph editing from Python. Nor can our op simply take MatMulNBits' name: a custo
 com.microsoft would collide with ONNX Runtime's own schemas, and it would take every MatMulNBits,
 those our kernel cannot run (zero points, other block sizes, fp16) included. So the swap edits the
 protobuf itself: a model is a sequence of tagged fields (protobuf's wire format), and only three
-kinds are touched: ModelProto.graph (7) and .opset_import (8), GraphProto.node (1) and .output (12,
-CachedAttention's presents are added), and in a node its input (1), output (2), op_type (4) and
-domain (7). Every other field, the initializers' weight bytes
+kinds are touched: ModelProto.graph (7) and .opset_import (8), GraphProto.node (1), .output (12:
+CachedAttention's presents are added) and .input (11: a flat batch's), and in a node its input (1),
+output (2), op_type (4) and domain (7). Every other field, the initializers' weight bytes
 included, is copied as it was read, so the rewrite costs one copy of the file.
 
 The wire format itself (reading fields, nodes, initializers; writing nodes) is onnxproto.py; each
