@@ -350,6 +350,30 @@ def test_runner_with_kernels_matches_without(library, int4_dir):
     assert np.array_equal(tokens["on"], tokens["off"])
 
 
+def test_an_int4_directory_takes_a_flat_batch_too(library, int4_dir):
+    """Its position embedding is a GatherBlockQuantized (the table quantized too): rewired to
+    position_ids with its scales kept, so prompts fill in the decode's forward (the mixed step), with
+    the tokens of each sequence run alone."""
+    from gptexport.artifacts.modeldir import load_model_dir
+    from gptexport.runtime.params import GenerationParams
+    from gptexport.runtime.scheduler import Scheduler, Sequence
+
+    md = load_model_dir(int4_dir)
+    with OrtRunner(md, kernels="on") as runner:
+        assert runner.flat
+        s = Scheduler(runner, 2, prefill_chunk=4)
+        first = s.submit(Sequence([1, 2], GenerationParams(10, SamplingParams(0.0), 0)))
+        s.step()
+        assert s.cache.mixes
+        second = s.submit(Sequence(list(range(3, 14)), GenerationParams(6, SamplingParams(0.0), 0)))
+        s.run()
+        for seq in (first, second):
+            alone = Scheduler(runner, 1)
+            again = alone.submit(Sequence(seq.prompt_ids, seq.params))
+            alone.run()
+            assert again.tokens == seq.tokens
+
+
 def test_runner_with_int8_kernels_matches_without(library, int8_dir):
     from gptexport.artifacts.modeldir import load_model_dir
 
@@ -424,7 +448,11 @@ def test_swapped_model_finds_its_external_weights(library, int4_dir, tmp_path):
                               np.int64 if "int64" in i.type else np.float32) for i in theirs.get_inputs()}
     feeds["input_ids"] = np.array([[1, 2, 3]])
     feeds["logit_positions"] = np.array([2])
-    np.testing.assert_allclose(ours.run(["logits"], feeds)[0], theirs.run(["logits"], feeds)[0], atol=1e-3, rtol=1e-3)
+    # the swapped graph takes a flat batch: the positions the original computes (no past: 0..2), no segments
+    flat = {"position_ids": np.array([[0, 1, 2]]), "segments": np.zeros((0, 2), np.int64)}
+    assert {i.name for i in ours.get_inputs()} == set(feeds) | set(flat)
+    np.testing.assert_allclose(ours.run(["logits"], {**feeds, **flat})[0], theirs.run(["logits"], feeds)[0],
+                               atol=1e-3, rtol=1e-3)
 
 
 def test_a_failed_header_fetch_is_one_line_and_not_retried_at_once(tmp_path, monkeypatch):

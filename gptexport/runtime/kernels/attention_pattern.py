@@ -14,15 +14,16 @@ typed and shaped as the past), which a runner binds to the past's own buffers so
 the new keys and values to the cache itself (attention.cc).
 
 Where the positions are found too (Gather(wpe, Add(Unsqueeze(past_length), Range)), as forward_cached
-exports them), the graph also takes a flat batch: its position embedding reads a new input,
-`position_ids` [batch, sequence], in place of past_length + 0..T-1, and each CachedAttention a new
-input, `segments` [S, 2] (given empty, [0, 2], every row is its own segment), so
-one forward of batch 1 carries the tokens of several rows at their own positions: the decode tokens
-of the running rows and a prompt's chunk (the scheduler's mixed step). Each of the 16 nodes must have its one
-use in the pattern (else nothing is swapped), the fill must be -inf, the masks must be those of
-`attention_masks` (past slots below past_length; new keys by Trilu(upper=0)), and the cache float32
-(the op's type). The mask nodes stay: shared by every layer, they are no longer used and ONNX
-Runtime drops them.
+exports them; GatherBlockQuantized in an int4 directory), the graph also takes a flat batch: its
+position embedding reads a new input, `position_ids` [batch, sequence], in place of past_length +
+0..T-1, and each CachedAttention a new input, `segments` [S, 2] (given empty, [0, 2], every row is
+its own segment), so one forward of batch 1 carries the tokens of several rows at their own
+positions: the decode tokens of the running rows and a prompt's chunk (the scheduler's mixed step).
+
+Each of the 16 nodes must have its one use in the pattern (else nothing is swapped), the fill must
+be -inf, the masks must be those of `attention_masks` (past slots below past_length; new keys by
+Trilu(upper=0)), and the cache float32 (the op's type). The mask nodes stay: shared by every layer,
+they are no longer used and ONNX Runtime drops them.
 """
 
 from __future__ import annotations
@@ -162,7 +163,8 @@ def attention_swaps(graph: memoryview, nodes: list[Node], inits: dict, outputs: 
         at, gather = positions
         # the graph's batch size (its reshapes') from input_ids: a flat batch has rows of past, one of tokens
         swaps += [Swap(with_inputs(node_bytes[i], ["input_ids"]), i, {i}) for i in batch]
-        swaps.append(Swap(with_inputs(node_bytes[at], [gather.inputs[0], POSITION_IDS]), at, {at},
+        rewired = with_inputs(node_bytes[at], [gather.inputs[0], POSITION_IDS, *gather.inputs[2:]])
+        swaps.append(Swap(rewired, at, {at},
                           graph_inputs=(renamed(infos["input_ids"], POSITION_IDS),
                                         int64_input(SEGMENTS, ("segments", 2)))))
     return swaps
@@ -182,10 +184,15 @@ def _batch_shapes(g: Graph, rows: set[str]) -> list[int] | None:
     return found
 
 
+# the embedding lookups whose indices are input 1: ONNX's, and the int4 directories' (gptexport
+# quantize --int4 quantizes the tables too)
+GATHERS = {("Gather", ""), ("GatherBlockQuantized", "com.microsoft")}
+
+
 def _positions(g: Graph) -> tuple[int, Node] | None:
     """The position embedding's Gather(wpe, Add(Unsqueeze(past_length), Range(0, T, 1))): (its index, it)."""
     for i, node in enumerate(g.nodes):
-        if (node.op_type, node.domain) != ("Gather", "") or len(node.inputs) != 2 or node.inputs[0] not in g.inits:
+        if (node.op_type, node.domain) not in GATHERS or len(node.inputs) < 2 or node.inputs[0] not in g.inits:
             continue
         add = g.made_by(node.inputs[1], "Add")
         if add is None or len(add.inputs) != 2:
