@@ -12,7 +12,9 @@ setting (--chunks: prompt tokens prefilled per step; 0: every prompt whole in th
 it, the engine before issue 23; N:fixed, chunks of N with a cache that never shrinks when its long
 rows leave, to weigh the copy a shrink costs against the attention it saves; N:separate, chunks of
 N in forwards of their own beside the decode's, where the engine would run both as one; N:stepM, a
-mixed step of M tokens in all (Scheduler's step_tokens), prompts at most N of them), max_batch 16, on one
+mixed step of M tokens (StepBudget.tokens, prompts at most N; add :rowR, each decode row counting R
+tokens of it, and :burstB, B prompts filling get N a step: 128:step64:row1:burst99 is the rule
+before 2026-12-07's last change), max_batch 16, on one
 runner, settings interleaved round by round.
 Reports, per clients and setting, medians over rounds of: output tokens/s (all tokens / wall time),
 time to first token p50/p99 (submit to first token) and inter-token gap p50/p99, plus the largest
@@ -23,6 +25,7 @@ measures it through Triton).
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
 import time
 from pathlib import Path
@@ -35,7 +38,7 @@ from gptexport.bench.run import cpu
 from gptexport.runtime.backends import open_runner
 from gptexport.runtime.params import GenerationParams
 from gptexport.runtime.sampling import SamplingParams
-from gptexport.runtime.scheduler import Scheduler, Sequence
+from gptexport.runtime.scheduler import Scheduler, Sequence, StepBudget
 
 
 def ragged_requests(n: int, vocab: int, block: int, seed: int = 0) -> list[tuple[list[int], GenerationParams]]:
@@ -55,10 +58,12 @@ def pct(values: list[float], q: float) -> float:
 
 def run_load(runner, clients: list[list], setting: str, max_batch: int = 16) -> dict:
     """Every client's requests through one scheduler, closed loop; the load's figures."""
-    chunk, _, how = setting.partition(":")
-    step = {"step_tokens": int(how[len("step"):])} if how.startswith("step") else {}
-    s = Scheduler(runner, max_batch, prefill_chunk=int(chunk) or None, mix=how != "separate", **step)
-    if how == "fixed":
+    chunk, *how = setting.split(":")
+    fields = {"step": "tokens", "row": "row_tokens", "burst": "burst"}
+    step = {fields[m[1]]: int(m[2]) for m in (re.fullmatch(r"(step|row|burst)(\d+)", h) for h in how) if m}
+    s = Scheduler(runner, max_batch, prefill_chunk=int(chunk) or None, mix="separate" not in how,
+                  budget=StepBudget(**step))
+    if "fixed" in how:
         s._cache = lambda positions, make=s._cache: fixed_cache(make(positions))
     ttft, gaps, tokens, most = [], [], 0, 0
     stamps: dict[int, list[float]] = {}

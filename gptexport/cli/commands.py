@@ -359,7 +359,7 @@ def bench(model_dir: Path, ckpt: Path | None, backends: tuple[str, ...], cuda_gr
                    "or a shipped one: shakespeare.")
 @click.option("--prefill-chunk", type=click.IntRange(min=1), default=PREFILL_CHUNK, show_default=True,
               help="Prompt tokens prefilled per step, beside the running sequences' next tokens "
-                   "(at most: with our CPU attention a step holds 64 tokens in all).")
+                   "(at most: with our CPU attention fewer as more sequences decode, e.g. 24 beside 16).")
 @click.option("--max-cache-mb", type=click.FloatRange(min=0, min_open=True), default=None,
               help="KV cache the running sequences of an instance may hold; more wait "
                    "[default: on the CPU a quarter of the machine's memory, shared by the instances].")

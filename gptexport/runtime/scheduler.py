@@ -40,6 +40,7 @@ from __future__ import annotations
 import sys
 import threading
 from collections import deque
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -84,10 +85,34 @@ def run_to_end(runner: Runner, sequences: list[Sequence], max_batch: int | None 
 # prompt tokens prefilled per step, shared first come first served by the prompts waiting (decode
 # steps of the running sequences go on in between): docs/serving.md "Prefill" for the measurement
 PREFILL_CHUNK = 128
-# tokens of a mixed step in all: the decode rows' and the prompts' (at least a quarter of it goes to
-# prompts), so its forward, each running sequence's gap between two tokens, stays bounded whatever
-# the number of rows; docs/serving.md "The mixed step" for the measurement
-STEP_TOKENS = 64
+
+
+@dataclass(frozen=True)
+class StepBudget:
+    """The tokens of a mixed step (docs/serving.md "The mixed step"): `tokens`, each decode row
+    counting `row_tokens`; prompts get the rest, at least a quarter of `tokens` (and at most the
+    scheduler's prefill_chunk). So the step's forward, each running sequence's gap between two
+    tokens, stays bounded, and the more rows decode the smaller the prompts' share: prompts arrive in
+    proportion to the rows, so with many rows most steps are mixed and their length is the gap most
+    streams see. While `burst` or more prompts are filling (a wave of arrivals: the first requests
+    of 16 clients) they get prefill_chunk a step: the wave's last first token is not held back by
+    many small steps, and few rows decode yet to feel the longer ones."""
+
+    tokens: int = 88
+    row_tokens: int = 4
+    burst: int = 3
+
+    def __post_init__(self):
+        for name, least in (("tokens", 4), ("row_tokens", 0), ("burst", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ParameterError(f"budget.{name}", f"must be an integer >= {least}, got {value!r}")
+
+    def prompt_tokens(self, rows: int, filling: int) -> int:
+        """Prompt tokens a step beside `rows` decode rows, with `filling` prompts waiting for them."""
+        if filling >= self.burst:
+            return sys.maxsize
+        return max(self.tokens - self.row_tokens * rows, self.tokens // 4)
 
 
 class Scheduler:
@@ -97,11 +122,11 @@ class Scheduler:
     it); `max_cache_mb`: the KV cache bytes the admitted sequences may hold at their longest (None: no
     limit but max_batch); a sequence that would pass it waits, one that alone passes it is refused;
     `mix`: a step that fills and decodes runs them as one forward where the graph takes a flat batch
-    (BatchCache.mixed; False: a chunk's forward, then the decode's, as on other graphs), of
-    `step_tokens` tokens in all (decode rows first; prompts at most prefill_chunk, at least a quarter)."""
+    (BatchCache.mixed; False: a chunk's forward, then the decode's, as on other graphs), of the
+    size `budget` gives."""
 
     def __init__(self, runner: Runner, max_batch: int = 16, prefill_chunk: int | None = PREFILL_CHUNK,
-                 max_cache_mb: float | None = None, mix: bool = True, step_tokens: int = STEP_TOKENS):
+                 max_cache_mb: float | None = None, mix: bool = True, budget: StepBudget = StepBudget()):
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise ParameterError("max_batch", f"must be an integer >= 1, got {max_batch}")
         limit = getattr(runner, "max_batch", None)
@@ -109,15 +134,15 @@ class Scheduler:
             raise ParameterError("max_batch", f"is {max_batch}, more than {runner.name} takes ({limit})")
         if prefill_chunk is not None and (not isinstance(prefill_chunk, int) or prefill_chunk < 1):
             raise ParameterError("prefill_chunk", f"must be an integer >= 1 or None, got {prefill_chunk}")
-        if isinstance(step_tokens, bool) or not isinstance(step_tokens, int) or step_tokens < 4:
-            raise ParameterError("step_tokens", f"must be an integer >= 4, got {step_tokens}")
+        if not isinstance(budget, StepBudget):
+            raise ParameterError("budget", f"must be a StepBudget, got {type(budget).__name__}")
         if max_cache_mb is not None and not max_cache_mb > 0:
             raise ParameterError("max_cache_mb", f"must be > 0, got {max_cache_mb}")
         self.runner, self.max_batch = runner, max_batch
         self.config = runner.config
         # a chunk after a past needs a graph (or TensorRT profile) that takes one: else prompts go whole
         self.prefill_chunk = prefill_chunk if runner.chunked_prefill else None
-        self.mix, self.step_tokens = mix, step_tokens  # fill and decode as one forward (the mixed step)
+        self.mix, self.budget = mix, budget  # fill and decode as one forward (the mixed step)
         self.max_cache_bytes = None if max_cache_mb is None else int(max_cache_mb * 2**20)
         c = self.config
         self.position_bytes = len(runner.spec.past_names) * c.n_head * c.head_dim * runner.cache_dtype().itemsize
@@ -306,7 +331,7 @@ class Scheduler:
         """The decode rows' next tokens and the prompts' next chunks in ONE forward (a flat batch:
         BatchCache.mixed), so a step that prefills costs the running sequences one forward, not two."""
         n = len(self.rows)
-        work = self._chunks(max(self.step_tokens - n, self.step_tokens // 4))
+        work = self._chunks(self.budget.prompt_tokens(n, sum(s.finish is None for s in self.filling)))
         try:
             logits = self.cache.mixed(np.array([s.last for s in self.rows], np.int64),
                                       [(s.row, s.context[s.filled:s.filled + take]) for s, take in work])

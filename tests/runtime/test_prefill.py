@@ -11,7 +11,7 @@ from gptexport.errors import ParameterError
 from gptexport.runtime.backends.batchcache import BatchCache
 from gptexport.runtime.params import GenerationParams
 from gptexport.runtime.sampling import SamplingParams
-from gptexport.runtime.scheduler import Scheduler, Sequence
+from gptexport.runtime.scheduler import Scheduler, Sequence, StepBudget
 
 GREEDY = SamplingParams(0.0)
 
@@ -71,6 +71,32 @@ def test_a_step_that_fills_and_decodes_is_one_forward(runner, monkeypatch):
     s.run()
     for seq in (*running, arriving):
         assert_same_as_alone(runner, seq.prompt_ids, seq.params, seq.tokens)
+
+
+def test_the_prompts_share_of_a_mixed_step_shrinks_as_rows_decode_and_grows_for_a_wave(runner):
+    """A step of 12 tokens, each decode row counting 2: beside 1 row a prompt gets 10 tokens, beside 3
+    rows 6; with a step of 8, three prompts filling at once (a wave) get prefill_chunk (10) a step
+    between them, not the 8 - 2 beside one row."""
+    budget = StepBudget(tokens=12, row_tokens=2, burst=3)
+    for rows, want in ((1, 10), (3, 6)):
+        s = Scheduler(runner, 4, prefill_chunk=10, budget=budget)
+        running = [s.submit(Sequence([r + 1], GenerationParams(6, GREEDY, 0))) for r in range(rows)]
+        s.step()
+        assert s.cache.mixes and len(s.rows) == rows
+        arriving = s.submit(Sequence(list(range(1, 15)), GenerationParams(2, GREEDY, 0)))
+        s.step()
+        assert arriving.filled == want
+        s.run()
+        for seq in (*running, arriving):
+            assert_same_as_alone(runner, seq.prompt_ids, seq.params, seq.tokens)
+    s = Scheduler(runner, 4, prefill_chunk=10, budget=StepBudget(tokens=8, row_tokens=2, burst=3))
+    s.submit(Sequence([1], GenerationParams(6, GREEDY, 0)))
+    s.step()
+    wave = [s.submit(Sequence(list(range(2, 8)), GenerationParams(2, GREEDY, 0))) for _ in range(3)]
+    s.step()
+    assert [seq.filled for seq in wave] == [6, 4, 0]
+    with pytest.raises(ParameterError, match="budget.row_tokens"):
+        StepBudget(row_tokens=-1)
 
 
 def test_first_tokens_come_in_arrival_order_in_a_burst(runner):
