@@ -94,9 +94,9 @@ class StepBudget:
     scheduler's prefill_chunk). So the step's forward, each running sequence's gap between two
     tokens, stays bounded, and the more rows decode the smaller the prompts' share: prompts arrive in
     proportion to the rows, so with many rows most steps are mixed and their length is the gap most
-    streams see. While `burst` or more prompts are filling (a wave of arrivals: the first requests
-    of 16 clients) they get prefill_chunk a step: the wave's last first token is not held back by
-    many small steps, and few rows decode yet to feel the longer ones."""
+    streams see. While `burst` or more prompts are filling, and more of them than rows decode (a
+    wave of arrivals: the first requests of 16 clients), they get prefill_chunk a step: most of the
+    batch is still waiting for its first token, and few streams wait on the longer steps."""
 
     tokens: int = 88
     row_tokens: int = 4
@@ -110,7 +110,7 @@ class StepBudget:
 
     def prompt_tokens(self, rows: int, filling: int) -> int:
         """Prompt tokens a step beside `rows` decode rows, with `filling` prompts waiting for them."""
-        if filling >= self.burst:
+        if filling >= self.burst and filling > rows:
             return sys.maxsize
         return max(self.tokens - self.row_tokens * rows, self.tokens // 4)
 

@@ -75,8 +75,8 @@ def test_a_step_that_fills_and_decodes_is_one_forward(runner, monkeypatch):
 
 def test_the_prompts_share_of_a_mixed_step_shrinks_as_rows_decode_and_grows_for_a_wave(runner):
     """A step of 12 tokens, each decode row counting 2: beside 1 row a prompt gets 10 tokens, beside 3
-    rows 6; with a step of 8, three prompts filling at once (a wave) get prefill_chunk (10) a step
-    between them, not the 8 - 2 beside one row."""
+    rows 6; with a step of 8, three prompts filling at once beside one row (a wave) get prefill_chunk
+    (10) a step between them, not the 8 - 2 beside one row; beside three rows, 8 - 6, the quarter."""
     budget = StepBudget(tokens=12, row_tokens=2, burst=3)
     for rows, want in ((1, 10), (3, 6)):
         s = Scheduler(runner, 4, prefill_chunk=10, budget=budget)
@@ -95,6 +95,13 @@ def test_the_prompts_share_of_a_mixed_step_shrinks_as_rows_decode_and_grows_for_
     wave = [s.submit(Sequence(list(range(2, 8)), GenerationParams(2, GREEDY, 0))) for _ in range(3)]
     s.step()
     assert [seq.filled for seq in wave] == [6, 4, 0]
+    s = Scheduler(runner, 6, prefill_chunk=10, budget=StepBudget(tokens=8, row_tokens=2, burst=3))
+    for r in range(3):
+        s.submit(Sequence([r + 1], GenerationParams(6, GREEDY, 0)))
+    s.step()
+    wave = [s.submit(Sequence(list(range(2, 8)), GenerationParams(2, GREEDY, 0))) for _ in range(3)]
+    s.step()
+    assert len(s.rows) == 3 and [seq.filled for seq in wave] == [2, 0, 0]
     with pytest.raises(ParameterError, match="budget.row_tokens"):
         StepBudget(row_tokens=-1)
 
