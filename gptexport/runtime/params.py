@@ -33,7 +33,8 @@ from .sampling import (
 )
 
 
-def _int(name: str, value, low: int, allow_none: bool = False) -> None:
+def check_int(name: str, value, low: int, allow_none: bool = False) -> None:
+    """A setting that must be an integer >= low (a bool is not one), else a ParameterError naming it."""
     if value is None and allow_none:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -58,10 +59,10 @@ class GenerationParams:
     logprobs: bool = False  # record each token's log-probability under the distribution it came from
 
     def __post_init__(self) -> None:
-        _int("max_new_tokens", self.max_new_tokens, 0)
-        _int("seed", self.seed, 0)
-        _int("min_tokens", self.min_tokens, 0)
-        _int("end_id", self.end_id, 0, allow_none=True)
+        check_int("max_new_tokens", self.max_new_tokens, 0)
+        check_int("seed", self.seed, 0)
+        check_int("min_tokens", self.min_tokens, 0)
+        check_int("end_id", self.end_id, 0, allow_none=True)
         check_penalties(self.repetition_penalty, self.presence_penalty, self.frequency_penalty,
                         ("repetition_penalty", "presence_penalty", "frequency_penalty"))
         if any(not word for word in self.bad_words):

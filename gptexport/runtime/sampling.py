@@ -104,7 +104,7 @@ def _sample_top_k(logits: np.ndarray, params: SamplingParams, rng: np.random.Gen
     The dropped tokens' probabilities are exactly 0, so the kept ones (in vocabulary order) have the
     same cdf values and the draw picks the same token; only the normalising sum is added up in
     another order (a last-bit difference). On GPT-2's 50k vocabulary this costs a fifth of the
-    dense computation: the partition is all that touches every logit.
+    dense computation: finding the kept tokens (top_k_kept) is all that touches every logit.
     """
     # which tokens are kept is found on the logits as they come (float32: half the bytes, no copy):
     # dividing by a temperature > 0 in float64 keeps their order and their ties, so the set is the same
@@ -128,10 +128,9 @@ def top_k_kept(row: np.ndarray, k: int) -> np.ndarray:
     groups], ...: their maxima are one elementwise max over contiguous slices). The k-th largest of
     the groups' maxima, t, has at least k values >= it (a maximum each), so the row's k-th largest
     is >= t too: it and every value kept are among the few of the whole row >= t, and the selection
-    runs on those. On
-    GPT-2's 50k vocabulary at top-k 200 (AVX2 EPYC): 0.10 ms a row, where the partition and the
-    indices took 0.13 ms under numpy 2 and 0.60 ms under numpy 1.26, the Triton stub's (whose
-    partition has no SIMD path here): 10 % of a served 16-row decode step.
+    runs on those. On GPT-2's 50k vocabulary at top-k 200 (AVX2 EPYC): 0.10 ms a row, where the
+    partition and the indices took 0.13 ms under numpy 2 and 0.60 ms under numpy 1.26, the Triton
+    stub's (whose partition has no SIMD path here): 12 % of the served scheduler thread's samples.
     """
     V = row.shape[-1]
     size = max(1, min(64, V // k))  # values per group; groups = V // size >= k

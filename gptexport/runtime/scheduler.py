@@ -48,6 +48,7 @@ import numpy as np
 from ..errors import GptExportError, ParameterError
 from .backends.base import Runner
 from .backends.batchcache import rounded_capacity
+from .params import check_int
 from .sequence import OnDelta, Probe, Sequence
 
 __all__ = ["PREFILL_CHUNK", "OnDelta", "Probe", "Scheduler", "Sequence", "crop_notice", "run_to_end", "to_stderr"]
@@ -104,9 +105,7 @@ class StepBudget:
 
     def __post_init__(self):
         for name, least in (("tokens", 4), ("row_tokens", 0), ("burst", 1)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                raise ParameterError(f"budget.{name}", f"must be an integer >= {least}, got {value!r}")
+            check_int(f"budget.{name}", getattr(self, name), least)
 
     def prompt_tokens(self, rows: int, filling: int) -> int:
         """Prompt tokens a step beside `rows` decode rows, with `filling` prompts waiting for them."""
@@ -281,6 +280,7 @@ class Scheduler:
         """The next chunks of the waiting prompts, prefill_chunk tokens in all, first come first
         served; chunks of one length in consecutive rows share a forward. A prompt that is whole
         samples its first token and joins the decode rows."""
+        self._drop_cancelled()
         work = self._chunks()
         whole_now: list[Sequence] = []
         while work:
@@ -299,12 +299,14 @@ class Scheduler:
         """Whether a prompt wants every position's logits (parity, the perplexity): one forward, whole."""
         return seq.probe is not None and seq.probe.all_positions
 
-    def _chunks(self, most: int = sys.maxsize) -> list[tuple[Sequence, int]]:
-        """(sequence, tokens to take) of the prompts filling this step: prefill_chunk tokens in all (or
-        `most`, if fewer), first come first served (while no sequence decodes, the oldest prompt whole)."""
+    def _drop_cancelled(self) -> None:
         for seq in self.filling:
             if seq.filled and seq.finish is None and seq.cancelled():  # between chunks: stop paying for it
                 seq.retire("cancelled")
+
+    def _chunks(self, most: int = sys.maxsize) -> list[tuple[Sequence, int]]:
+        """(sequence, tokens to take) of the prompts filling this step: prefill_chunk tokens in all (or
+        `most`, if fewer), first come first served (while no sequence decodes, the oldest prompt whole)."""
         budget = min(self.prefill_chunk or sys.maxsize, most)
         oldest = next((s for s in self.filling if s.finish is None), None)
         if not self.rows and oldest is not None:  # no one decodes, no one to keep waiting: the oldest goes whole
@@ -331,6 +333,7 @@ class Scheduler:
         """The decode rows' next tokens and the prompts' next chunks in ONE forward (a flat batch:
         BatchCache.mixed), so a step that prefills costs the running sequences one forward, not two."""
         n = len(self.rows)
+        self._drop_cancelled()  # (before the prompts still filling are counted)
         work = self._chunks(self.budget.prompt_tokens(n, sum(s.finish is None for s in self.filling)))
         try:
             logits = self.cache.mixed(np.array([s.last for s in self.rows], np.int64),
