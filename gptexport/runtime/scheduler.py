@@ -126,8 +126,7 @@ class Scheduler:
 
     def __init__(self, runner: Runner, max_batch: int = 16, prefill_chunk: int | None = PREFILL_CHUNK,
                  max_cache_mb: float | None = None, mix: bool = True, budget: StepBudget = StepBudget()):
-        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
-            raise ParameterError("max_batch", f"must be an integer >= 1, got {max_batch}")
+        check_int("max_batch", max_batch, 1)
         limit = getattr(runner, "max_batch", None)
         if limit is not None and max_batch > limit:
             raise ParameterError("max_batch", f"is {max_batch}, more than {runner.name} takes ({limit})")
