@@ -1,7 +1,7 @@
 """The generation engine against the single-sequence loop it replaced (issue 26), same run, same session.
 
     python scripts/bench_engine.py DIR [DIR ...] [--batches 1 8 16] [--prompt-tokens 16] [--new-tokens 256]
-        [--rounds 5] [--threads 2]
+        [--rounds 5] [--threads 2] [--paired]
 
 For each model directory (fp32, int8, int4 ...) and batch size, greedy decode rate (tokens/s after
 the first token) of:
@@ -10,8 +10,9 @@ the first token) of:
           here only to be measured against: B prompts as one batch in one cache
   engine  what `gptexport generate` runs now: B sequences of the scheduler on the batch cache
 on one ONNX Runtime session, the two interleaved round by round (each first in every other
-round); medians, and the median of the
-per-round ratios engine / loop. Tokens are checked to be the same both ways.
+round), or with --paired step by step within each round (the machine's drift falls on both alike);
+medians, and the median of the per-round ratios engine / loop. Tokens are checked to be the same
+both ways.
 """
 
 from __future__ import annotations
@@ -127,6 +128,46 @@ def engine_generate(runner, prompt: np.ndarray, n: int, stamp) -> np.ndarray:
     return np.array([q.tokens for q in seqs])
 
 
+def paired_rates(runner, prompt: np.ndarray, n: int, flip: bool) -> tuple[float, float, np.ndarray, np.ndarray]:
+    """The two side by side, step by step: a decode step of the loop (sample, forward), then one of the
+    engine (Scheduler.step: admit, forward, sample, pack), alternating (the engine first with `flip`),
+    each timed on its own, so a drift of the machine's speed (this VM's: +-10 % between runs) falls
+    on both alike. Decode tokens/s (steps after the first token) of each, and their tokens."""
+    params, rng = SamplingParams(0.0), np.random.default_rng(0)
+    loop = LoopCache(runner, len(prompt), min(runner.config.block_size, prompt.shape[1] + n))
+    s = Scheduler(runner, max_batch=len(prompt))
+    seqs = [s.submit(Sequence(row.tolist(), GenerationParams(n, SamplingParams(0.0), 0))) for row in prompt]
+    logits, out = loop.prefill(prompt), []
+    out.append(next_token(logits, params, rng))
+    s.step()  # admit, fill, sample each first token (and, as the engine does, a first decode step)
+    times = {"loop": 0.0, "engine": 0.0}
+    loop_steps = engine_steps = 0
+
+    def loop_step() -> None:
+        nonlocal logits, loop_steps
+        if len(out) < n:
+            t = time.perf_counter()
+            logits = loop.decode(out[-1])
+            out.append(next_token(logits, params, rng))
+            times["loop"] += time.perf_counter() - t
+            loop_steps += 1
+
+    def engine_step() -> None:
+        nonlocal engine_steps
+        if s.busy:
+            t = time.perf_counter()
+            s.step()
+            times["engine"] += time.perf_counter() - t
+            engine_steps += 1
+
+    while len(out) < n or s.busy:
+        for one in ((engine_step, loop_step) if flip else (loop_step, engine_step)):
+            one()
+    # (each timed step is one token a row: the engine's first step, untimed, also made the second)
+    return (len(prompt) * loop_steps / times["loop"], len(prompt) * engine_steps / times["engine"],
+            np.stack(out, axis=1), np.array([q.tokens for q in seqs]))
+
+
 def decode_rate(gen, runner, prompt: np.ndarray, n: int) -> tuple[float, np.ndarray]:
     stamps: list[float] = []
     tokens = gen(runner, prompt, n, lambda: stamps.append(time.perf_counter()))
@@ -141,10 +182,13 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--paired", action="store_true",
+                    help="alternate the two step by step in one generation (paired_rates), not run by run")
     args = ap.parse_args()
     name, flags = cpu()
     print(f"{name} ({flags}), {args.threads} threads, prompt {args.prompt_tokens} tokens, "
-          f"{args.new_tokens} new, greedy, {args.rounds} interleaved rounds; decode tok/s, medians")
+          f"{args.new_tokens} new, greedy, {args.rounds} {'paired' if args.paired else 'interleaved'} rounds; "
+          "decode tok/s, medians")
     print(f"{'model':<28} {'B':>3} {'loop':>8} {'engine':>8} {'engine/loop':>12} {'[min-max]':>14}")
     for path in args.model_dirs:
         md = load_model_dir(path)
@@ -155,7 +199,9 @@ def main() -> None:
                 engine_generate(runner, prompt, 4, lambda: None)  # warm-up
                 loops, engines, ratios = [], [], []
                 for i in range(args.rounds):
-                    if i % 2:  # each goes first in every other round
+                    if args.paired:
+                        a, b, want, got = paired_rates(runner, prompt, n, flip=bool(i % 2))
+                    elif i % 2:  # each goes first in every other round
                         b, got = decode_rate(engine_generate, runner, prompt, n)
                         a, want = decode_rate(loop_generate, runner, prompt, n)
                     else:
