@@ -127,10 +127,20 @@ def test_plain_path_matches_matmulnbits(library, monkeypatch):
     check_against_matmulnbits(library, 100, 37, (2, 5))
 
 
-def test_the_machine_runs_avx2_when_it_has_it(library):
-    flags = open("/proc/cpuinfo").read()
-    expected = "avx2" if all(f" {flag} " in flags for flag in ("avx2", "fma", "f16c")) else "generic"
+def cpu_has(*flags: str) -> bool:
+    cpuinfo = open("/proc/cpuinfo").read()
+    return all(f" {flag} " in cpuinfo or cpuinfo.find(f" {flag}\n") >= 0 for flag in flags)
+
+
+AVX2 = ("avx2", "fma", "f16c")
+VNNI = (*AVX2, "avx512f", "avx512bw", "avx512_vnni")  # /proc/cpuinfo's names
+
+
+def test_the_machine_runs_avx2_when_it_has_it(library, monkeypatch):
+    expected = "avx512vnni" if cpu_has(*VNNI) else "avx2" if cpu_has(*AVX2) else "generic"
     assert build.isa(library) == expected
+    monkeypatch.setenv("GPTEXPORT_KERNELS_ISA", "avx2")  # leaves VNNI out, never adds AVX2
+    assert build.isa(library) == ("avx2" if cpu_has(*AVX2) else "generic")
 
 
 # ---- Int8MatMul against ONNX Runtime's dynamic int8 path ----
@@ -208,6 +218,19 @@ def check_against_matmulinteger(library, K: int, N: int, rows: tuple[int, ...], 
 def test_int8_matmul_matches_matmulinteger(library, K, N):
     rows = (1, 8) if N > 10000 else ROWS  # the output projection: batch 1 and 8 keep it fast
     check_against_matmulinteger(library, K, N, rows)
+
+
+def test_int8_avx2_path_beside_vnni(library, monkeypatch):
+    """Where the CPU has VNNI the test above ran its layout and kernel; the AVX2 one too (8 rows
+    a load there, 4 here: 9 and 17 rows cross both)."""
+    if not cpu_has(*VNNI):
+        pytest.skip("this CPU has no AVX-512 VNNI: the test above ran the AVX2 path")
+    zero_points = np.random.default_rng(2).integers(-5, 6, 37).astype(np.int8)
+    check_against_matmulinteger(library, 100, 37, (1, 9, 17), zero_points)
+    monkeypatch.setenv("GPTEXPORT_KERNELS_ISA", "avx2")  # read when a session registers the library
+    assert build.isa(library) == "avx2"
+    check_against_matmulinteger(library, 768, 768, (1, 3, 4, 7, 9, 17))
+    check_against_matmulinteger(library, 100, 37, (2, 5), zero_points)
 
 
 def test_int8_plain_path_and_zero_points(library, monkeypatch):

@@ -40,6 +40,7 @@ namespace gptexport_kernels {
 
 const OrtApi* g_api = nullptr;
 bool g_use_avx2 = false;
+bool g_use_vnni = false;
 
 OrtStatus* Error(const std::string& msg) { return g_api->CreateStatus(ORT_FAIL, msg.c_str()); }
 
@@ -471,13 +472,23 @@ bool ChooseAvx2() {
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
 }
 
+// AVX-512 VNNI for Int8MatMul (vpdpbusd: exact u8 x s8 sums), on top of the AVX2 paths;
+// GPTEXPORT_KERNELS_ISA=avx2 leaves it out (the tests run both where the CPU has it).
+bool ChooseVnni() {
+  const char* isa = std::getenv("GPTEXPORT_KERNELS_ISA");
+  if (isa != nullptr && std::string(isa) == "avx2") return false;
+  return ChooseAvx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vnni");
+}
+
 }  // namespace
 
 extern "C" {
 
-// The path this process runs ("avx2" or "generic"): the tests and the bench name it.
+// The path this process runs ("avx512vnni": AVX2 with Int8MatMul on VNNI, "avx2" or "generic"):
+// the tests and the bench name it.
 __attribute__((visibility("default"))) const char* GptexportKernelsIsa() {
-  return ChooseAvx2() ? "avx2" : "generic";
+  return ChooseVnni() ? "avx512vnni" : ChooseAvx2() ? "avx2" : "generic";
 }
 
 __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options,
@@ -485,6 +496,7 @@ __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps
   g_api = api_base->GetApi(ORT_API_VERSION);
   if (g_api == nullptr) return nullptr;  // cannot even make a status: ONNX Runtime older than our headers
   g_use_avx2 = ChooseAvx2();
+  g_use_vnni = ChooseVnni();
   // the domain must outlive every session registered with it: it is never released (one small
   // object per registration)
   OrtCustomOpDomain* domain = nullptr;

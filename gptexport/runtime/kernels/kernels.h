@@ -23,6 +23,7 @@ namespace gptexport_kernels {
 
 extern const OrtApi* g_api;
 extern bool g_use_avx2;  // AVX2 + FMA + F16C, checked with CPUID when the library is registered
+extern bool g_use_vnni;  // and AVX-512 F/BW/VNNI (Int8MatMul's vpdpbusd path), likewise
 
 OrtStatus* Error(const std::string& msg);
 int64_t Count(const std::vector<int64_t>& shape);  // elements of a shape
