@@ -114,7 +114,8 @@ def ensure_library() -> Path:
 
 
 def isa(path: Path) -> str:
-    """The code path the library runs on this CPU ("avx2" or "generic")."""
+    """The code path the library runs on this CPU ("avx512vnni": AVX2 with Int8MatMul on VNNI, "avx2"
+    or "generic")."""
     try:
         lib = ctypes.CDLL(str(path))
     except OSError as e:
