@@ -465,38 +465,36 @@ const OpSpec kInt4MatMul = {
     [](void* kernel) { delete static_cast<Int4MatMulKernel*>(kernel); },
 };
 
-bool ChooseAvx2() {
-  const char* isa = std::getenv("GPTEXPORT_KERNELS_ISA");
-  if (isa != nullptr && std::string(isa) == "generic") return false;
+// The path this CPU runs: "avx512vnni" (the AVX2 paths, and Int8MatMul on vpdpbusd: exact u8 x s8
+// sums), "avx2" (AVX2 + FMA + F16C) or "generic". GPTEXPORT_KERNELS_ISA=avx2 leaves VNNI out,
+// =generic both (the tests run each path the CPU has).
+const char* ChooseIsa() {
+  const char* given = std::getenv("GPTEXPORT_KERNELS_ISA");
+  const std::string cap = given != nullptr ? given : "";
   __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-}
-
-// AVX-512 VNNI for Int8MatMul (vpdpbusd: exact u8 x s8 sums), on top of the AVX2 paths;
-// GPTEXPORT_KERNELS_ISA=avx2 leaves it out (the tests run both where the CPU has it).
-bool ChooseVnni() {
-  const char* isa = std::getenv("GPTEXPORT_KERNELS_ISA");
-  if (isa != nullptr && std::string(isa) == "avx2") return false;
-  return ChooseAvx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vnni");
+  if (cap == "generic" ||
+      !(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")))
+    return "generic";
+  if (cap == "avx2" || !(__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512vnni")))
+    return "avx2";
+  return "avx512vnni";
 }
 
 }  // namespace
 
 extern "C" {
 
-// The path this process runs ("avx512vnni": AVX2 with Int8MatMul on VNNI, "avx2" or "generic"):
-// the tests and the bench name it.
-__attribute__((visibility("default"))) const char* GptexportKernelsIsa() {
-  return ChooseVnni() ? "avx512vnni" : ChooseAvx2() ? "avx2" : "generic";
-}
+// The path this process runs (ChooseIsa): the tests and the bench name it.
+__attribute__((visibility("default"))) const char* GptexportKernelsIsa() { return ChooseIsa(); }
 
 __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options,
                                                                                const OrtApiBase* api_base) {
   g_api = api_base->GetApi(ORT_API_VERSION);
   if (g_api == nullptr) return nullptr;  // cannot even make a status: ONNX Runtime older than our headers
-  g_use_avx2 = ChooseAvx2();
-  g_use_vnni = ChooseVnni();
+  const char* isa = ChooseIsa();
+  g_use_avx2 = std::strcmp(isa, "generic") != 0;
+  g_use_vnni = std::strcmp(isa, "avx512vnni") == 0;
   // the domain must outlive every session registered with it: it is never released (one small
   // object per registration)
   OrtCustomOpDomain* domain = nullptr;

@@ -260,7 +260,8 @@ __attribute__((target("avx2,avx512f"))) void OutputsVnni(const int32_t* tile, co
                                        _mm512_mullo_epi32(_mm512_loadu_si512(zero_point), _mm512_set1_epi32(row.sum)));
   const __m512 scales = _mm512_mul_ps(_mm512_set1_ps(row.scale), _mm512_loadu_ps(scale));
   const __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(dot), scales);
-  _mm512_storeu_ps(dst, bias ? _mm512_add_ps(y, _mm512_loadu_ps(bias)) : _mm512_add_ps(y, _mm512_setzero_ps()));
+  // (+ 0 without a bias, as the scalar loop adds 0.0f: -0 becomes +0 alike)
+  _mm512_storeu_ps(dst, _mm512_add_ps(y, bias ? _mm512_loadu_ps(bias) : _mm512_setzero_ps()));
 }
 
 // Integer dot products of `nrows` rows (at most kVnniRows on VNNI, else kAvx2Rows) against group g:
@@ -391,10 +392,11 @@ OrtStatus* Compute(const Int8Weights& w, OrtKernelContext* context) {
   std::vector<uint8_t> q(w.vnni ? static_cast<size_t>(M * w.padded) : 0);  // (padded with 0, as its weights)
   for (int64_t r = 0; r < M; ++r) {
     QuantRow& row = rows[r];
-    row.v = &v[r * w.padded];
-    row.q = w.vnni ? &q[r * w.padded] : nullptr;
-    row.sum = QuantizeRow(in.a + r * w.K, w.K, w.padded, &v[r * w.padded], w.vnni ? &q[r * w.padded] : nullptr,
-                          &row.scale, &row.zero_point);
+    int16_t* row_v = &v[r * w.padded];
+    uint8_t* row_q = w.vnni ? &q[r * w.padded] : nullptr;
+    row.v = row_v;
+    row.q = row_q;
+    row.sum = QuantizeRow(in.a + r * w.K, w.K, w.padded, row_v, row_q, &row.scale, &row.zero_point);
   }
   float* y = static_cast<float*>(y_data);
   return ForGroups(context, w.groups, M * (w.padded / kStep), kTaskWork,
